@@ -1,0 +1,13 @@
+"""The project's own error types: one sentence that says what is wrong and how to fix it."""
+
+
+class NanoMoeError(Exception):
+    """Base class for every error this project raises on bad input."""
+
+
+class ConfigError(NanoMoeError, ValueError):
+    """A model or training configuration that cannot work (names the field)."""
+
+
+class ConversionError(NanoMoeError, ValueError):
+    """Weights whose names or shapes do not fit the model they are loaded into."""

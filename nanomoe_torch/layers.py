@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanomoe.rope import rope_table
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -24,12 +26,7 @@ class RMSNorm(nn.Module):
 
 def rope_cache(block_size: int, head_dim: int, base: float) -> torch.Tensor:
     """(block_size, head_dim): sin(t * base^(-2i/hd)) at even columns, cos at odd ones."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    freq = torch.arange(block_size, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    cache = torch.empty(block_size, head_dim)
-    cache[:, 0::2] = torch.sin(freq)
-    cache[:, 1::2] = torch.cos(freq)
-    return cache
+    return torch.from_numpy(rope_table(block_size, head_dim, base).copy())
 
 
 def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:

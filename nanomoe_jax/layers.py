@@ -1,0 +1,230 @@
+"""Pieces shared by the three Flax NNX models: options, norms, RoPE, attention, MLPs, the
+layer stack (scan or unrolled, optional remat) and the chunked cross-entropy.
+
+Mirrors ``nanomoe_torch/layers.py``. Parameters are fp32 (``param_dtype``); activations and
+matmuls run in ``dtype``; norms' statistics, softmax, the router and the loss run in fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from nanomoe.rope import rope_table
+
+Dtype = Any
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # keep matmul outputs, recompute the cheap elementwise work
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def default_dtype() -> Dtype:
+    """bf16 on accelerators, fp32 on CPU (where bf16 is emulated and slow)."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How a model runs (not what it computes): precision, layer stacking, kernels."""
+
+    dtype: Dtype = None  # None: default_dtype()
+    param_dtype: Dtype = jnp.float32
+    scan_layers: bool = True  # False: a Python loop over the same stacked parameters
+    remat: str = "none"  # "none" | "full" | "dots"
+    attention_impl: str | None = None  # None (XLA; cuDNN picked by the caller) | "xla" | "cudnn"
+    loss_chunk_tokens: int = 8192  # tokens per cross-entropy chunk (fp32 logits of one chunk)
+
+    def __post_init__(self):
+        if self.dtype is None:
+            object.__setattr__(self, "dtype", default_dtype())
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat: must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.loss_chunk_tokens <= 0:
+            raise ValueError(f"loss_chunk_tokens: must be positive, got {self.loss_chunk_tokens}")
+
+
+def normal(std: float = 0.02):
+    return nnx.initializers.normal(std)
+
+
+def linear(n_in: int, n_out: int, opts: Options, rngs: nnx.Rngs, *, bias: bool = True,
+           std: float = 0.02, dtype: Dtype = None) -> nnx.Linear:
+    """nn.Linear's twin: N(0, std) kernel stored (in, out), zero bias."""
+    return nnx.Linear(n_in, n_out, use_bias=bias, kernel_init=normal(std),
+                      bias_init=nnx.initializers.zeros_init(), dtype=dtype or opts.dtype,
+                      param_dtype=opts.param_dtype, rngs=rngs)
+
+
+def rms_norm(dim: int, opts: Options, rngs: nnx.Rngs) -> nnx.RMSNorm:
+    return nnx.RMSNorm(dim, epsilon=1e-5, dtype=opts.dtype, param_dtype=opts.param_dtype,
+                       rngs=rngs)
+
+
+def layer_norm(dim: int, opts: Options, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(dim, epsilon=1e-5, dtype=opts.dtype, param_dtype=opts.param_dtype,
+                         rngs=rngs)
+
+
+def apply_rope(x_BTNH: jax.Array, base: float) -> jax.Array:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by position, in fp32 (GPT-J layout)."""
+    T, hd = x_BTNH.shape[1], x_BTNH.shape[-1]
+    table_TH = rope_table(T, hd, base)
+    sin_T1H, cos_T1H = table_TH[:, None, 0::2], table_TH[:, None, 1::2]
+    x = x_BTNH.astype(jnp.float32)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    out = jnp.stack([x0 * cos_T1H - x1 * sin_T1H, x1 * cos_T1H + x0 * sin_T1H], axis=-1)
+    return out.reshape(x.shape).astype(x_BTNH.dtype)
+
+
+class Attention(nnx.Module):
+    """Causal attention shared by all three models.
+
+    GPT: full heads, no RoPE. ModernGPT: RoPE, ``n_kv_head`` key/value heads (kept at that
+    count: ``dot_product_attention`` maps query head j to kv head j // (n_head/n_kv_head)).
+    MoeGPT: RoPE then RMSNorm over each head of q and k.
+    """
+
+    def __init__(self, n_embd: int, n_head: int, n_kv_head: int, opts: Options, rngs: nnx.Rngs,
+                 *, bias: bool = True, rope_base: float | None = None, qk_norm: bool = False,
+                 double_scale: bool = False, out_std: float = 0.02):
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, n_embd // n_head
+        self.rope_base, self.attention_impl = rope_base, opts.attention_impl
+        self.c_qkv = linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, opts, rngs, bias=bias)
+        self.out_proj = linear(n_embd, n_embd, opts, rngs, bias=bias, std=out_std)
+        self.q_norm = rms_norm(self.head_dim, opts, rngs) if qk_norm else None
+        self.k_norm = rms_norm(self.head_dim, opts, rngs) if qk_norm else None
+        # The original's quirk: 1/sqrt(hd) applied twice gives logits q.k / hd.
+        self.scale = 1.0 / self.head_dim if double_scale else 1.0 / math.sqrt(self.head_dim)
+
+    def __call__(self, x_BTC: jax.Array) -> jax.Array:
+        B, T, C = x_BTC.shape
+        N, K, H = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.c_qkv(x_BTC)
+        q_BTNH = qkv[..., : N * H].reshape(B, T, N, H)
+        k_BTKH = qkv[..., N * H : (N + K) * H].reshape(B, T, K, H)
+        v_BTKH = qkv[..., (N + K) * H :].reshape(B, T, K, H)
+        if self.rope_base is not None:
+            q_BTNH, k_BTKH = apply_rope(q_BTNH, self.rope_base), apply_rope(k_BTKH, self.rope_base)
+        if self.q_norm is not None:
+            q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
+        y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, scale=self.scale,
+                                              is_causal=True, implementation=self.attention_impl)
+        return self.out_proj(y_BTNH.reshape(B, T, C))
+
+
+class GeluMLP(nnx.Module):
+    """GPT-2: ``c_proj(gelu_tanh(c_fc(x)))``."""
+
+    def __init__(self, n_embd: int, hidden: int, opts: Options, rngs: nnx.Rngs, out_std=0.02):
+        self.c_fc = linear(n_embd, hidden, opts, rngs)
+        self.c_proj = linear(hidden, n_embd, opts, rngs, std=out_std)
+
+    def __call__(self, x):
+        return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))
+
+
+class GluMLP(nnx.Module):
+    """``c_proj(a * silu(b))`` with ``a, b = split(c_fc(x))`` (ModernGPT's default)."""
+
+    def __init__(self, n_embd: int, hidden: int, opts: Options, rngs: nnx.Rngs, bias=True):
+        self.c_fc = linear(n_embd, 2 * hidden, opts, rngs, bias=bias)
+        self.c_proj = linear(hidden, n_embd, opts, rngs, bias=bias)
+
+    def __call__(self, x):
+        a, b = jnp.split(self.c_fc(x), 2, axis=-1)
+        return self.c_proj(a * jax.nn.silu(b))
+
+
+class GatedMLP(nnx.Module):
+    """Llama's SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, n_embd: int, hidden: int, opts: Options, rngs: nnx.Rngs, bias=True):
+        self.gate_proj = linear(n_embd, hidden, opts, rngs, bias=bias)
+        self.up_proj = linear(n_embd, hidden, opts, rngs, bias=bias)
+        self.down_proj = linear(hidden, n_embd, opts, rngs, bias=bias)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def make_stack(make_block: Callable[[nnx.Rngs], nnx.Module], n_layer: int,
+               rngs: nnx.Rngs) -> nnx.Module:
+    """``n_layer`` blocks whose parameters are stacked on a leading layer axis."""
+
+    @nnx.split_rngs(splits=n_layer)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def build(rngs):
+        return make_block(rngs)
+
+    return build(rngs)
+
+
+def run_stack(blocks: nnx.Module, x: jax.Array, opts: Options) -> tuple[jax.Array, Any]:
+    """Apply stacked blocks in order; a block returns ``(x, aux)``; aux comes back per layer.
+
+    With ``scan_layers`` one ``lax.scan`` step is compiled for all layers; otherwise the same
+    stacked parameters are sliced layer by layer in a Python loop (the reference for tests).
+    """
+    graphdef, state = nnx.split(blocks)
+
+    def step(x, layer_state):
+        return nnx.merge(graphdef, layer_state)(x)
+
+    policy = REMAT_POLICIES[opts.remat]
+    if opts.remat != "none":
+        step = jax.checkpoint(step, policy=policy, prevent_cse=not opts.scan_layers)
+    if opts.scan_layers:
+        return jax.lax.scan(step, x, state)
+    n_layer = jax.tree.leaves(state)[0].shape[0]
+    auxes = []
+    for i in range(n_layer):
+        x, aux = step(x, jax.tree.map(lambda a: a[i], state))
+        auxes.append(aux)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+
+
+def cross_entropy(h_NC: jax.Array, logits_fn: Callable[[jax.Array], jax.Array],
+                  targets_N: jax.Array, ignore_index: int, chunk: int) -> jax.Array:
+    """Mean next-token loss over non-ignored targets, in fp32, ``chunk`` tokens at a time.
+
+    Each chunk's logits are recomputed in the backward pass (checkpoint), so peak memory holds
+    one chunk of fp32 logits, not the whole (N, V) matrix.
+    """
+    N = h_NC.shape[0]
+    n_chunks = -(-N // chunk)
+    pad = n_chunks * chunk - N
+    if pad:
+        h_NC = jnp.pad(h_NC, ((0, pad), (0, 0)))
+        targets_N = jnp.pad(targets_N, (0, pad), constant_values=ignore_index)
+
+    @jax.checkpoint
+    def chunk_loss(h_MC, t_M):
+        logits_MV = logits_fn(h_MC).astype(jnp.float32)
+        valid_M = t_M != ignore_index
+        nll_M = optax.losses.softmax_cross_entropy_with_integer_labels(
+            logits_MV, jnp.where(valid_M, t_M, 0))
+        return jnp.sum(jnp.where(valid_M, nll_M, 0.0)), jnp.sum(valid_M)
+
+    if n_chunks == 1:
+        total, count = chunk_loss(h_NC, targets_N)
+    else:
+        sums, counts = jax.lax.map(lambda a: chunk_loss(*a),
+                                   (h_NC.reshape(n_chunks, chunk, -1),
+                                    targets_N.reshape(n_chunks, chunk)))
+        total, count = sums.sum(), counts.sum()
+    return total / count
+
+
+def check_sequence_length(T: int, block_size: int) -> None:
+    if T > block_size:
+        raise ValueError(f"sequence length {T} is longer than block_size={block_size}; "
+                         "use shorter sequences or a config with a larger block_size")

@@ -1,0 +1,177 @@
+"""The MoE feed-forward: one router, three interchangeable dispatch back ends.
+
+Mirrors ``nanomoe_torch/moe.py``. Experts are stored stacked in the original's layouts
+(``fc_weight`` (E, H, C), ``fc_bias`` (E, H), ``proj_weight`` (E, C, H), ``proj_bias`` (E, C)),
+each computing ``relu(x W1^T + b1)^2 W2^T + b2``. The first S experts are shared (every token),
+the other E - S are routed (top-k per token). Back ends (``config.moe_dispatch``):
+
+* ``dense``: every expert on every token, weighted by the gates (the original's math).
+* ``capacity``: assignments stably sorted by expert into a static (E-S, capacity, C) buffer,
+  batched expert matmuls, gathered back. FLOPs grow with k, not E; overflow is dropped.
+* ``ragged``: the sorted assignments through ``jax.lax.ragged_dot`` (grouped matmul).
+
+Shared experts always run as one dense MLP of width S*H in the sparse back ends.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nanomoe.config import MoeGPTConfig
+
+from .layers import Options, linear, normal
+
+f32 = jnp.float32
+
+
+class Routing(NamedTuple):
+    gates_NE: jax.Array      # fp32, renormalised over the S + k experts in use, else 0
+    top_idx_NK: jax.Array    # routed experts chosen per token, numbered 0..E-S-1
+    top_gates_NK: jax.Array  # their renormalised gates (fp32)
+    usage_E: jax.Array       # tokens per expert (the spec's usage_count)
+    balance_loss: jax.Array  # sum_e f_e * P_e
+
+
+def route(logits_NE: jax.Array, c: MoeGPTConfig) -> Routing:
+    """The original's router on fp32 logits; step numbers refer to the spec."""
+    S, k, E = c.n_shared, c.n_activated_experts, c.n_total_experts
+    N = logits_NE.shape[0]
+    logits_NE = logits_NE.astype(f32)
+    if c.route_score_func == "softmax":
+        scores_NE = jax.nn.softmax(logits_NE, axis=-1)                        # 1
+    else:
+        scores_NE = jax.nn.sigmoid(logits_NE)
+    score_sum_E = scores_NE.sum(0)                                            # 2
+    shared_NS = scores_NE[:, :S] * c.route_scale                              # 3
+    top_vals_NK, top_idx_NK = jax.lax.top_k(scores_NE[:, S:], k)
+    top_vals_NK = top_vals_NK * c.route_scale
+    # 5: tokens whose combined weight is > 0 (before renormalisation), no gradient
+    usage_E = jnp.concatenate([
+        (shared_NS > 0).sum(0).astype(f32),
+        jnp.zeros(E - S, f32).at[top_idx_NK].add((top_vals_NK > 0).astype(f32)),
+    ])
+    usage_E = jax.lax.stop_gradient(usage_E)
+    denom_N1 = shared_NS.sum(-1, keepdims=True) + top_vals_NK.sum(-1, keepdims=True) + 1e-8
+    shared_NS, top_gates_NK = shared_NS / denom_N1, top_vals_NK / denom_N1   # 4
+    routed_NR = jnp.zeros((N, E - S), f32).at[jnp.arange(N)[:, None], top_idx_NK].set(top_gates_NK)
+    gates_NE = jnp.concatenate([shared_NS, routed_NR], axis=-1)
+    f_E = E / ((S + k) * N) * usage_E                                         # 7
+    P_E = score_sum_E / N
+    return Routing(gates_NE, top_idx_NK, top_gates_NK, usage_E, jnp.sum(f_E * P_E))
+
+
+def expert_ffn(x_GMC, w1_GHC, b1_GH, w2_GCH, b2_GC):
+    """G experts on their own rows: ``relu(x W1^T + b1)^2 W2^T + b2`` (compute dtype)."""
+    h_GMH = jax.nn.relu(jnp.einsum("gmc,ghc->gmh", x_GMC, w1_GHC) + b1_GH[:, None]) ** 2
+    return jnp.einsum("gmh,gch->gmc", h_GMH, w2_GCH) + b2_GC[:, None]
+
+
+class SortedAssignments(NamedTuple):
+    """The N*k (token, expert) assignments stably sorted by expert."""
+
+    expert_A: jax.Array      # expert of each assignment, in token-major order (A = N*k)
+    token_sorted_A: jax.Array
+    expert_sorted_A: jax.Array
+    rank_A: jax.Array        # where each assignment landed in the sorted order
+    counts_R: jax.Array      # assignments per routed expert
+    starts_R: jax.Array      # first sorted position of each expert
+
+
+def sort_assignments(top_idx_NK: jax.Array, n_routed: int) -> SortedAssignments:
+    N, K = top_idx_NK.shape
+    expert_A = top_idx_NK.reshape(-1)
+    order_A = jnp.argsort(expert_A, stable=True)  # ties keep token order: earlier tokens first
+    rank_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(N * K, dtype=order_A.dtype))
+    counts_R = jnp.zeros(n_routed, jnp.int32).at[expert_A].add(1)
+    starts_R = jnp.cumsum(counts_R) - counts_R
+    return SortedAssignments(expert_A, order_A // K, expert_A[order_A], rank_A, counts_R, starts_R)
+
+
+class MoE(nnx.Module):
+    def __init__(self, c: MoeGPTConfig, opts: Options, rngs: nnx.Rngs):
+        self.config, self.opts = c, opts
+        E, H, C = c.n_total_experts, c.expert_hidden, c.n_embd
+        # the router computes in fp32 whatever the activations' dtype
+        self.gate_linear = linear(C, E, opts, rngs, bias=c.use_bias, dtype=f32)
+        pd = opts.param_dtype
+        self.fc_weight = nnx.Param(normal(0.02)(rngs.params(), (E, H, C), pd))
+        self.fc_bias = nnx.Param(jnp.zeros((E, H), pd))
+        self.proj_weight = nnx.Param(jnp.zeros((E, C, H), pd))  # the original starts it at 0
+        self.proj_bias = nnx.Param(jnp.zeros((E, C), pd))
+
+    def __call__(self, x_BTC: jax.Array) -> tuple[jax.Array, dict]:
+        c, dtype = self.config, self.opts.dtype
+        B, T, C = x_BTC.shape
+        x_NC = x_BTC.reshape(B * T, C).astype(dtype)
+        r = route(self.gate_linear(x_NC), c)
+        w = [p[...].astype(dtype) for p in
+             (self.fc_weight, self.fc_bias, self.proj_weight, self.proj_bias)]
+        if c.moe_dispatch == "dense":
+            y_NC, dropped = dense_dispatch(x_NC, r, w), jnp.zeros((), f32)
+        else:
+            S = c.n_shared
+            y_NC = shared_experts(x_NC, r.gates_NE[:, :S], [a[:S] for a in w])
+            routed_w = [a[S:] for a in w]
+            if c.moe_dispatch == "capacity":
+                y_r, dropped = capacity_dispatch(x_NC, r, routed_w, c.capacity(B * T))
+            else:
+                y_r, dropped = ragged_dispatch(x_NC, r, routed_w), jnp.zeros((), f32)
+            y_NC = y_NC + y_r
+        metrics = {"balance_loss": r.balance_loss, "tokens_per_expert": r.usage_E,
+                   "dropped_fraction": dropped / r.top_idx_NK.size}
+        return y_NC.astype(x_BTC.dtype).reshape(B, T, C), metrics
+
+
+def dense_dispatch(x_NC, r: Routing, w) -> jax.Array:
+    """All E experts on all N tokens, summed with the gates in fp32 (the original's math)."""
+    E = r.gates_NE.shape[1]
+    y_ENC = expert_ffn(jnp.broadcast_to(x_NC, (E, *x_NC.shape)), *w)
+    return jnp.einsum("ne,enc->nc", r.gates_NE, y_ENC.astype(f32))
+
+
+def shared_experts(x_NC, gates_NS, w) -> jax.Array:
+    """The S shared experts as one MLP of width S*H; each token's hidden units are scaled by
+    its gate for that expert, so the output projection is a single (S*H -> C) matmul."""
+    w1_SHC, b1_SH, w2_SCH, b2_SC = w
+    if w1_SHC.shape[0] == 0:
+        return jnp.zeros(x_NC.shape, f32)
+    h_NSH = jax.nn.relu(jnp.einsum("nc,shc->nsh", x_NC, w1_SHC) + b1_SH) ** 2
+    hg_NSH = (h_NSH.astype(f32) * gates_NS[..., None]).astype(x_NC.dtype)
+    return (jnp.einsum("nsh,sch->nc", hg_NSH, w2_SCH).astype(f32)
+            + gates_NS @ b2_SC.astype(f32))
+
+
+def capacity_dispatch(x_NC, r: Routing, w, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """Static (R, capacity, C) buffer filled by a gather; assignments past capacity drop."""
+    R = w[0].shape[0]
+    N, K = r.top_idx_NK.shape
+    s = sort_assignments(r.top_idx_NK, R)
+    slot_P = jnp.arange(capacity)
+    src_RP = s.starts_R[:, None] + slot_P[None]                     # sorted position per slot
+    filled_RP = slot_P[None] < s.counts_R[:, None]
+    token_RP = s.token_sorted_A[jnp.clip(src_RP, 0, N * K - 1)]
+    x_RPC = jnp.where(filled_RP[..., None], x_NC[token_RP], 0).astype(x_NC.dtype)
+    y_RPC = expert_ffn(x_RPC, *w)
+    pos_A = s.rank_A - s.starts_R[s.expert_A]                         # slot of each assignment
+    kept_A = pos_A < capacity
+    y_AC = y_RPC[s.expert_A, jnp.minimum(pos_A, capacity - 1)].astype(f32)
+    y_AC = jnp.where(kept_A[:, None], y_AC, 0.0)
+    y_NC = jnp.einsum("nk,nkc->nc", r.top_gates_NK, y_AC.reshape(N, K, -1))
+    return y_NC, jnp.sum(~kept_A).astype(f32)
+
+
+def ragged_dispatch(x_NC, r: Routing, w) -> jax.Array:
+    """Grouped matmuls over the expert-sorted assignments (no capacity, nothing drops)."""
+    w1_RHC, b1_RH, w2_RCH, b2_RC = w
+    N, K = r.top_idx_NK.shape
+    s = sort_assignments(r.top_idx_NK, w1_RHC.shape[0])
+    x_AC = x_NC[s.token_sorted_A]
+    h_AH = jax.lax.ragged_dot(x_AC, w1_RHC.transpose(0, 2, 1), s.counts_R) + b1_RH[s.expert_sorted_A]
+    h_AH = jax.nn.relu(h_AH) ** 2
+    y_AC = jax.lax.ragged_dot(h_AH, w2_RCH.transpose(0, 2, 1), s.counts_R) + b2_RC[s.expert_sorted_A]
+    y_NKC = y_AC[s.rank_A].astype(f32).reshape(N, K, -1)
+    return jnp.einsum("nk,nkc->nc", r.top_gates_NK, y_NKC)

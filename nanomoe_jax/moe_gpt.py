@@ -1,0 +1,57 @@
+"""MoeGPT in Flax NNX: attention with q/k norms and a DeepSeek-style MoE feed-forward."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nanomoe.config import MoeGPTConfig
+
+from .layers import (Attention, Options, check_sequence_length, cross_entropy, make_stack,
+                     normal, rms_norm, run_stack)
+from .moe import MoE
+
+
+class Block(nnx.Module):
+    def __init__(self, c: MoeGPTConfig, opts: Options, rngs: nnx.Rngs):
+        self.ln1 = rms_norm(c.n_embd, opts, rngs)
+        self.attn = Attention(c.n_embd, c.n_head, c.n_head, opts, rngs, bias=c.use_bias,
+                              rope_base=c.rope_scaling, qk_norm=True)
+        self.ln2 = rms_norm(c.n_embd, opts, rngs)
+        self.mlp = MoE(c, opts, rngs)
+
+    def __call__(self, x_BTC):
+        x_BTC = x_BTC + self.attn(self.ln1(x_BTC))
+        y_BTC, metrics = self.mlp(self.ln2(x_BTC))
+        return x_BTC + y_BTC, metrics
+
+
+class MoeGPT(nnx.Module):
+    config_class = MoeGPTConfig
+    ignore_index = -1
+
+    def __init__(self, config: MoeGPTConfig, *, rngs: nnx.Rngs, **options):
+        self.config, self.opts = config, Options(**options)
+        opts, c = self.opts, config
+        self.wte = nnx.Embed(c.vocab_size, c.n_embd, embedding_init=normal(0.02),
+                             dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
+        self.blocks = make_stack(lambda r: Block(c, opts, r), c.n_layer, rngs)
+        self.ln_f = rms_norm(c.n_embd, opts, rngs)
+
+    def __call__(self, idx_BT: jax.Array, targets_BT: jax.Array | None = None):
+        """``(logits,)`` without targets; with them ``(logits, losses)`` where losses has the
+        original's ``loss``/``ce_loss``/``moe_loss`` and ``moe``: per-layer routing metrics
+        (``balance_loss`` (L,), ``tokens_per_expert`` (L, E), ``dropped_fraction`` (L,))."""
+        B, T = idx_BT.shape
+        check_sequence_length(T, self.config.block_size)
+        x_BTC, moe_L = run_stack(self.blocks, self.wte(idx_BT), self.opts)
+        h_BTC = self.ln_f(x_BTC)
+        logits_BTV = self.wte.attend(h_BTC)
+        if targets_BT is None:
+            return (logits_BTV,)
+        ce = cross_entropy(h_BTC.reshape(B * T, -1), self.wte.attend, targets_BT.reshape(-1),
+                           self.ignore_index, self.opts.loss_chunk_tokens)
+        moe_loss = jnp.sum(moe_L["balance_loss"])
+        loss = ce + self.config.moe_loss_weight * moe_loss
+        return logits_BTV, {"loss": loss, "ce_loss": ce, "moe_loss": moe_loss, "moe": moe_L}

@@ -8,8 +8,8 @@ from flax import nnx
 
 from nanomoe.config import GPTConfig
 
-from .layers import (Attention, GeluMLP, Options, check_sequence_length, cross_entropy,
-                     layer_norm, make_stack, normal, run_stack)
+from .layers import (Attention, GeluMLP, Options, check_sequence_length, embed, head_and_loss,
+                     layer_norm, make_stack, run_stack)
 
 
 class Block(nnx.Module):
@@ -32,22 +32,17 @@ class GPT(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, **options):
         self.config, self.opts = config, Options(**options)
         opts, c = self.opts, config
-        embed = dict(embedding_init=normal(0.02), dtype=opts.dtype, param_dtype=opts.param_dtype,
-                     rngs=rngs)
-        self.wte = nnx.Embed(c.vocab_size, c.n_embd, **embed)
-        self.wpe = nnx.Embed(c.block_size, c.n_embd, **embed)
+        self.wte = embed(c.vocab_size, c.n_embd, opts, rngs)
+        self.wpe = embed(c.block_size, c.n_embd, opts, rngs)
         self.blocks = make_stack(lambda r: Block(c, opts, r), c.n_layer, rngs)
         self.ln_f = layer_norm(c.n_embd, opts, rngs)
 
     def __call__(self, idx_BT: jax.Array, targets_BT: jax.Array | None = None):
-        B, T = idx_BT.shape
+        """``(logits, {'loss': loss or None})``, as the original."""
+        T = idx_BT.shape[1]
         check_sequence_length(T, self.config.block_size)
         x_BTC = self.wte(idx_BT) + self.wpe(jnp.arange(T))[None]
         x_BTC, _ = run_stack(self.blocks, x_BTC, self.opts)
-        h_BTC = self.ln_f(x_BTC)
-        logits_BTV = self.wte.attend(h_BTC)  # tied head; dropped by XLA when only the loss is used
-        if targets_BT is None:
-            return logits_BTV, {"loss": None}
-        loss = cross_entropy(h_BTC.reshape(B * T, -1), self.wte.attend, targets_BT.reshape(-1),
-                             self.ignore_index, self.opts.loss_chunk_tokens)
+        logits_BTV, loss = head_and_loss(self.wte, self.ln_f(x_BTC), targets_BT, self.opts,
+                                         self.ignore_index)
         return logits_BTV, {"loss": loss}

@@ -1,8 +1,9 @@
 """Pieces shared by the three Flax NNX models: options, norms, RoPE, attention, MLPs, the
 layer stack (scan or unrolled, optional remat) and the chunked cross-entropy.
 
-Mirrors ``nanomoe_torch/layers.py``. Parameters are fp32 (``param_dtype``); activations and
-matmuls run in ``dtype``; norms' statistics, softmax, the router and the loss run in fp32.
+Mirrors ``nanomoe_torch/layers.py``. Mixed precision as torch autocast does it: parameters
+fp32 (``param_dtype``); matmuls and attention in ``dtype`` (bf16 on accelerators); the residual
+stream, norms, RoPE, softmax, the router and the loss in fp32.
 """
 
 from __future__ import annotations
@@ -64,14 +65,26 @@ def linear(n_in: int, n_out: int, opts: Options, rngs: nnx.Rngs, *, bias: bool =
                       param_dtype=opts.param_dtype, rngs=rngs)
 
 
+# Norms compute and return fp32 (the next matmul casts to ``dtype``), as under autocast.
 def rms_norm(dim: int, opts: Options, rngs: nnx.Rngs) -> nnx.RMSNorm:
-    return nnx.RMSNorm(dim, epsilon=1e-5, dtype=opts.dtype, param_dtype=opts.param_dtype,
+    return nnx.RMSNorm(dim, epsilon=1e-5, dtype=jnp.float32, param_dtype=opts.param_dtype,
                        rngs=rngs)
 
 
 def layer_norm(dim: int, opts: Options, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(dim, epsilon=1e-5, dtype=opts.dtype, param_dtype=opts.param_dtype,
+    return nnx.LayerNorm(dim, epsilon=1e-5, dtype=jnp.float32, param_dtype=opts.param_dtype,
                          rngs=rngs)
+
+
+def embed(n: int, dim: int, opts: Options, rngs: nnx.Rngs) -> nnx.Embed:
+    """Lookups return fp32 rows (the residual stream); :func:`tied_logits` reads it in dtype."""
+    return nnx.Embed(n, dim, embedding_init=normal(0.02), dtype=jnp.float32,
+                     param_dtype=opts.param_dtype, rngs=rngs)
+
+
+def tied_logits(wte: nnx.Embed, h_NC: jax.Array, dtype: Dtype) -> jax.Array:
+    """The tied output head: ``h @ wte^T`` in the compute dtype."""
+    return jnp.einsum("...c,vc->...v", h_NC.astype(dtype), wte.embedding[...].astype(dtype))
 
 
 def apply_rope(x_BTNH: jax.Array, base: float) -> jax.Array:
@@ -97,7 +110,7 @@ class Attention(nnx.Module):
                  *, bias: bool = True, rope_base: float | None = None, qk_norm: bool = False,
                  double_scale: bool = False, out_std: float = 0.02):
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, n_embd // n_head
-        self.rope_base, self.attention_impl = rope_base, opts.attention_impl
+        self.rope_base, self.attention_impl, self.dtype = rope_base, opts.attention_impl, opts.dtype
         self.c_qkv = linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, opts, rngs, bias=bias)
         self.out_proj = linear(n_embd, n_embd, opts, rngs, bias=bias, std=out_std)
         self.q_norm = rms_norm(self.head_dim, opts, rngs) if qk_norm else None
@@ -116,6 +129,7 @@ class Attention(nnx.Module):
             q_BTNH, k_BTKH = apply_rope(q_BTNH, self.rope_base), apply_rope(k_BTKH, self.rope_base)
         if self.q_norm is not None:
             q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
+        q_BTNH, k_BTKH = q_BTNH.astype(self.dtype), k_BTKH.astype(self.dtype)
         y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, scale=self.scale,
                                               is_causal=True, implementation=self.attention_impl)
         return self.out_proj(y_BTNH.reshape(B, T, C))
@@ -228,3 +242,16 @@ def check_sequence_length(T: int, block_size: int) -> None:
     if T > block_size:
         raise ValueError(f"sequence length {T} is longer than block_size={block_size}; "
                          "use shorter sequences or a config with a larger block_size")
+
+
+def head_and_loss(wte: nnx.Embed, h_BTC: jax.Array, targets_BT: jax.Array | None,
+                  opts: Options, ignore_index: int) -> tuple[jax.Array, jax.Array | None]:
+    """Tied-head logits (B, T, V) and, with targets, the chunked fp32 cross-entropy. Under jit,
+    XLA drops the full logits when a train step uses only the loss."""
+    logits_BTV = tied_logits(wte, h_BTC, opts.dtype)
+    if targets_BT is None:
+        return logits_BTV, None
+    B, T, C = h_BTC.shape
+    loss = cross_entropy(h_BTC.reshape(B * T, C), lambda h: tied_logits(wte, h, opts.dtype),
+                         targets_BT.reshape(-1), ignore_index, opts.loss_chunk_tokens)
+    return logits_BTV, loss

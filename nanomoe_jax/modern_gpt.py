@@ -7,8 +7,8 @@ from flax import nnx
 
 from nanomoe.config import ModernGPTConfig
 
-from .layers import (Attention, GatedMLP, GluMLP, Options, check_sequence_length, cross_entropy,
-                     make_stack, normal, rms_norm, run_stack)
+from .layers import (Attention, GatedMLP, GluMLP, Options, check_sequence_length, embed,
+                     head_and_loss, make_stack, rms_norm, run_stack)
 
 
 class Block(nnx.Module):
@@ -32,19 +32,14 @@ class ModernGPT(nnx.Module):
     def __init__(self, config: ModernGPTConfig, *, rngs: nnx.Rngs, **options):
         self.config, self.opts = config, Options(**options)
         opts, c = self.opts, config
-        self.wte = nnx.Embed(c.vocab_size, c.n_embd, embedding_init=normal(0.02),
-                             dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
+        self.wte = embed(c.vocab_size, c.n_embd, opts, rngs)
         self.blocks = make_stack(lambda r: Block(c, opts, r), c.n_layer, rngs)
         self.ln_f = rms_norm(c.n_embd, opts, rngs)
 
     def __call__(self, idx_BT: jax.Array, targets_BT: jax.Array | None = None):
-        B, T = idx_BT.shape
-        check_sequence_length(T, self.config.block_size)
+        """``(logits, {'loss': loss or None})``, as the original."""
+        check_sequence_length(idx_BT.shape[1], self.config.block_size)
         x_BTC, _ = run_stack(self.blocks, self.wte(idx_BT), self.opts)
-        h_BTC = self.ln_f(x_BTC)
-        logits_BTV = self.wte.attend(h_BTC)
-        if targets_BT is None:
-            return logits_BTV, {"loss": None}
-        loss = cross_entropy(h_BTC.reshape(B * T, -1), self.wte.attend, targets_BT.reshape(-1),
-                             self.ignore_index, self.opts.loss_chunk_tokens)
+        logits_BTV, loss = head_and_loss(self.wte, self.ln_f(x_BTC), targets_BT, self.opts,
+                                         self.ignore_index)
         return logits_BTV, {"loss": loss}

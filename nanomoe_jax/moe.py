@@ -106,8 +106,8 @@ class MoE(nnx.Module):
     def __call__(self, x_BTC: jax.Array) -> tuple[jax.Array, dict]:
         c, dtype = self.config, self.opts.dtype
         B, T, C = x_BTC.shape
+        r = route(self.gate_linear(x_BTC.reshape(B * T, C).astype(f32)), c)  # fp32 router
         x_NC = x_BTC.reshape(B * T, C).astype(dtype)
-        r = route(self.gate_linear(x_NC), c)
         w = [p[...].astype(dtype) for p in
              (self.fc_weight, self.fc_bias, self.proj_weight, self.proj_bias)]
         if c.moe_dispatch == "dense":

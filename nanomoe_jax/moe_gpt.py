@@ -8,8 +8,8 @@ from flax import nnx
 
 from nanomoe.config import MoeGPTConfig
 
-from .layers import (Attention, Options, check_sequence_length, cross_entropy, make_stack,
-                     normal, rms_norm, run_stack)
+from .layers import (Attention, Options, check_sequence_length, embed, head_and_loss,
+                     make_stack, rms_norm, run_stack)
 from .moe import MoE
 
 
@@ -34,24 +34,20 @@ class MoeGPT(nnx.Module):
     def __init__(self, config: MoeGPTConfig, *, rngs: nnx.Rngs, **options):
         self.config, self.opts = config, Options(**options)
         opts, c = self.opts, config
-        self.wte = nnx.Embed(c.vocab_size, c.n_embd, embedding_init=normal(0.02),
-                             dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
+        self.wte = embed(c.vocab_size, c.n_embd, opts, rngs)
         self.blocks = make_stack(lambda r: Block(c, opts, r), c.n_layer, rngs)
         self.ln_f = rms_norm(c.n_embd, opts, rngs)
 
     def __call__(self, idx_BT: jax.Array, targets_BT: jax.Array | None = None):
-        """``(logits,)`` without targets; with them ``(logits, losses)`` where losses has the
-        original's ``loss``/``ce_loss``/``moe_loss`` and ``moe``: per-layer routing metrics
+        """``(logits,)`` without targets; with them ``(logits, losses)``: the original's
+        ``loss``/``ce_loss``/``moe_loss`` plus ``moe``, the per-layer routing metrics
         (``balance_loss`` (L,), ``tokens_per_expert`` (L, E), ``dropped_fraction`` (L,))."""
-        B, T = idx_BT.shape
-        check_sequence_length(T, self.config.block_size)
+        check_sequence_length(idx_BT.shape[1], self.config.block_size)
         x_BTC, moe_L = run_stack(self.blocks, self.wte(idx_BT), self.opts)
-        h_BTC = self.ln_f(x_BTC)
-        logits_BTV = self.wte.attend(h_BTC)
+        logits_BTV, ce = head_and_loss(self.wte, self.ln_f(x_BTC), targets_BT, self.opts,
+                                       self.ignore_index)
         if targets_BT is None:
             return (logits_BTV,)
-        ce = cross_entropy(h_BTC.reshape(B * T, -1), self.wte.attend, targets_BT.reshape(-1),
-                           self.ignore_index, self.opts.loss_chunk_tokens)
         moe_loss = jnp.sum(moe_L["balance_loss"])
         loss = ce + self.config.moe_loss_weight * moe_loss
         return logits_BTV, {"loss": loss, "ce_loss": ce, "moe_loss": moe_loss, "moe": moe_L}

@@ -1,0 +1,76 @@
+"""Small builders shared by the parity tests: tiny configs, random weights, both frameworks."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flax import nnx
+
+import conversion
+import nanomoe_jax
+import nanomoe_torch
+from nanomoe import GPTConfig, ModernGPTConfig, MoeGPTConfig
+
+TINY = dict(n_layer=2, n_embd=32, n_head=4, block_size=32, vocab_size=96)
+
+GPT_CONFIGS = {"gpt": GPTConfig(**TINY)}
+MODERN_CONFIGS = {
+    "mqa-glu": ModernGPTConfig(**TINY, n_kv_head=1),
+    "gqa-gated": ModernGPTConfig(**TINY, n_kv_head=2, use_gate_proj=True),
+    "mha-nobias-double": ModernGPTConfig(**TINY, n_kv_head=4, use_bias=False,
+                                         double_attn_scale=True),
+    "gqa-glu-double-ffn3": ModernGPTConfig(**TINY, n_kv_head=2, ffn_factor=3,
+                                           double_attn_scale=True),
+}
+MOE_CONFIGS = {
+    "default": MoeGPTConfig(**TINY),
+    "sigmoid-m2": MoeGPTConfig(**TINY, route_score_func="sigmoid", m_sub_experts=2,
+                               n_activated_experts=3),
+    "s0-scale2": MoeGPTConfig(**TINY, n_experts=5, n_shared_experts=0, n_activated_experts=2,
+                              route_scale=2.0),
+    "s2-nobias": MoeGPTConfig(**TINY, n_experts=6, n_shared_experts=2, n_activated_experts=2,
+                              use_bias=False),
+}
+ALL_CONFIGS = {**GPT_CONFIGS, **MODERN_CONFIGS, **{f"moe-{k}": v for k, v in MOE_CONFIGS.items()}}
+
+
+def no_drop(config):
+    """A MoE config whose capacity can never overflow (capacity_factor >= routed / k)."""
+    import dataclasses
+
+    if not isinstance(config, MoeGPTConfig):
+        return config
+    return dataclasses.replace(config, capacity_factor=config.n_routed_experts
+                               / config.n_activated_experts)
+
+
+def random_torch_model(config, seed: int = 0) -> torch.nn.Module:
+    """The reference model with every tensor random and non-zero (MoE proj_weight too)."""
+    torch.manual_seed(seed)
+    model = nanomoe_torch.create_model(config, seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def jax_twin(torch_model, **options):
+    """A Flax model of the same config holding the torch model's weights."""
+    config = torch_model.config
+    model = nanomoe_jax.model_class(config)(config, rngs=nnx.Rngs(0), **options)
+    return conversion.load_torch_weights(model, torch_model.state_dict())
+
+
+def tokens(config, B=2, T=16, seed=0, ignore_some=False):
+    g = np.random.default_rng(seed)
+    idx = g.integers(0, config.vocab_size, (B, T))
+    tgt = g.integers(0, config.vocab_size, (B, T))
+    if ignore_some:
+        tgt[0, :3] = -1
+    return idx, tgt
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b| (b the reference)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))

@@ -153,11 +153,13 @@ class MoeGPTConfig:
         )
         _attention_checks(self, n_kv_head=self.n_head, rope=True)
         _dropout_check(self)
-        _require(
-            isinstance(self.n_shared_experts, int) and self.n_shared_experts >= 0,
-            "n_shared_experts",
-            f"must be a non-negative integer, got {self.n_shared_experts!r}",
-        )
+        for name in ("n_shared_experts", "seed"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                name,
+                f"must be a non-negative integer, got {value!r}",
+            )
         _require(
             self.n_shared_experts < self.n_experts,
             "n_shared_experts",

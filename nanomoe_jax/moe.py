@@ -106,8 +106,11 @@ class MoE(nnx.Module):
     def __call__(self, x_BTC: jax.Array) -> tuple[jax.Array, dict]:
         c, dtype = self.config, self.opts.dtype
         B, T, C = x_BTC.shape
-        r = route(self.gate_linear(x_BTC.reshape(B * T, C).astype(f32)), c)  # fp32 router
-        x_NC = x_BTC.reshape(B * T, C).astype(dtype)
+        # Tokens in position-major order (t, b): capacity slots go to earlier positions first,
+        # so a token's drop never depends on later tokens of any row (causal).
+        x_NC = x_BTC.transpose(1, 0, 2).reshape(T * B, C)
+        r = route(self.gate_linear(x_NC.astype(f32)), c)  # router in fp32
+        x_NC = x_NC.astype(dtype)
         w = [p[...].astype(dtype) for p in
              (self.fc_weight, self.fc_bias, self.proj_weight, self.proj_bias)]
         if c.moe_dispatch == "dense":
@@ -123,7 +126,7 @@ class MoE(nnx.Module):
             y_NC = y_NC + y_r
         metrics = {"balance_loss": r.balance_loss, "tokens_per_expert": r.usage_E,
                    "dropped_fraction": dropped / r.top_idx_NK.size}
-        return y_NC.astype(x_BTC.dtype).reshape(B, T, C), metrics
+        return y_NC.astype(x_BTC.dtype).reshape(T, B, C).transpose(1, 0, 2), metrics
 
 
 def dense_dispatch(x_NC, r: Routing, w) -> jax.Array:

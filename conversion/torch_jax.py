@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from nanomoe.errors import ConversionError
-from nanomoe.init import tied_names
+from nanomoe.init import param_specs, tied_names
 from nanomoe.state_dict import strip_wrapper_prefixes
 
 from .names import Rule, rules, to_jax_layout, to_torch_layout
@@ -52,21 +52,19 @@ def load_arrays(model: nnx.Module, arrays: Mapping[str, Any]) -> nnx.Module:
     for rule in rules(config):
         keys = rule.torch_keys(getattr(config, "n_layer"))
         absent = [k for k in keys if k not in arrays]
+        used.update(k for k in keys if k in arrays)
         if absent:
             missing += absent
             continue
-        used.update(keys)
         parts = [_to_numpy(arrays[k]) for k in keys]
-        value = to_jax_layout(parts, rule)
-        var = variables.get(rule.jax_path)
-        if var is None:
-            raise ConversionError(f"internal: JAX model has no parameter {rule.jax_path}")
-        if value.shape != var.shape:
-            mis_shaped += [f"{k}: expected {_torch_shape(var.shape, rule)}, got {tuple(p.shape)}"
-                           for k, p in zip(keys, parts)
-                           if tuple(p.shape) != _torch_shape(var.shape, rule)]
+        var = variables[rule.jax_path]
+        expected = _torch_shape(var.shape, rule)
+        wrong = [f"{k}: expected {expected}, got {p.shape}" for k, p in zip(keys, parts)
+                 if tuple(p.shape) != expected]
+        if wrong:
+            mis_shaped += wrong
             continue
-        updates[rule.jax_path] = value
+        updates[rule.jax_path] = to_jax_layout(parts, rule)
     unexpected = sorted(set(arrays) - used)
     if lm_head in arrays and embedding in arrays and not mis_shaped:
         if not np.array_equal(_to_numpy(arrays[lm_head]), _to_numpy(arrays[embedding])):
@@ -102,7 +100,7 @@ def export_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
             out[key] = part
     lm_head, embedding = tied_names(config)
     out[lm_head] = out[embedding]
-    return out
+    return {k: out[k] for k in param_specs(config)}  # the original's key order
 
 
 def load_torch_weights(model: nnx.Module, state_dict: Mapping[str, Any]) -> nnx.Module:

@@ -85,13 +85,14 @@ def param_specs(config: ModelConfig) -> dict[str, ParamSpec]:
             _linear(s, f"{p}.attn.c_qkv", C, 3 * C, b)
             _linear(s, f"{p}.attn.out_proj", C, C, b)
             _norm(s, f"{p}.ln2", C)
-            _linear(s, f"{p}.mlp.impl.gate_linear", C, E, b)
             s[f"{p}.mlp.impl.fc_weight"] = ParamSpec((E, H, C), "normal")
             s[f"{p}.mlp.impl.fc_bias"] = ParamSpec((E, H), "zeros")
             # The original re-initialises only nn.Linear modules after building the blocks,
             # so the expert output projection really starts at zero.
             s[f"{p}.mlp.impl.proj_weight"] = ParamSpec((E, C, H), "zeros")
             s[f"{p}.mlp.impl.proj_bias"] = ParamSpec((E, C), "zeros")
+            # torch lists a module's own Parameters before its children's: gate_linear last
+            _linear(s, f"{p}.mlp.impl.gate_linear", C, E, b)
         _norm(s, "ln_f", C)
     else:
         raise TypeError(f"not a model config: {type(config).__name__}")

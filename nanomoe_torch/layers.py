@@ -51,11 +51,11 @@ class Attention(nn.Module):
                  double_scale=False):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, n_embd // n_head
-        self.c_qkv = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
-        self.out_proj = nn.Linear(n_embd, n_embd, bias=bias)
-        if qk_norm:
+        if qk_norm:  # registered first: the original's key order
             self.q_norm = RMSNorm(self.head_dim)
             self.k_norm = RMSNorm(self.head_dim)
+        self.c_qkv = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
+        self.out_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.qk_norm = qk_norm
         # The original scales q by 1/sqrt(hd) and SDPA scales again: logits q.k/hd.
         self.scale = 1.0 / self.head_dim if double_scale else 1.0 / math.sqrt(self.head_dim)

@@ -69,7 +69,7 @@ def _dropout_check(cfg: Any) -> None:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class GPTConfig:
     """GPT-2 (124M at the defaults): LayerNorm, learned positions, GELU MLP, tied head."""
 
@@ -84,7 +84,7 @@ class GPTConfig:
         _attention_checks(self, n_kv_head=1, rope=False)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModernGPTConfig:
     """RMSNorm, interleaved RoPE, multi-/grouped-query attention, a*silu(b) or gated MLP."""
 
@@ -110,7 +110,7 @@ class ModernGPTConfig:
         _dropout_check(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MoeGPTConfig:
     """DeepSeek-MoE style: fine-grained routed experts, always-on shared experts, top-k."""
 

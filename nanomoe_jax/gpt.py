@@ -8,7 +8,7 @@ from flax import nnx
 
 from nanomoe.config import GPTConfig
 
-from .layers import (Attention, GeluMLP, Options, check_sequence_length, embed, head_and_loss,
+from .layers import (Decoding, Attention, GeluMLP, Options, check_sequence_length, embed, head_and_loss,
                      layer_norm, make_stack, run_stack)
 
 
@@ -20,12 +20,13 @@ class Block(nnx.Module):
         self.ln2 = layer_norm(c.n_embd, opts, rngs)
         self.mlp = GeluMLP(c.n_embd, 4 * c.n_embd, opts, rngs, out_std=proj_std)
 
-    def __call__(self, x_BTC):
-        x_BTC = x_BTC + self.attn(self.ln1(x_BTC))
-        return x_BTC + self.mlp(self.ln2(x_BTC)), None
+    def __call__(self, x_BTC, cache=None, pos=None):
+        y_BTC, cache = self.attn(self.ln1(x_BTC), cache, pos)
+        x_BTC = x_BTC + y_BTC
+        return x_BTC + self.mlp(self.ln2(x_BTC)), None, cache
 
 
-class GPT(nnx.Module):
+class GPT(Decoding, nnx.Module):
     config_class = GPTConfig
     ignore_index = -100  # torch's default: GPT-2 ignores no real token
 
@@ -37,12 +38,17 @@ class GPT(nnx.Module):
         self.blocks = make_stack(lambda r: Block(c, opts, r), c.n_layer, rngs)
         self.ln_f = layer_norm(c.n_embd, opts, rngs)
 
-    def __call__(self, idx_BT: jax.Array, targets_BT: jax.Array | None = None):
-        """``(logits, {'loss': loss or None})``, as the original."""
+    def hidden(self, idx_BT, cache=None, pos=None):
+        """Final-norm hidden states (and per-layer aux, updated cache) of tokens at pos.."""
         T = idx_BT.shape[1]
         check_sequence_length(T, self.config.block_size)
-        x_BTC = self.wte(idx_BT) + self.wpe(jnp.arange(T))[None]
-        x_BTC, _ = run_stack(self.blocks, x_BTC, self.opts)
-        logits_BTV, loss = head_and_loss(self.wte, self.ln_f(x_BTC), targets_BT, self.opts,
-                                         self.ignore_index)
+        positions_T = jnp.arange(T) if cache is None else pos + jnp.arange(T)
+        x_BTC = self.wte(idx_BT) + self.wpe(positions_T)[None]
+        x_BTC, aux, cache = run_stack(self.blocks, x_BTC, self.opts, cache, pos)
+        return self.ln_f(x_BTC), aux, cache
+
+    def __call__(self, idx_BT: jax.Array, targets_BT: jax.Array | None = None):
+        """``(logits, {'loss': loss or None})``, as the original."""
+        h_BTC, _, _ = self.hidden(idx_BT)
+        logits_BTV, loss = head_and_loss(self.wte, h_BTC, targets_BT, self.opts, self.ignore_index)
         return logits_BTV, {"loss": loss}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -87,15 +87,35 @@ def tied_logits(wte: nnx.Embed, h_NC: jax.Array, dtype: Dtype) -> jax.Array:
     return jnp.einsum("...c,vc->...v", h_NC.astype(dtype), wte.embedding[...].astype(dtype))
 
 
-def apply_rope(x_BTNH: jax.Array, base: float) -> jax.Array:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) by position, in fp32 (GPT-J layout)."""
+def apply_rope(x_BTNH: jax.Array, base: float, positions_T: jax.Array | None = None,
+               max_len: int | None = None) -> jax.Array:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by position, in fp32 (GPT-J layout).
+
+    Positions default to 0..T-1; a decode step passes its own (rows of the same table, so the
+    cached keys and the full forward agree exactly)."""
     T, hd = x_BTNH.shape[1], x_BTNH.shape[-1]
-    table_TH = rope_table(T, hd, base)
+    if positions_T is None:
+        table_TH = rope_table(T, hd, base)
+    else:
+        table_TH = jnp.take(jnp.asarray(rope_table(max_len, hd, base)), positions_T, axis=0)
     sin_T1H, cos_T1H = table_TH[:, None, 0::2], table_TH[:, None, 1::2]
     x = x_BTNH.astype(jnp.float32)
     x0, x1 = x[..., 0::2], x[..., 1::2]
     out = jnp.stack([x0 * cos_T1H - x1 * sin_T1H, x1 * cos_T1H + x0 * sin_T1H], axis=-1)
     return out.reshape(x.shape).astype(x_BTNH.dtype)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every position so far, for one layer (stacked: one per layer)."""
+
+    k_BSKH: jax.Array
+    v_BSKH: jax.Array
+
+
+def init_cache(n_layer: int, batch: int, length: int, n_kv_head: int, head_dim: int,
+               dtype) -> KVCache:
+    shape = (n_layer, batch, length, n_kv_head, head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
 class Attention(nnx.Module):
@@ -118,21 +138,38 @@ class Attention(nnx.Module):
         # The original's quirk: 1/sqrt(hd) applied twice gives logits q.k / hd.
         self.scale = 1.0 / self.head_dim if double_scale else 1.0 / math.sqrt(self.head_dim)
 
-    def __call__(self, x_BTC: jax.Array) -> jax.Array:
+    def __call__(self, x_BTC: jax.Array, cache: KVCache | None = None,
+                 pos: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Causal self-attention over x; with a cache, x holds positions pos..pos+T-1, its keys
+        and values are written into the cache and the queries read every cached position."""
         B, T, C = x_BTC.shape
         N, K, H = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.c_qkv(x_BTC)
         q_BTNH = qkv[..., : N * H].reshape(B, T, N, H)
         k_BTKH = qkv[..., N * H : (N + K) * H].reshape(B, T, K, H)
         v_BTKH = qkv[..., (N + K) * H :].reshape(B, T, K, H)
+        positions_T = None if cache is None else pos + jnp.arange(T)
         if self.rope_base is not None:
-            q_BTNH, k_BTKH = apply_rope(q_BTNH, self.rope_base), apply_rope(k_BTKH, self.rope_base)
+            max_len = None if cache is None else cache.k_BSKH.shape[1]
+            q_BTNH = apply_rope(q_BTNH, self.rope_base, positions_T, max_len)
+            k_BTKH = apply_rope(k_BTKH, self.rope_base, positions_T, max_len)
         if self.q_norm is not None:
             q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
         q_BTNH, k_BTKH = q_BTNH.astype(self.dtype), k_BTKH.astype(self.dtype)
-        y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, scale=self.scale,
-                                              is_causal=True, implementation=self.attention_impl)
-        return self.out_proj(y_BTNH.reshape(B, T, C))
+        v_BTKH = v_BTKH.astype(self.dtype)
+        if cache is None:
+            y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, scale=self.scale,
+                                                  is_causal=True, implementation=self.attention_impl)
+        else:
+            cache = KVCache(
+                jax.lax.dynamic_update_slice_in_dim(cache.k_BSKH, k_BTKH.astype(cache.k_BSKH.dtype), pos, 1),
+                jax.lax.dynamic_update_slice_in_dim(cache.v_BSKH, v_BTKH.astype(cache.v_BSKH.dtype), pos, 1))
+            S = cache.k_BSKH.shape[1]
+            mask_11TS = (jnp.arange(S)[None, :] <= positions_T[:, None])[None, None]
+            y_BTNH = jax.nn.dot_product_attention(
+                q_BTNH, cache.k_BSKH.astype(self.dtype), cache.v_BSKH.astype(self.dtype),
+                mask=mask_11TS, scale=self.scale)
+        return self.out_proj(y_BTNH.reshape(B, T, C)), cache
 
 
 class GeluMLP(nnx.Module):
@@ -182,28 +219,34 @@ def make_stack(make_block: Callable[[nnx.Rngs], nnx.Module], n_layer: int,
     return build(rngs)
 
 
-def run_stack(blocks: nnx.Module, x: jax.Array, opts: Options) -> tuple[jax.Array, Any]:
-    """Apply stacked blocks in order; a block returns ``(x, aux)``; aux comes back per layer.
+def run_stack(blocks: nnx.Module, x: jax.Array, opts: Options, cache: KVCache | None = None,
+              pos: jax.Array | None = None) -> tuple[jax.Array, Any, KVCache | None]:
+    """Apply stacked blocks in order. A block maps ``(x, cache, pos)`` to ``(x, aux, cache)``;
+    aux and the updated caches come back stacked per layer.
 
     With ``scan_layers`` one ``lax.scan`` step is compiled for all layers; otherwise the same
     stacked parameters are sliced layer by layer in a Python loop (the reference for tests).
     """
     graphdef, state = nnx.split(blocks)
 
-    def step(x, layer_state):
-        return nnx.merge(graphdef, layer_state)(x)
+    def step(x, layer):
+        layer_state, layer_cache = layer
+        x, aux, layer_cache = nnx.merge(graphdef, layer_state)(x, layer_cache, pos)
+        return x, (aux, layer_cache)
 
-    policy = REMAT_POLICIES[opts.remat]
     if opts.remat != "none":
-        step = jax.checkpoint(step, policy=policy, prevent_cse=not opts.scan_layers)
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[opts.remat],
+                              prevent_cse=not opts.scan_layers)
     if opts.scan_layers:
-        return jax.lax.scan(step, x, state)
+        x, (aux, cache) = jax.lax.scan(step, x, (state, cache))
+        return x, aux, cache
     n_layer = jax.tree.leaves(state)[0].shape[0]
-    auxes = []
+    outs = []
     for i in range(n_layer):
-        x, aux = step(x, jax.tree.map(lambda a: a[i], state))
-        auxes.append(aux)
-    return x, jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+        x, out = step(x, jax.tree.map(lambda a: a[i], (state, cache)))
+        outs.append(out)
+    aux, cache = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    return x, aux, cache
 
 
 def cross_entropy(h_NC: jax.Array, logits_fn: Callable[[jax.Array], jax.Array],
@@ -255,3 +298,17 @@ def head_and_loss(wte: nnx.Embed, h_BTC: jax.Array, targets_BT: jax.Array | None
     loss = cross_entropy(h_BTC.reshape(B * T, C), lambda h: tied_logits(wte, h, opts.dtype),
                          targets_BT.reshape(-1), ignore_index, opts.loss_chunk_tokens)
     return logits_BTV, loss
+
+
+class Decoding:
+    """KV-cache decoding for the three models, built on their ``hidden(idx, cache, pos)``."""
+
+    def init_cache(self, batch: int, length: int | None = None) -> KVCache:
+        c = self.config
+        return init_cache(c.n_layer, batch, length or c.block_size,
+                          getattr(c, "n_kv_head", c.n_head), c.n_embd // c.n_head, self.opts.dtype)
+
+    def decode(self, idx_BT: jax.Array, cache: KVCache, pos: jax.Array):
+        """Logits of tokens at positions pos..pos+T-1 given the cache of earlier ones."""
+        h_BTC, _, cache = self.hidden(idx_BT, cache, pos)
+        return tied_logits(self.wte, h_BTC, self.opts.dtype), cache

@@ -8,7 +8,7 @@ from flax import nnx
 
 from nanomoe.config import MoeGPTConfig
 
-from .layers import (Attention, Options, check_sequence_length, embed, head_and_loss,
+from .layers import (Decoding, Attention, Options, check_sequence_length, embed, head_and_loss,
                      make_stack, rms_norm, run_stack)
 from .moe import MoE
 
@@ -21,13 +21,14 @@ class Block(nnx.Module):
         self.ln2 = rms_norm(c.n_embd, opts, rngs)
         self.mlp = MoE(c, opts, rngs)
 
-    def __call__(self, x_BTC):
-        x_BTC = x_BTC + self.attn(self.ln1(x_BTC))
+    def __call__(self, x_BTC, cache=None, pos=None):
+        y_BTC, cache = self.attn(self.ln1(x_BTC), cache, pos)
+        x_BTC = x_BTC + y_BTC
         y_BTC, metrics = self.mlp(self.ln2(x_BTC))
-        return x_BTC + y_BTC, metrics
+        return x_BTC + y_BTC, metrics, cache
 
 
-class MoeGPT(nnx.Module):
+class MoeGPT(Decoding, nnx.Module):
     config_class = MoeGPTConfig
     ignore_index = -1
 
@@ -38,14 +39,18 @@ class MoeGPT(nnx.Module):
         self.blocks = make_stack(lambda r: Block(c, opts, r), c.n_layer, rngs)
         self.ln_f = rms_norm(c.n_embd, opts, rngs)
 
+    def hidden(self, idx_BT, cache=None, pos=None):
+        """Final-norm hidden states (and per-layer metrics, updated cache) of tokens at pos.."""
+        check_sequence_length(idx_BT.shape[1], self.config.block_size)
+        x_BTC, moe_L, cache = run_stack(self.blocks, self.wte(idx_BT), self.opts, cache, pos)
+        return self.ln_f(x_BTC), moe_L, cache
+
     def __call__(self, idx_BT: jax.Array, targets_BT: jax.Array | None = None):
         """``(logits,)`` without targets; with them ``(logits, losses)``: the original's
         ``loss``/``ce_loss``/``moe_loss`` plus ``moe``, the per-layer routing metrics
         (``balance_loss`` (L,), ``tokens_per_expert`` (L, E), ``dropped_fraction`` (L,))."""
-        check_sequence_length(idx_BT.shape[1], self.config.block_size)
-        x_BTC, moe_L = run_stack(self.blocks, self.wte(idx_BT), self.opts)
-        logits_BTV, ce = head_and_loss(self.wte, self.ln_f(x_BTC), targets_BT, self.opts,
-                                       self.ignore_index)
+        h_BTC, moe_L, _ = self.hidden(idx_BT)
+        logits_BTV, ce = head_and_loss(self.wte, h_BTC, targets_BT, self.opts, self.ignore_index)
         if targets_BT is None:
             return (logits_BTV,)
         moe_loss = jnp.sum(moe_L["balance_loss"])

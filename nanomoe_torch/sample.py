@@ -1,0 +1,30 @@
+"""Sampling from a reference model: top-k / temperature, as the original samples."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def generate(model, prompt: list[int], n_tokens: int, *, top_k: int | None = 50,
+             temperature: float = 1.0, seed: int = 0) -> list[int]:
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    block_size = model.config.block_size
+    idx = torch.tensor([prompt[-block_size:]], device=device)
+    start = idx.size(1)
+    total = min(block_size, start + n_tokens)
+    while idx.size(1) < total:
+        logits = model(idx)[0][:, -1, :].float()
+        if temperature == 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k is not None and top_k < logits.size(-1):
+                vals, ids = torch.topk(logits, top_k, dim=-1)
+                nxt = torch.gather(ids, -1, torch.multinomial(F.softmax(vals, -1), 1, generator=g))
+            else:
+                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=g)
+        idx = torch.cat([idx, nxt], dim=1)
+    return idx[0, start:].tolist()

@@ -1,0 +1,166 @@
+"""The command line shared by both frameworks: the original's flags, ours, and one flag per
+model-config field. ``parse_args`` returns the namespace; ``build_config`` the model config."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+from .config import MODEL_CONFIGS, ModelConfig
+from .errors import ConfigError
+
+# The original overrides --max_lr per model unless given or --no_override_defaults.
+MAX_LR_OVERRIDES = {"moderngpt": 1e-3, "moegpt": 8e-4}
+DEFAULT_MAX_LR = 6e-4
+
+# On a machine without an accelerator, with no size flag given: a model and batch that train
+# to a visibly falling loss in a few minutes on a laptop.
+CPU_PRESET = dict(n_layer=4, n_embd=128, n_head=4, block_size=256, B=8, T=256,
+                  total_batch_size=8 * 256 * 2, max_steps=200, warmup_steps=20,
+                  eval_interval=100, eval_steps=4, ckpt_interval=100, sample_every=200)
+SIZE_FLAGS = ("n_layer", "n_embd", "n_head", "n_kv_head", "block_size", "B", "T",
+              "total_batch_size", "max_steps", "n_experts")
+
+
+def _config_fields() -> dict[str, dataclasses.Field]:
+    fields: dict[str, dataclasses.Field] = {}
+    for cls in MODEL_CONFIGS.values():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name != "seed":  # MoeGPTConfig.seed is --seed
+                fields.setdefault(f.name, (f, hints[f.name]))
+    return fields
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train GPT, ModernGPT or MoeGPT in JAX or PyTorch (build-nano-moe's recipe).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("what to train")
+    g.add_argument("--framework", choices=["jax", "torch"], default="jax")
+    g.add_argument("--model", "--model_type", dest="model", choices=sorted(MODEL_CONFIGS),
+                   default="moegpt", help="model type (--model_type is the original's name)")
+    g.add_argument("--data", default=None,
+                   help="token shards (.npy folder, nanoGPT train.bin/val.bin, llm.c .bin) or "
+                        ".txt file/folder; default: the Python standard library's source, "
+                        "byte-tokenised (no download)")
+    g.add_argument("--tokenizer", default=None,
+                   help="byte | gpt2 | PATH/tokenizer.json; default: gpt2 for token shards, "
+                        "byte for text and the default corpus")
+    g.add_argument("--init_from", default=None,
+                   help="start from weights: an original .pt checkpoint or one of ours")
+
+    g = p.add_argument_group("the original's recipe")
+    g.add_argument("--max_steps", type=int, default=100)
+    g.add_argument("--warmup_steps", type=int, default=10)
+    g.add_argument("--max_lr", type=float, default=None,
+                   help=f"default {DEFAULT_MAX_LR}, or per model {MAX_LR_OVERRIDES}")
+    g.add_argument("--min_lr", type=float, default=6e-5)
+    g.add_argument("--total_batch_size", type=int, default=262144,
+                   help="tokens per optimizer step, across all devices")
+    g.add_argument("--B", type=int, default=16, help="micro-batch size per device")
+    g.add_argument("--T", type=int, default=1024, help="sequence length")
+    g.add_argument("--log_dir", default="log")
+    g.add_argument("--run_name", default=None)
+    g.add_argument("--do_hellaswag", action="store_true",
+                   help="HellaSwag accuracy at each eval (needs --hellaswag_file offline)")
+    g.add_argument("--no_override_defaults", action="store_true",
+                   help="keep --max_lr at 6e-4 for every model")
+    g.add_argument("--embedding_lr_mult", type=float, default=1.0,
+                   help="MoeGPT's embedding lr multiplier; the original asks for 2 but its loop "
+                        "resets it, so 1.0 is what it really trains with")
+
+    g = p.add_argument_group("ours")
+    g.add_argument("--seed", type=int, default=1337, help="initial weights (same in both frameworks)")
+    g.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="compute dtype; default bfloat16 on GPU, float32 on CPU")
+    g.add_argument("--eval_interval", type=int, default=250)
+    g.add_argument("--eval_steps", type=int, default=20)
+    g.add_argument("--ckpt_interval", type=int, default=5000)
+    g.add_argument("--keep_checkpoints", type=int, default=3)
+    g.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --log_dir")
+    g.add_argument("--stop_at", type=int, default=None,
+                   help="stop with a checkpoint once this many steps are done (for time-limited "
+                        "jobs); --resume continues with the same schedule")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a --log_dir that holds another run")
+    g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
+    g.add_argument("--sample_every", type=int, default=0,
+                   help="print a sample every N steps and at the end (0: only at the end on CPU preset)")
+    g.add_argument("--sample_prompt", default="Hello, I'm a language model,")
+    g.add_argument("--sample_tokens", type=int, default=64)
+    g.add_argument("--hellaswag_file", default=None, help="HellaSwag jsonl (validation split)")
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    g = p.add_argument_group("JAX execution")
+    g.add_argument("--scan_layers", type=_bool, default=True)
+    g.add_argument("--remat", choices=["none", "full", "dots"], default="none")
+    g.add_argument("--attention_impl", choices=["xla", "cudnn"], default=None)
+    g.add_argument("--loss_chunk_tokens", type=int, default=8192)
+
+    g = p.add_argument_group("model config (any field of the chosen model's config)")
+    for name, (field, hint) in _config_fields().items():
+        kind = typing.get_origin(hint)
+        if hint is bool:
+            g.add_argument(f"--{name}", type=_bool, default=None)
+        elif kind is typing.Literal:
+            g.add_argument(f"--{name}", choices=list(typing.get_args(hint)), default=None)
+        else:
+            g.add_argument(f"--{name}", type=hint, default=None)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = make_parser().parse_args(argv)
+    if args.max_lr is None:
+        override = not args.no_override_defaults
+        args.max_lr = MAX_LR_OVERRIDES.get(args.model, DEFAULT_MAX_LR) if override else DEFAULT_MAX_LR
+    return args
+
+
+def given_config_fields(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in _config_fields()
+            if getattr(args, name, None) is not None}
+
+
+def apply_cpu_preset(args: argparse.Namespace, argv: list[str]) -> bool:
+    """Shrink to CPU_PRESET when no size flag was given; True when it did."""
+    flags = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
+    if flags & set(SIZE_FLAGS):
+        return False
+    for key, value in CPU_PRESET.items():
+        if key == "eval_interval" and "eval_interval" in flags:
+            continue
+        if key in flags:
+            continue
+        setattr(args, key, value)
+    return True
+
+
+def build_config(args: argparse.Namespace, vocab_size: int | None) -> ModelConfig:
+    """The model config from its defaults, ``vocab_size`` (from the tokenizer) and the flags."""
+    cls = MODEL_CONFIGS[args.model]
+    known = {f.name for f in dataclasses.fields(cls)}
+    given = given_config_fields(args)
+    foreign = sorted(set(given) - known)
+    if foreign:
+        raise ConfigError(f"--{foreign[0]}: not a field of {cls.__name__} (the --model "
+                          f"{args.model} config); its fields are {sorted(known)}")
+    fields = {}
+    if vocab_size is not None and "vocab_size" not in given:
+        fields["vocab_size"] = vocab_size
+    fields.update(given)
+    if "seed" in known:
+        fields["seed"] = args.seed
+    return cls(**fields)

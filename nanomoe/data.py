@@ -1,0 +1,499 @@
+"""Token data: shard formats, text, the embedded default corpus, the original's batch order.
+
+Every source ends up as a :class:`TokenSplit`: a list of 1-D integer arrays ("shards") read the
+same way afterwards. Binary shards are memory-mapped, never loaded whole.
+
+``open_dataset(data, tokenizer, split)`` recognises, in this order:
+
+* ``*.npy`` shards (the original's FineWeb-Edu prep: uint16, ``edufineweb_val_000000.npy``,
+  ``edufineweb_train_000001.npy``, ...): the split is every file whose *name* contains
+  ``train`` / ``val``, in sorted order, as in the original.
+* nanoGPT's ``train.bin`` / ``val.bin``: raw uint16 tokens, no header.
+* llm.c / modded-nanogpt ``*.bin`` shards: a 256 x int32 header (magic 20240520, version 1,
+  token count) then uint16 tokens; the split is chosen by name as for ``.npy``.
+* ``.txt`` text, tokenised when opened: the first 90% of the token stream is ``train``, the last
+  10% ``val`` (files of a folder are read in sorted order, joined by the tokenizer's eot).
+* nothing (``data=None``): the Python standard library's own source as text, so that training
+  works on any CPython without a download.
+
+``data`` may be a folder, a single file or a glob pattern (``"fineweb10B/fineweb_train_*.bin"``).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import queue
+import sysconfig
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import NanoMoeError
+from .tokenizer import ByteTokenizer, Tokenizer, encode_array, get_tokenizer
+
+SPLITS = ("train", "val")
+VAL_FRACTION = 0.1  # of a text token stream
+DEFAULT_CORPUS_BYTES = 8 * 2**20
+LLMC_MAGIC = 20240520
+LLMC_VERSION = 1
+LLMC_HEADER_INTS = 256
+
+
+class DataError(NanoMoeError, ValueError):
+    """Data that cannot be read or does not fit the run (names the file and the fix)."""
+
+
+@dataclass
+class TokenSplit(Sequence):
+    """The shards of one split: a sequence of 1-D token arrays plus their names for messages."""
+
+    shards: list[np.ndarray] = field(repr=False)
+    names: list[str]
+    format: str  # "npy" | "nanogpt" | "llmc" | "text" | "embedded"
+    source: str
+    split: str = "train"
+
+    def __getitem__(self, i):
+        return self.shards[i]
+
+    def __len__(self):
+        return len(self.shards)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.shards)
+
+
+# ---------------------------------------------------------------------------------------------
+# readers
+
+
+def _check_tokens(arr: np.ndarray, path: Path) -> np.ndarray:
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(f"{path} holds a {arr.dtype} array of shape {arr.shape}, not a 1-D "
+                        "integer token array: write shards with python -m nanomoe.prepare")
+    if len(arr) == 0:
+        raise DataError(f"{path} holds no tokens: delete it or prepare the data again")
+    return arr
+
+
+def read_npy(path: str | Path) -> np.ndarray:
+    """One ``.npy`` shard, memory-mapped."""
+    path = Path(path)
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:
+        raise DataError(f"cannot read {path} as a .npy token shard ({e}): "
+                        "the file is corrupt or not a NumPy array") from e
+    return _check_tokens(arr, path)
+
+
+def read_nanogpt_bin(path: str | Path) -> np.ndarray:
+    """nanoGPT's headerless uint16 ``train.bin`` / ``val.bin``, memory-mapped."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0 or size % 2:
+        raise DataError(f"{path} has {size} bytes, not a whole number of uint16 tokens: "
+                        "the file is empty or truncated, prepare it again")
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def _llmc_header(path: Path) -> np.ndarray | None:
+    with open(path, "rb") as f:
+        data = f.read(LLMC_HEADER_INTS * 4)
+    return np.frombuffer(data, dtype="<i4") if len(data) == LLMC_HEADER_INTS * 4 else None
+
+
+def read_llmc_bin(path: str | Path) -> np.ndarray:
+    """An llm.c / modded-nanogpt shard: 256 x int32 header, then uint16 tokens, memory-mapped."""
+    path = Path(path)
+    header = _llmc_header(path)
+    if header is None or header[0] != LLMC_MAGIC:
+        found = "a file shorter than the header" if header is None else f"magic {header[0]}"
+        raise DataError(f"{path} is not an llm.c token shard (found {found}, expected magic "
+                        f"{LLMC_MAGIC}): give llm.c/modded-nanogpt .bin shards, or name "
+                        "nanoGPT's raw files train.bin/val.bin")
+    if header[1] != LLMC_VERSION:
+        raise DataError(f"{path} is llm.c shard version {header[1]}, only version "
+                        f"{LLMC_VERSION} (uint16 tokens) is supported")
+    ntok = int(header[2])
+    expected = LLMC_HEADER_INTS * 4 + 2 * ntok
+    size = path.stat().st_size
+    if size != expected or ntok <= 0:
+        raise DataError(f"{path} has {size} bytes but its header promises {ntok} tokens "
+                        f"({expected} bytes): the file is truncated or corrupt, download it again")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=LLMC_HEADER_INTS * 4, shape=(ntok,))
+
+
+# ---------------------------------------------------------------------------------------------
+# text and the embedded corpus
+
+# Folders of the standard library that are not ordinary library code (or are huge test data).
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "idlelib",
+              "lib2to3", "turtledemo", "ensurepip", "__pycache__"}
+
+
+def _stdlib_files() -> list[Path]:
+    roots = [sysconfig.get_paths()["stdlib"], os.path.dirname(os.__file__)]
+    for root in map(Path, roots):
+        files = [p for p in root.rglob("*.py")
+                 if not any(d in _SKIP_DIRS or d.startswith("config-")
+                            for d in p.relative_to(root).parts[:-1])]
+        if files:
+            return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    return []
+
+
+def embedded_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> str:
+    """The standard library's ``*.py`` source in sorted order, cut at ``max_bytes`` of UTF-8.
+
+    Needs no network and no package; the same text for the same Python installation.
+    """
+    if max_bytes <= 0:
+        raise DataError(f"max_bytes must be positive, got {max_bytes}")
+    parts, total = [], 0
+    for path in _stdlib_files():
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue  # an unreadable file in an odd installation: the rest is plenty
+        parts.append(data)
+        total += len(data)
+        if total >= max_bytes:
+            break
+    if not parts:
+        raise DataError("found no Python standard library source to use as the default corpus: "
+                        "give training data with --data")
+    # Cut by bytes, then drop a multi-byte character split by the cut.
+    return b"".join(parts)[:max_bytes].decode("utf-8", errors="ignore")
+
+
+_TEXT_CACHE: dict = {}  # one entry: train and val of the same text are tokenised once
+
+
+def _tokenise_once(key, tokenizer: Tokenizer, texts) -> np.ndarray:
+    key = (key, tokenizer.name)
+    if key not in _TEXT_CACHE:
+        pieces = []
+        for i, text in enumerate(texts()):
+            if i and tokenizer.eot is not None:
+                pieces.append(np.array([tokenizer.eot], dtype=np.uint32))
+            pieces.append(encode_array(tokenizer, text))
+        tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.uint16)
+        _TEXT_CACHE.clear()
+        _TEXT_CACHE[key] = tokens.astype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32)
+    return _TEXT_CACHE[key]
+
+
+def _split_text(tokens: np.ndarray, split: str, source: str, fmt: str) -> TokenSplit:
+    cut = int(len(tokens) * (1 - VAL_FRACTION))
+    part = tokens[:cut] if split == "train" else tokens[cut:]
+    if len(part) == 0:
+        raise DataError(f"{source} has only {len(tokens)} tokens, too few for a {split} split "
+                        f"(the last {VAL_FRACTION:.0%} is val): give more text")
+    return TokenSplit([part], [f"{source} ({split})"], fmt, source, split)
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch
+
+
+def _candidate_files(data: str) -> list[Path]:
+    if any(c in data for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(data))
+        if not files:
+            raise DataError(f"no file matches {data}: check the pattern")
+        return files
+    path = Path(data)
+    if not path.exists():
+        raise DataError(f"data path {data} does not exist: give a folder of token shards, a "
+                        "text file, or no --data for the built-in corpus")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        if not files:
+            raise DataError(f"data folder {data} is empty: prepare shards into it with "
+                            "python -m nanomoe.prepare")
+        return files
+    return [path]
+
+
+def _is_nanogpt(path: Path) -> bool:
+    # A raw uint16 file cannot start with the llm.c magic if its ids are < 50257
+    # (20240520 = tokens 55240, 308), so the magic tells the two .bin kinds apart.
+    if path.name not in ("train.bin", "val.bin"):
+        return False
+    header = _llmc_header(path)
+    return header is None or header[0] != LLMC_MAGIC
+
+
+def _classify(data: str) -> tuple[str, list[Path]]:
+    files = _candidate_files(data)
+    kinds = {
+        "npy": [p for p in files if p.suffix == ".npy"],
+        "nanogpt": [p for p in files if p.suffix == ".bin" and _is_nanogpt(p)],
+        "llmc": [p for p in files if p.suffix == ".bin" and not _is_nanogpt(p)],
+        "text": [p for p in files if p.suffix == ".txt"],
+    }
+    for kind, found in kinds.items():
+        if found:
+            return kind, found
+    names = ", ".join(p.name for p in files[:5]) + (", ..." if len(files) > 5 else "")
+    raise DataError(f"{data} has no recognised data files (found {names}): expected *.npy "
+                    "shards, train.bin/val.bin, llm.c *.bin shards or *.txt files")
+
+
+def data_format(data: str | None) -> str:
+    """What ``open_dataset`` would read: "embedded" | "npy" | "nanogpt" | "llmc" | "text"."""
+    return "embedded" if data is None else _classify(str(data))[0]
+
+
+def default_tokenizer(data: str | None) -> str:
+    """gpt2 for token shards (the original's ids), byte for text and the embedded corpus."""
+    return "byte" if data_format(data) in ("text", "embedded") else "gpt2"
+
+
+def open_dataset(data: str | os.PathLike | None, tokenizer: Tokenizer | str | None = None,
+                 split: str = "train", *, max_bytes: int = DEFAULT_CORPUS_BYTES) -> TokenSplit:
+    """The ``split`` ("train" | "val") of ``data`` as memory-mapped shards (see the module doc).
+
+    ``tokenizer`` (an object or a name for :func:`get_tokenizer`) is used for text only and
+    defaults to bytes; token shards are read as they are. ``max_bytes`` caps the embedded corpus.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}: use one of {SPLITS}")
+    if isinstance(tokenizer, str):
+        tokenizer = get_tokenizer(tokenizer)
+    if data is None:
+        tok = tokenizer or ByteTokenizer()
+        tokens = _tokenise_once(("<embedded>", max_bytes), tok,
+                                lambda: [embedded_corpus(max_bytes)])
+        return _split_text(tokens, split, "the embedded stdlib corpus", "embedded")
+
+    try:
+        return _open_files(str(data), tokenizer, split)
+    except OSError as e:  # permissions, a file vanishing, an I/O error
+        raise DataError(f"cannot read {e.filename or data} ({e.strerror or e}): check that it "
+                        "exists and is readable") from e
+
+
+def _open_files(data: str, tokenizer: Tokenizer | None, split: str) -> TokenSplit:
+    kind, files = _classify(data)
+    if kind == "text":
+        tok = tokenizer or ByteTokenizer()
+        key = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+        tokens = _tokenise_once(key, tok,
+                                lambda: (p.read_text("utf-8", errors="replace") for p in files))
+        return _split_text(tokens, split, data, "text")
+
+    if kind == "nanogpt":
+        chosen = [p for p in files if p.name == f"{split}.bin"]
+    else:
+        chosen = [p for p in files if split in p.name]
+    if not chosen:
+        names = ", ".join(p.name for p in files[:5]) + (", ..." if len(files) > 5 else "")
+        want = f"{split}.bin" if kind == "nanogpt" else f"a file name containing '{split}'"
+        raise DataError(f"no {split} shard in {data} ({want}); found: {names}")
+    reader = {"npy": read_npy, "nanogpt": read_nanogpt_bin, "llmc": read_llmc_bin}[kind]
+    return TokenSplit([reader(p) for p in chosen], [str(p) for p in chosen], kind, data, split)
+
+
+def check_token_range(x: np.ndarray, vocab_size: int, source: str = "the data") -> None:
+    """Raise DataError if an id in ``x`` is negative or >= ``vocab_size``."""
+    if x.size == 0:
+        return
+    hi, lo = int(x.max()), int(x.min())
+    if hi >= vocab_size:
+        raise DataError(f"token id {hi} in {source} is >= vocab_size {vocab_size}: "
+                        "use a tokenizer/model that match")
+    if lo < 0:
+        raise DataError(f"token id {lo} in {source} is negative: the data is corrupt")
+
+
+# ---------------------------------------------------------------------------------------------
+# batches
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise DataError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class DataLoader:
+    """The original's sequential batches: B*T+1 tokens a step, ranks interleaved.
+
+    Rank r starts at B*T*r of shard 0 and advances B*T*num_processes a step; when the next step
+    would run past the shard it moves to the next shard (wrapping) at B*T*r. As in the original,
+    the check uses the rank's own position, so ranks may change shard one step apart; their
+    windows never overlap. ``vocab_size`` (optional) checks every batch's ids.
+    """
+
+    def __init__(self, shards: Sequence[np.ndarray] | TokenSplit, B: int, T: int,
+                 process_rank: int = 0, num_processes: int = 1, vocab_size: int | None = None):
+        self.B, self.T = _positive_int("B", B), _positive_int("T", T)
+        self.num_processes = _positive_int("num_processes", num_processes)
+        if isinstance(process_rank, bool) or not isinstance(process_rank, (int, np.integer)) \
+                or not 0 <= process_rank < num_processes:
+            raise DataError(f"process_rank must be in [0, {num_processes}), got {process_rank!r}")
+        self.process_rank = int(process_rank)
+        self.shards = list(shards)
+        self.names = list(getattr(shards, "names", [f"shard {i}" for i in range(len(shards))]))
+        if not self.shards:
+            raise DataError("no shards to read batches from")
+        need = B * T * num_processes + 1
+        for name, tokens in zip(self.names, self.shards):
+            if len(tokens) < need:
+                raise DataError(
+                    f"{name} has {len(tokens)} tokens, fewer than one step needs "
+                    f"(B*T*num_processes+1 = {B}*{T}*{num_processes}+1 = {need}): "
+                    "use smaller --B/--T or more data")
+        self.vocab_size = vocab_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.load_state_dict({"shard": 0, "position": self.B * self.T * self.process_rank})
+
+    def state_dict(self) -> dict:
+        return {"shard": self.current_shard, "position": self.current_position}
+
+    def load_state_dict(self, state: dict) -> None:
+        shard, pos = int(state["shard"]), int(state["position"])
+        if not 0 <= shard < len(self.shards) or not 0 <= pos <= len(self.shards[shard]) - (
+                self.B * self.T + 1):
+            raise DataError(f"data loader state {state} does not fit these shards "
+                            f"({len(self.shards)} shards): resume with the same data, B and T")
+        self.current_shard, self.current_position = shard, pos
+        self.tokens = self.shards[shard]
+
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        B, T, pos = self.B, self.T, self.current_position
+        buf = self.tokens[pos: pos + B * T + 1]
+        if self.vocab_size is not None:
+            check_token_range(buf, self.vocab_size,
+                              f"{self.names[self.current_shard]} at position {pos}")
+        # Copies as int32: nothing keeps the memmap alive, frameworks take int32 directly.
+        x = buf[:-1].astype(np.int32).reshape(B, T)
+        y = buf[1:].astype(np.int32).reshape(B, T)
+        self.current_position += B * T * self.num_processes
+        if self.current_position + (B * T * self.num_processes + 1) > len(self.tokens):
+            self.current_shard = (self.current_shard + 1) % len(self.shards)
+            self.tokens = self.shards[self.current_shard]
+            self.current_position = B * T * self.process_rank
+        return x, y
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.next_batch()
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+@dataclass
+class _Worker:
+    queue: queue.Queue
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+
+def _prefetch(loader: DataLoader, w: _Worker) -> None:
+    def put(item) -> bool:  # wait for room, but give up when asked to stop
+        while not w.stop.is_set():
+            try:
+                w.queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    try:
+        while not w.stop.is_set():
+            x, y = loader.next_batch()
+            if not put((x, y, loader.state_dict())):
+                return
+    except BaseException as e:  # handed to the consumer, who re-raises it
+        put(_Failure(e))
+
+
+class Prefetcher:
+    """Reads the loader's next ``depth`` batches on a background thread.
+
+    Yields exactly the loader's sequence. ``state_dict()`` is the loader state after the batches
+    *consumed* so far (not what the thread read ahead), so a checkpoint taken after batch n
+    resumes at batch n+1. An exception in the thread is raised by the next ``next_batch()``.
+    ``close()`` stops the thread and rewinds the loader to the consumed position.
+    """
+
+    def __init__(self, loader: DataLoader, depth: int = 2):
+        self.loader, self.depth = loader, _positive_int("depth", depth)
+        self._state = loader.state_dict()
+        self._worker: _Worker | None = None
+        self._start()
+
+    def _start(self) -> None:
+        w = _Worker(queue.Queue(maxsize=self.depth))
+        # The thread holds the loader, not self, so a forgotten Prefetcher is still collected.
+        w.thread = threading.Thread(target=_prefetch, args=(self.loader, w), daemon=True,
+                                    name="nanomoe-prefetch")
+        self._worker = w
+        w.thread.start()
+
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._worker is None:
+            raise RuntimeError("the Prefetcher is closed")
+        item = self._worker.queue.get()
+        if isinstance(item, _Failure):
+            self._stop()
+            raise item.error
+        x, y, self._state = item
+        return x, y
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.next_batch()
+
+    def state_dict(self) -> dict:
+        return dict(self._state)
+
+    def _stop(self) -> None:
+        w, self._worker = self._worker, None
+        if w is not None:
+            w.stop.set()
+            w.thread.join()
+            self.loader.load_state_dict(self._state)  # forget what was read ahead
+
+    def load_state_dict(self, state: dict) -> None:
+        self._stop()
+        self.loader.load_state_dict(state)
+        self._state = self.loader.state_dict()
+        self._start()
+
+    def reset(self) -> None:
+        self._stop()
+        self.loader.reset()
+        self._state = self.loader.state_dict()
+        self._start()
+
+    def close(self) -> None:
+        self._stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        w = getattr(self, "_worker", None)
+        if w is not None:
+            w.stop.set()

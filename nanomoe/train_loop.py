@@ -1,0 +1,253 @@
+"""The training loop both frameworks share: data, schedule, eval, checkpoints, logging.
+
+A framework plugs in a backend (``nanomoe_jax.train.JaxBackend``,
+``nanomoe_torch.train.TorchBackend``) that builds the model and optimizer and runs one
+optimizer step, evaluation, checkpointing, export and sampling. Everything a user sees or
+compares across frameworks (batch order, lr per step, metric names, file layout) lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any, Protocol
+
+import numpy as np
+
+from .cli import apply_cpu_preset, build_config, parse_args
+from .config import ModelConfig, config_to_dict
+from .data import DataLoader, Prefetcher, check_token_range, default_tokenizer, open_dataset
+from .errors import NanoMoeError
+from .flops import device_peak_flops, flops_per_token
+from .metrics import MetricsLogger
+from .schedule import lr_at
+from .tokenizer import get_tokenizer
+
+RUN_FILE = "run.json"  # what a log folder holds: model type, config, framework, tokenizer
+
+
+class TrainError(NanoMoeError, ValueError):
+    """A training setup that cannot work (bad flags, a log folder of another run, ...)."""
+
+
+class Backend(Protocol):
+    name: str
+    has_accelerator: bool
+    async_dispatch: bool  # train_step returns before the device finishes
+    device_name: str
+    process_index: int
+    process_count: int
+
+    def setup(self, config: ModelConfig, args: argparse.Namespace) -> None: ...
+    def load_weights(self, path: str) -> None: ...
+    def train_step(self, x_ABT: np.ndarray, y_ABT: np.ndarray, lr: float) -> Any: ...
+    def fetch(self, handle: Any) -> dict[str, float]: ...
+    def evaluate(self, batches: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]: ...
+    def save(self, log_dir: str, step: int, meta: dict) -> None: ...
+    def latest_checkpoint(self, log_dir: str) -> int | None: ...
+    def restore(self, log_dir: str, step: int) -> dict: ...
+    def export_final(self, path: str, step: int) -> None: ...
+    def sample(self, prompt: list[int], n_tokens: int, top_k: int, temperature: float,
+               seed: int) -> list[int]: ...
+    def finish(self) -> None: ...
+
+
+def model_vocab(tokenizer) -> int | None:
+    """A byte or tokenizer.json vocabulary, padded to a multiple of 64; None: config default."""
+    if tokenizer.name == "gpt2":
+        return None
+    return -(-tokenizer.vocab_size // 64) * 64
+
+
+def _check_log_dir(args, run_info: dict) -> None:
+    path = os.path.join(args.log_dir, RUN_FILE)
+    if not os.path.exists(path):
+        if args.resume:
+            raise TrainError(f"--resume: {args.log_dir} holds no run to resume; "
+                             "drop --resume to start a new one")
+        return
+    with open(path) as f:
+        previous = json.load(f)
+    if args.resume:
+        keys = ("model_type", "config", "framework", "tokenizer")
+        for key in keys:
+            if previous.get(key) != run_info[key]:
+                raise TrainError(
+                    f"--resume: {args.log_dir} holds a run with another {key} "
+                    f"({previous.get(key)} vs {run_info[key]}); resume with the same flags "
+                    "or choose another --log_dir")
+    elif not args.overwrite:
+        raise TrainError(f"{args.log_dir} already holds a run; pass --resume to continue it, "
+                         "--overwrite to start afresh, or choose another --log_dir")
+
+
+def run(argv: list[str], backend: Backend) -> dict:
+    """Train as the flags say; returns a summary (final losses, paths) for tests and callers."""
+    args = parse_args(argv)
+    preset = not backend.has_accelerator and apply_cpu_preset(args, argv)
+    if preset:
+        print(f"No accelerator found ({backend.device_name}): using the CPU preset "
+              f"(n_layer={args.n_layer} n_embd={args.n_embd} n_head={args.n_head} B={args.B} "
+              f"T={args.T} max_steps={args.max_steps}); pass any size flag to choose your own.",
+              flush=True)
+
+    tokenizer = get_tokenizer(args.tokenizer or default_tokenizer(args.data))
+    config = build_config(args, model_vocab(tokenizer))
+    if args.T > config.block_size:
+        raise TrainError(f"--T {args.T} is longer than block_size={config.block_size}; "
+                         f"use --T <= {config.block_size} or a larger --block_size")
+    world = backend.process_count
+    tokens_per_micro = args.B * args.T * world
+    if args.total_batch_size % tokens_per_micro:
+        raise TrainError(f"--total_batch_size {args.total_batch_size} is not divisible by "
+                         f"B*T*world_size = {args.B}*{args.T}*{world} = {tokens_per_micro}; "
+                         "choose a multiple")
+    grad_accum = args.total_batch_size // tokens_per_micro
+    rank = backend.process_index
+    train_loader = DataLoader(open_dataset(args.data, tokenizer, "train"), args.B, args.T,
+                              rank, world)
+    val_loader = DataLoader(open_dataset(args.data, tokenizer, "val"), args.B, args.T, rank, world)
+
+    run_info = {"model_type": args.model, "config": config_to_dict(config),
+                "framework": backend.name, "tokenizer": tokenizer.name}
+    _check_log_dir(args, run_info)
+    leader = rank == 0
+    if leader:
+        os.makedirs(args.log_dir, exist_ok=True)
+        with open(os.path.join(args.log_dir, RUN_FILE), "w") as f:
+            json.dump(run_info, f, indent=1)
+
+    backend.setup(config, args)
+    start_step = 0
+    if args.resume:
+        latest = backend.latest_checkpoint(args.log_dir)
+        if latest is None:
+            raise TrainError(f"--resume: no complete checkpoint in {args.log_dir}")
+        meta = backend.restore(args.log_dir, latest)
+        start_step = meta["step"]
+        train_loader.load_state_dict(meta["data"])
+        print(f"Resumed {args.log_dir} at step {start_step}", flush=True)
+    elif args.init_from:
+        backend.load_weights(args.init_from)
+
+    if leader:
+        print(f"{backend.name} on {backend.device_name}: {args.model} {config}\n"
+              f"tokenizer {tokenizer.name}, grad accumulation {grad_accum}, "
+              f"{args.total_batch_size:,} tokens per step", flush=True)
+    logger = MetricsLogger(args.log_dir, args.max_steps, start_step, use_wandb=args.wandb,
+                           run_name=args.run_name, enabled=leader,
+                           wandb_config={**vars(args), **run_info})
+    peak = device_peak_flops(backend.device_name) if backend.has_accelerator else None
+    flops_per_step = flops_per_token(config, args.T) * args.total_batch_size
+    prefetch = Prefetcher(train_loader, depth=2)
+
+    def evaluate(step_done: int) -> None:
+        val_loader.reset()
+        batches = [val_loader.next_batch() for _ in range(args.eval_steps)]
+        check_token_range(batches[0][0], config.vocab_size)
+        record = {"step": step_done, **{f"val_{k}": v for k, v in backend.evaluate(batches).items()}}
+        logger.log(record)
+        if leader:
+            print(f"step {step_done:5d} | val loss {record['val_loss']:.4f}", flush=True)
+            logger.plot()
+
+    def sample(step_done: int) -> None:
+        if not leader:
+            return
+        prompt = list(tokenizer.encode(args.sample_prompt))
+        out = backend.sample(prompt, args.sample_tokens, top_k=50, temperature=1.0, seed=args.seed)
+        print(f"sample at step {step_done}: {tokenizer.decode(prompt + out)!r}", flush=True)
+
+    pending = None  # (step, handle, lr): the previous step's metrics, read one step late
+    t_last = time.time()
+    summary: dict[str, Any] = {"losses": {}}
+
+    def flush() -> None:
+        nonlocal pending, t_last
+        if pending is None:
+            return
+        step, handle, lr = pending
+        pending = None
+        metrics = backend.fetch(handle)
+        now = time.time()
+        dt = now - t_last
+        t_last = now
+        record = {"step": step, **metrics, "lr": lr, "dt_ms": 1000 * dt,
+                  "tokens_per_sec": args.total_batch_size / dt}
+        if peak:
+            record["mfu"] = flops_per_step / dt / peak
+        summary["losses"][step] = metrics["loss"]
+        if not np.isfinite(metrics["loss"]):
+            raise TrainError(f"the loss at step {step} is {metrics['loss']}; lower --max_lr or "
+                             "resume from the last checkpoint")
+        logger.log(record)
+        logger.progress(record)
+
+    try:
+        for step in range(start_step, args.max_steps):
+            if step % args.eval_interval == 0:
+                flush()
+                evaluate(step)
+            if args.sample_every and step > 0 and step % args.sample_every == 0:
+                flush()
+                sample(step)
+            batches = [prefetch.next_batch() for _ in range(grad_accum)]
+            x_ABT = np.stack([b[0] for b in batches])
+            y_ABT = np.stack([b[1] for b in batches])
+            if step == start_step:
+                check_token_range(x_ABT, config.vocab_size)
+                check_token_range(y_ABT, config.vocab_size)
+            lr = lr_at(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
+            handle = backend.train_step(x_ABT, y_ABT, lr)
+            flush()  # the previous step's metrics: the device already works on this one
+            pending = (step, handle, lr)
+            if not backend.async_dispatch:
+                flush()  # the step ran to completion inside train_step
+            done = step + 1
+            stop = args.stop_at is not None and done >= args.stop_at
+            if done % args.ckpt_interval == 0 or done == args.max_steps or stop:
+                flush()
+                backend.save(args.log_dir, done, {"step": done, "data": prefetch.state_dict(),
+                                                  **run_info})
+            if stop:
+                break
+        flush()
+    finally:
+        prefetch.close()
+    stopped = args.stop_at is not None and args.stop_at < args.max_steps
+    if stopped:
+        print(f"Stopped after step {args.stop_at} as asked; continue with the same flags and "
+              "--resume.", flush=True)
+        logger.close()
+        backend.finish()
+        summary.update(config=config, log_dir=args.log_dir, records=logger.records)
+        return summary
+    if args.max_steps > start_step:
+        evaluate(args.max_steps)
+    if leader:
+        final = os.path.join(args.log_dir, "model_final.pt")
+        backend.export_final(final, args.max_steps)
+        summary["model_final"] = final
+        sample(args.max_steps)
+        logger.plot()
+    logger.close()
+    backend.finish()
+    summary.update(config=config, log_dir=args.log_dir, records=logger.records)
+    return summary
+
+
+def main(argv: list[str], make_backend) -> int:
+    """Entry point with the project's error handling: one sentence and exit 2 on bad input."""
+    import sys
+
+    debug = "--debug" in argv
+    try:
+        run(argv, make_backend())
+    except NanoMoeError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

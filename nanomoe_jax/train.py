@@ -1,0 +1,189 @@
+"""The JAX side of training: one jit-compiled step (all micro-batches inside a ``lax.scan``),
+AdamW as the original configures it, orbax checkpoints, export to the original's .pt."""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import conversion
+from nanomoe.config import MoeGPTConfig, config_to_dict
+
+from . import create_model
+from .sample import generate
+
+
+def clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransformation:
+    """torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when above max_norm."""
+
+    def update(updates, state, params=None):
+        scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
+        return jax.tree.map(lambda g: g * scale, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def is_embedding(path) -> bool:
+    return any(getattr(k, "key", k) == "wte" for k in path)
+
+
+def make_optimizer(config, params, weight_decay=0.1) -> optax.GradientTransformation:
+    """Clip to 1.0, then AdamW (0.9, 0.95, eps 1e-8) with decay on ndim >= 2 only; MoeGPT's
+    embedding is not decayed (the original's param groups). The lr is applied in the step."""
+    def decay(path, p):
+        if isinstance(config, MoeGPTConfig) and is_embedding(path):
+            return False
+        return p.ndim >= 2
+
+    mask = jax.tree_util.tree_map_with_path(decay, params)
+    return optax.chain(clip_by_global_norm_like_torch(1.0),
+                       optax.scale_by_adam(b1=0.9, b2=0.95, eps=1e-8),
+                       optax.add_decayed_weights(weight_decay, mask))
+
+
+def loss_and_metrics(graphdef, params, x_BT, y_BT):
+    out = nnx.merge(graphdef, params)(x_BT, y_BT)
+    losses = out[1]
+    metrics = {"loss": losses["loss"]}
+    if "moe" in losses:
+        metrics.update(ce_loss=losses["ce_loss"], moe_loss=losses["moe_loss"],
+                       dropped_fraction=jnp.mean(losses["moe"]["dropped_fraction"]))
+    return losses["loss"], metrics
+
+
+def accumulate_gradients(graphdef, params, x_ABT, y_ABT):
+    """Mean loss gradient over A micro-batches (the original's gradient accumulation), with a
+    ``lax.scan`` so only one micro-batch's activations are alive at a time."""
+    grad_fn = jax.value_and_grad(partial(loss_and_metrics, graphdef), has_aux=True)
+
+    def micro(grads, xy):
+        (_, metrics), g = grad_fn(params, *xy)
+        return jax.tree.map(jnp.add, grads, g), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, metrics = jax.lax.scan(micro, zeros, (x_ABT, y_ABT))
+    A = x_ABT.shape[0]
+    return jax.tree.map(lambda g: g / A, grads), jax.tree.map(jnp.mean, metrics)
+
+
+def train_step(graphdef, tx, lr_mult, state, x_ABT, y_ABT, lr):
+    """One optimizer step: accumulate, clip, AdamW with the host-computed learning rate."""
+    params, opt_state = state
+    grads, metrics = accumulate_gradients(graphdef, params, x_ABT, y_ABT)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    updates = jax.tree.map(lambda u, m: -lr * m * u, updates, lr_mult)
+    return (optax.apply_updates(params, updates), opt_state), metrics
+
+
+class JaxBackend:
+    name = "jax"
+    async_dispatch = True
+
+    def __init__(self):
+        device = jax.devices()[0]
+        self.has_accelerator = device.platform != "cpu"
+        self.device_name = getattr(device, "device_kind", device.platform)
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        self.manager = None
+
+    def setup(self, config, args) -> None:
+        dtype = args.dtype or ("bfloat16" if self.has_accelerator else "float32")
+        self.config, self.args = config, args
+        model = create_model(config, args.seed, dtype=jnp.dtype(dtype), scan_layers=args.scan_layers,
+                             remat=args.remat, attention_impl=args.attention_impl,
+                             loss_chunk_tokens=args.loss_chunk_tokens)
+        self.graphdef, params = nnx.split(model, nnx.Param)
+        self.tx = make_optimizer(config, params)
+        self.lr_mult = jax.tree_util.tree_map_with_path(
+            lambda path, p: args.embedding_lr_mult if is_embedding(path) else 1.0, params)
+        self.state = (params, self.tx.init(params))
+        self._step = jax.jit(partial(train_step, self.graphdef, self.tx), donate_argnums=(1,))
+        self._eval = jax.jit(partial(loss_and_metrics, self.graphdef))
+
+    @property
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.state[0])
+
+    def load_weights(self, path: str) -> None:
+        from conversion.checkpoints import load_state_dict_file
+
+        model = conversion.load_torch_weights(self.model, load_state_dict_file(path))
+        params = nnx.state(model, nnx.Param)
+        self.state = (params, self.tx.init(params))
+
+    def train_step(self, x_ABT, y_ABT, lr):
+        self.state, metrics = self._step(self.lr_mult, self.state, jnp.asarray(x_ABT),
+                                         jnp.asarray(y_ABT), jnp.float32(lr))
+        return metrics
+
+    def fetch(self, handle) -> dict[str, float]:
+        return {k: float(v) for k, v in jax.device_get(handle).items()}
+
+    def evaluate(self, batches) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for x, y in batches:
+            _, metrics = self._eval(self.state[0], jnp.asarray(x), jnp.asarray(y))
+            for k, v in jax.device_get(metrics).items():
+                totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
+        totals.pop("dropped_fraction", None)
+        return totals
+
+    # checkpoints: orbax, atomic (a step folder appears only once complete), async
+    def _manager(self, log_dir: str):
+        import orbax.checkpoint as ocp
+
+        if self.manager is None:
+            options = ocp.CheckpointManagerOptions(max_to_keep=self.args.keep_checkpoints,
+                                                   enable_async_checkpointing=True)
+            self.manager = ocp.CheckpointManager(os.path.abspath(os.path.join(log_dir, "checkpoints")),
+                                                 options=options)
+        return self.manager
+
+    def save(self, log_dir: str, step: int, meta: dict) -> None:
+        import orbax.checkpoint as ocp
+
+        state = {"params": self.state[0], "opt_state": self.state[1]}
+        self._manager(log_dir).save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+    def latest_checkpoint(self, log_dir: str) -> int | None:
+        return self._manager(log_dir).latest_step()
+
+    def restore(self, log_dir: str, step: int) -> dict:
+        import orbax.checkpoint as ocp
+
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                                {"params": self.state[0], "opt_state": self.state[1]})
+        restored = self._manager(log_dir).restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        self.state = (restored["state"]["params"], restored["state"]["opt_state"])
+        return restored["meta"]
+
+    def export_final(self, path: str, step: int) -> None:
+        """The original's checkpoint format, readable with torch.load(weights_only=True)."""
+        try:
+            import torch
+        except ImportError:
+            print(f"torch is not installed: skipped {path} (pip install torch to write it)")
+            return
+        payload = {"model": conversion.torch_state_dict(self.model),
+                   "config": config_to_dict(self.config), "step": step}
+        torch.save(payload, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    def sample(self, prompt, n_tokens, top_k, temperature, seed):
+        return generate(self.model, prompt, n_tokens, top_k=top_k, temperature=temperature,
+                        seed=seed)
+
+    def finish(self) -> None:
+        if self.manager is not None:
+            self.manager.wait_until_finished()
+            self.manager.close()

@@ -1,0 +1,144 @@
+"""The PyTorch side of training, as the original's loop: autocast bf16, torch.compile and
+fused AdamW on CUDA, gradient accumulation, clipping, .pt checkpoints."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from conversion.checkpoints import load_checkpoint_file, load_state_dict_file
+from nanomoe.config import MoeGPTConfig, config_to_dict
+from nanomoe.errors import ConversionError
+
+from . import create_model
+from .sample import generate
+
+CKPT = re.compile(r"model_(\d{6})\.pt$")
+
+
+def make_optimizer(model, config, lr_mult_embedding: float, fused: bool):
+    """AdamW (0.9, 0.95, eps 1e-8), decay 0.1 on ndim >= 2; MoeGPT's embedding undecayed."""
+    decay, no_decay, embedding = [], [], []
+    for name, p in model.named_parameters():
+        if isinstance(config, MoeGPTConfig) and "wte" in name:
+            embedding.append(p)
+        elif "wte" in name and lr_mult_embedding != 1.0:
+            embedding.append(p)
+        elif p.dim() >= 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [{"params": decay, "weight_decay": 0.1, "lr_mult": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0}]
+    if embedding:
+        wd = 0.0 if isinstance(config, MoeGPTConfig) else 0.1
+        groups.append({"params": embedding, "weight_decay": wd, "lr_mult": lr_mult_embedding})
+    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self):
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.has_accelerator = self.device == "cuda"
+        self.async_dispatch = self.has_accelerator  # CUDA kernels queue; CPU ops run in place
+        self.device_name = torch.cuda.get_device_name() if self.has_accelerator else "cpu"
+        self.process_index, self.process_count = 0, 1
+
+    def setup(self, config, args) -> None:
+        self.config, self.args = config, args
+        dtype = args.dtype or ("bfloat16" if self.has_accelerator else "float32")
+        self.autocast = (torch.autocast(device_type=self.device, dtype=torch.bfloat16)
+                         if dtype == "bfloat16" else nullcontext())
+        self.model = create_model(config, args.seed).to(self.device)
+        self.optimizer = make_optimizer(self.model, config, args.embedding_lr_mult,
+                                        fused=self.has_accelerator)
+        self.forward = torch.compile(self.model) if self.has_accelerator else self.model
+
+    def load_weights(self, path: str) -> None:
+        try:
+            self.model.load_original_state_dict(load_state_dict_file(path))
+        except RuntimeError as e:
+            raise ConversionError(f"{path}: weights do not fit {type(self.model).__name__}: {e}") from None
+
+    def _batch(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).long().to(self.device, non_blocking=True)
+
+    def _losses(self, x, y) -> dict:
+        with self.autocast:
+            out = self.forward(x, y)
+        return out[1]
+
+    def train_step(self, x_ABT, y_ABT, lr):
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        self.optimizer.zero_grad(set_to_none=True)
+        A = x_ABT.shape[0]
+        sums: dict[str, torch.Tensor] = {}
+        for a in range(A):
+            losses = self._losses(self._batch(x_ABT[a]), self._batch(y_ABT[a]))
+            (losses["loss"] / A).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / A
+        sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        return sums  # still on the device: read one step late
+
+    def fetch(self, handle) -> dict[str, float]:
+        return {k: float(v) for k, v in handle.items()}
+
+    @torch.no_grad()
+    def evaluate(self, batches) -> dict[str, float]:
+        self.model.eval()
+        totals: dict[str, float] = {}
+        for x, y in batches:
+            for k, v in self._losses(self._batch(x), self._batch(y)).items():
+                totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
+        return totals
+
+    # checkpoints: the original's model_{step:06d}.pt plus what exact resume needs
+    def save(self, log_dir: str, step: int, meta: dict) -> None:
+        path = os.path.join(log_dir, f"model_{step:06d}.pt")
+        payload = {"model": self.model.state_dict(), "config": config_to_dict(self.config),
+                   "step": step, "optimizer": self.optimizer.state_dict(), "meta": meta}
+        torch.save(payload, path + ".tmp")
+        os.replace(path + ".tmp", path)  # visible only when complete
+        for old in self._checkpoints(log_dir)[: -self.args.keep_checkpoints]:
+            os.remove(os.path.join(log_dir, f"model_{old:06d}.pt"))
+
+    @staticmethod
+    def _checkpoints(log_dir: str) -> list[int]:
+        steps = [int(m.group(1)) for p in glob.glob(os.path.join(log_dir, "model_*.pt"))
+                 if (m := CKPT.search(p))]
+        return sorted(steps)
+
+    def latest_checkpoint(self, log_dir: str) -> int | None:
+        steps = self._checkpoints(log_dir)
+        return steps[-1] if steps else None
+
+    def restore(self, log_dir: str, step: int) -> dict:
+        ckpt = load_checkpoint_file(os.path.join(log_dir, f"model_{step:06d}.pt"))
+        self.model.load_state_dict(ckpt["model"], strict=True)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        return ckpt["meta"]
+
+    def export_final(self, path: str, step: int) -> None:
+        payload = {"model": self.model.state_dict(), "config": config_to_dict(self.config),
+                   "step": step}
+        torch.save(payload, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    def sample(self, prompt, n_tokens, top_k, temperature, seed):
+        self.model.eval()
+        return generate(self.model, prompt, n_tokens, top_k=top_k, temperature=temperature,
+                        seed=seed)
+
+    def finish(self) -> None:
+        pass

@@ -58,3 +58,36 @@ def generate(model: nnx.Module, prompt: list[int], n_tokens: int, *, top_k: int 
     graphdef, state = nnx.split(model)
     out = _generate(graphdef, state, buf, jax.random.key(seed), len(prompt), top_k, temperature)
     return [int(t) for t in out[0, len(prompt):]]
+
+
+def load_for_sampling(path: str):
+    """A JAX checkpoint folder, or a .pt file holding our plain-dict config."""
+    import os
+
+    from nanomoe.config import config_from_dict
+    from nanomoe.errors import ConversionError
+
+    from . import create_model
+    from .checkpoint import load_model
+
+    if os.path.isdir(path):
+        return load_model(path)
+    from conversion import load_torch_weights
+    from conversion.checkpoints import load_checkpoint_file
+
+    ckpt = load_checkpoint_file(path)
+    if not isinstance(ckpt.get("config"), dict) or "model_type" not in ckpt["config"]:
+        raise ConversionError(f"{path}: its config is not ours; import it first with "
+                              "python -m conversion from-torch")
+    config = config_from_dict(ckpt["config"])
+    return load_torch_weights(create_model(config, 0), ckpt["model"]), {}
+
+
+if __name__ == "__main__":
+    import sys
+
+    from nanomoe.sampling_cli import main
+
+    sys.exit(main("python -m nanomoe_jax.sample", load_for_sampling,
+                  lambda m, ids, a, seed: generate(m, ids, a.max_new_tokens, top_k=a.top_k,
+                                                   temperature=a.temperature, seed=seed)))

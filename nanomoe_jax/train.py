@@ -16,6 +16,7 @@ from flax import nnx
 import conversion
 from nanomoe.config import MoeGPTConfig, config_to_dict
 
+from . import checkpoint as ckpt
 from . import create_model
 from .sample import generate
 
@@ -113,9 +114,15 @@ class JaxBackend:
         return nnx.merge(self.graphdef, self.state[0])
 
     def load_weights(self, path: str) -> None:
-        from conversion.checkpoints import load_state_dict_file
+        """--init_from: one of our JAX checkpoints (a folder) or a .pt file (original or ours)."""
+        if os.path.isdir(path):
+            model, _ = ckpt.load_model(path)
+            arrays = conversion.export_arrays(model)
+        else:
+            from conversion.checkpoints import load_state_dict_file
 
-        model = conversion.load_torch_weights(self.model, load_state_dict_file(path))
+            arrays = load_state_dict_file(path)
+        model = conversion.load_torch_weights(self.model, arrays)
         params = nnx.state(model, nnx.Param)
         self.state = (params, self.tx.init(params))
 
@@ -138,33 +145,20 @@ class JaxBackend:
 
     # checkpoints: orbax, atomic (a step folder appears only once complete), async
     def _manager(self, log_dir: str):
-        import orbax.checkpoint as ocp
-
         if self.manager is None:
-            options = ocp.CheckpointManagerOptions(max_to_keep=self.args.keep_checkpoints,
-                                                   enable_async_checkpointing=True)
-            self.manager = ocp.CheckpointManager(os.path.abspath(os.path.join(log_dir, "checkpoints")),
-                                                 options=options)
+            self.manager = ckpt.manager(os.path.join(log_dir, ckpt.CHECKPOINTS),
+                                        keep=self.args.keep_checkpoints)
         return self.manager
 
     def save(self, log_dir: str, step: int, meta: dict) -> None:
-        import orbax.checkpoint as ocp
-
-        state = {"params": self.state[0], "opt_state": self.state[1]}
-        self._manager(log_dir).save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        ckpt.save(self._manager(log_dir), step, self.state[0], meta, opt_state=self.state[1])
 
     def latest_checkpoint(self, log_dir: str) -> int | None:
         return self._manager(log_dir).latest_step()
 
     def restore(self, log_dir: str, step: int) -> dict:
-        import orbax.checkpoint as ocp
-
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                                {"params": self.state[0], "opt_state": self.state[1]})
-        restored = self._manager(log_dir).restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        self.state = (restored["state"]["params"], restored["state"]["opt_state"])
+        restored = ckpt.restore(self._manager(log_dir), step, *self.state)
+        self.state = (restored["params"], restored["opt_state"])
         return restored["meta"]
 
     def export_final(self, path: str, step: int) -> None:

@@ -28,3 +28,31 @@ def generate(model, prompt: list[int], n_tokens: int, *, top_k: int | None = 50,
                 nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=g)
         idx = torch.cat([idx, nxt], dim=1)
     return idx[0, start:].tolist()
+
+
+def load_for_sampling(path: str):
+    """A .pt file in the original's format with our plain-dict config (model_final.pt)."""
+    from conversion.checkpoints import load_checkpoint_file
+    from nanomoe.config import config_from_dict
+    from nanomoe.errors import ConversionError
+
+    from . import model_class
+
+    ckpt = load_checkpoint_file(path)
+    if not isinstance(ckpt.get("config"), dict) or "model_type" not in ckpt["config"]:
+        raise ConversionError(f"{path}: its config is not ours; convert it first with "
+                              "python -m conversion")
+    config = config_from_dict(ckpt["config"])
+    model = model_class(config)(config)
+    model.load_original_state_dict(ckpt["model"])
+    return model.eval(), {}
+
+
+if __name__ == "__main__":
+    import sys
+
+    from nanomoe.sampling_cli import main
+
+    sys.exit(main("python -m nanomoe_torch.sample", load_for_sampling,
+                  lambda m, ids, a, seed: generate(m, ids, a.max_new_tokens, top_k=a.top_k,
+                                                   temperature=a.temperature, seed=seed)))

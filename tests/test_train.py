@@ -137,6 +137,10 @@ def test_train_py_end_to_end(framework, text_file, tmp_path):
     tm = nanomoe_torch.MoeGPT(config)
     tm.load_state_dict(ckpt["model"], strict=True)
     idx = np.random.default_rng(0).integers(0, config.vocab_size, (2, 16))
+    sampler = [sys.executable, "-m", f"nanomoe_{framework}.sample", "--max_new_tokens", "5",
+               "--checkpoint", str(log_dir if framework == "jax" else log_dir / "model_final.pt")]
+    sampled = subprocess.run(sampler, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert sampled.returncode == 0 and "--- sample 0" in sampled.stdout, sampled.stderr[-2000:]
     if framework == "jax":
         assert (log_dir / "checkpoints" / "30").is_dir()
         backend = JaxBackend()

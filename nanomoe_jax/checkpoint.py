@@ -1,0 +1,110 @@
+"""JAX checkpoints with orbax: ``<log_dir>/checkpoints/<step>/`` holding ``params``,
+``opt_state`` (training only) and ``meta`` (step, data position, model type, config,
+tokenizer). A step folder appears only once complete (orbax's atomic finalisation).
+
+``load_model(path)`` accepts a run's log folder (its newest checkpoint), a ``checkpoints``
+folder or one step folder, and rebuilds the model from the config stored beside the weights.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nanomoe.config import config_from_dict
+from nanomoe.errors import ConversionError
+
+CHECKPOINTS = "checkpoints"
+
+
+def manager(directory: str, keep: int | None = None, async_save: bool = True):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save(mngr, step: int, params, meta: dict, opt_state: Any = None) -> None:
+    import orbax.checkpoint as ocp
+
+    items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
+    if opt_state is not None:
+        items["opt_state"] = ocp.args.StandardSave(opt_state)
+    mngr.save(step, args=ocp.args.Composite(**items))
+
+
+def restore(mngr, step: int, params_like, opt_state_like: Any = None) -> dict:
+    """``{'params', 'meta'}`` (+ ``'opt_state'`` when a template is given) of ``step``."""
+    import orbax.checkpoint as ocp
+
+    abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)  # noqa: E731
+    items = {"params": ocp.args.StandardRestore(abstract(params_like)),
+             "meta": ocp.args.JsonRestore()}
+    if opt_state_like is not None:
+        items["opt_state"] = ocp.args.StandardRestore(abstract(opt_state_like))
+    return dict(mngr.restore(step, args=ocp.args.Composite(**items)).items())
+
+
+def resolve(path: str) -> tuple[str, int]:
+    """(checkpoints folder, step) for a log folder, a checkpoints folder or a step folder."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise ConversionError(f"{path}: no such checkpoint folder")
+    if re.fullmatch(r"\d+", os.path.basename(path)):
+        return os.path.dirname(path), int(os.path.basename(path))
+    folder = path if os.path.basename(path) == CHECKPOINTS else os.path.join(path, CHECKPOINTS)
+    steps = sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+    if not steps:
+        raise ConversionError(f"{path}: holds no complete JAX checkpoint (expected "
+                              f"{CHECKPOINTS}/<step>/ folders)")
+    return folder, steps[-1]
+
+
+def read_meta(path: str) -> dict:
+    folder, step = resolve(path)
+    mngr = manager(folder, async_save=False)
+    import orbax.checkpoint as ocp
+
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    mngr.close()
+    return meta
+
+
+def load_model(path: str, **options) -> tuple[nnx.Module, dict]:
+    """The model stored at ``path`` (see module doc) and its meta; ``options``: see Options."""
+    from . import model_class
+
+    folder, step = resolve(path)
+    meta = read_meta(path)
+    config = config_from_dict(meta["config"])
+    abstract = nnx.eval_shape(lambda: model_class(config)(config, rngs=nnx.Rngs(0), **options))
+    graphdef, params_like = nnx.split(abstract, nnx.Param)
+    mngr = manager(folder, async_save=False)
+    try:
+        restored = restore(mngr, step, params_like)
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged folder
+        raise ConversionError(f"{folder}/{step}: could not restore the weights ({e})") from None
+    finally:
+        mngr.close()
+    return nnx.merge(graphdef, restored["params"]), meta
+
+
+def save_model(model: nnx.Module, out: str, step: int = 0, meta: dict | None = None) -> str:
+    """Write ``model`` as a JAX checkpoint that load_model, --init_from and the sampler read."""
+    from nanomoe.config import config_to_dict, model_type_of
+
+    meta = {"step": step, "model_type": model_type_of(model.config),
+            "config": config_to_dict(model.config), **(meta or {})}
+    mngr = manager(os.path.join(out, CHECKPOINTS), async_save=False)
+    save(mngr, step, nnx.state(model, nnx.Param), meta)
+    mngr.wait_until_finished()
+    mngr.close()
+    return os.path.join(out, CHECKPOINTS, str(step))
+
+
+__all__ = ["load_model", "save_model", "read_meta", "resolve", "manager", "save", "restore", "jnp"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 
 from .config import MODEL_CONFIGS, ModelConfig
@@ -112,6 +113,9 @@ def make_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model config (any field of the chosen model's config)")
     for name, (field, hint) in _config_fields().items():
         kind = typing.get_origin(hint)
+        if kind in (typing.Union, types.UnionType):  # "int | None": the non-None type
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+            kind = typing.get_origin(hint)
         if hint is bool:
             g.add_argument(f"--{name}", type=_bool, default=None)
         elif kind is typing.Literal:

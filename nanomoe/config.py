@@ -137,6 +137,9 @@ class MoeGPTConfig:
     # ours: slots per routed expert = ceil(capacity_factor * tokens * k / routed experts),
     # at most tokens. At capacity_factor >= routed_experts / k no token can be dropped.
     capacity_factor: float = 2.0
+    # ours: the width H of each expert; None keeps the original's ffn_factor * n_embd. Lets
+    # fine-grained experts shrink as their number grows at a fixed active compute.
+    expert_dim: int | None = None
 
     def __post_init__(self) -> None:
         _positive_ints(
@@ -196,6 +199,13 @@ class MoeGPTConfig:
             f"must be one of {MOE_DISPATCH}, got {self.moe_dispatch!r}",
         )
         _require(
+            self.expert_dim is None
+            or (isinstance(self.expert_dim, int) and not isinstance(self.expert_dim, bool)
+                and self.expert_dim > 0),
+            "expert_dim",
+            f"must be a positive integer or None, got {self.expert_dim!r}",
+        )
+        _require(
             self.capacity_factor > 0,
             "capacity_factor",
             f"must be positive, got {self.capacity_factor}",
@@ -218,8 +228,8 @@ class MoeGPTConfig:
 
     @property
     def expert_hidden(self) -> int:
-        """H = ffn_factor * n_embd, the width of each expert."""
-        return self.ffn_factor * self.n_embd
+        """H, the width of each expert: expert_dim, else ffn_factor * n_embd (the original)."""
+        return self.expert_dim or self.ffn_factor * self.n_embd
 
     def capacity(self, n_tokens: int) -> int:
         """Slots per routed expert for ``n_tokens`` tokens in the capacity dispatch."""

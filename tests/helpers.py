@@ -26,7 +26,7 @@ MOE_CONFIGS = {
     "default": MoeGPTConfig(**TINY),
     "sigmoid-m2": MoeGPTConfig(**TINY, route_score_func="sigmoid", m_sub_experts=2,
                                n_activated_experts=3),
-    "s0-scale2": MoeGPTConfig(**TINY, n_experts=5, n_shared_experts=0, n_activated_experts=2,
+    "s0-scale2-dim48": MoeGPTConfig(**TINY, n_experts=5, n_shared_experts=0, n_activated_experts=2, expert_dim=48,
                               route_scale=2.0),
     "s2-nobias": MoeGPTConfig(**TINY, n_experts=6, n_shared_experts=2, n_activated_experts=2,
                               use_bias=False),

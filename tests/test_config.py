@@ -30,7 +30,7 @@ SPEC_DEFAULTS = {
         use_bias=True, rope_scaling=10000.0, n_experts=4, m_sub_experts=1, n_shared_experts=1,
         n_activated_experts=2, route_score_func="softmax", route_scale=1.0, ffn_factor=2,
         moe_loss_weight=0.01, moe_impl="parallel", seed=1337,
-        moe_dispatch="capacity", capacity_factor=2.0,
+        moe_dispatch="capacity", capacity_factor=2.0, expert_dim=None,
     ),
 }
 
@@ -100,6 +100,8 @@ def _bad_cases():
         (MoeGPTConfig, dict(capacity_factor=0.0), "capacity_factor"),
         (MoeGPTConfig, dict(capacity_factor=-1.5), "capacity_factor"),
         (MoeGPTConfig, dict(capacity_factor=float("nan")), "capacity_factor"),
+        (MoeGPTConfig, dict(expert_dim=0), "expert_dim"),
+        (MoeGPTConfig, dict(expert_dim=True), "expert_dim"),
         (MoeGPTConfig, dict(route_scale=0.0), "route_scale"),
         (MoeGPTConfig, dict(moe_loss_weight=-0.01), "moe_loss_weight"),
         (ModernGPTConfig, dict(dropout=0.1), "dropout"),

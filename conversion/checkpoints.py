@@ -1,30 +1,59 @@
-"""Reading the original's .pt checkpoints (and ours) without the original's code."""
+"""Checkpoint files and folders: the original's .pt files (and ours), JAX checkpoints, our
+safetensors folders; the ``to-torch`` / ``from-torch`` verbs; outputs written atomically.
+
+Every verb works on one neutral form, a :class:`Source`: a config and NumPy arrays under the
+original's state_dict keys (``nanomoe.init.param_specs`` order, tied head included).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import pickle
-from typing import Any
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
+import numpy as np
+
+from nanomoe.config import MODEL_CONFIGS, ModernGPTConfig, config_from_dict, config_to_dict
 from nanomoe.errors import ConversionError
+from nanomoe.init import param_specs, tied_names
+from nanomoe.state_dict import strip_wrapper_prefixes
+
+Log = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# reading .pt files
 
 
 class _Unknown:
-    """Stands in for a class of the original's code (its config dataclass) when unpickling."""
+    """Stands in for a class of the original's code (its config dataclass) when unpickling;
+    keeps the attributes, and the class name in ``type(obj).__name__``."""
 
     def __init__(self, *args, **kwargs):
         self.__dict__.update(kwargs)
 
     def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2:  # (dict, slots) as pickle writes it
+            state = {**(state[0] or {}), **(state[1] or {})}
         if isinstance(state, dict):
             self.__dict__.update(state)
 
 
-class _Unpickler(pickle.Unpickler):
+def _stand_in(qualified_name: str) -> type:
+    module, _, name = qualified_name.rpartition(".")
+    return type(name, (_Unknown,), {"__module__": module, "__qualname__": name})
+
+
+class _Unpickler(pickle.Unpickler):  # fallback: only torch's, numpy's and container classes
     def find_class(self, module, name):
-        if module.startswith(("torch", "collections", "numpy", "builtins", "_codecs")):
+        if module.startswith(("torch", "collections", "numpy", "_codecs")):
             return super().find_class(module, name)
-        return _Unknown
+        return _stand_in(f"{module}.{name}")
 
 
 class _PickleModule:
@@ -36,24 +65,29 @@ class _PickleModule:
 def load_checkpoint_file(path: str) -> dict[str, Any]:
     """The dict inside a .pt file: ``{'model', 'config', 'step'}`` or a bare state_dict.
 
-    Plain files (ours) load with ``weights_only=True``; the original's, whose config is a
-    pickled dataclass of its own code, load with that class replaced by a plain object.
+    Always ``weights_only=True`` (no code from the file runs): the classes the file names that
+    are not importable or not allowed (the original's config dataclass) are replaced by plain
+    attribute holders of the same name.
     """
     import torch
 
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # the original's config dataclass: read it without importing its module
-    except (RuntimeError, EOFError, OSError) as e:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            pass  # the original's config dataclass: read it without importing its module
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except (AttributeError, ValueError):  # torch < 2.5, or the legacy non-zip format
+            return torch.load(path, map_location="cpu", weights_only=False,
+                              pickle_module=_PickleModule)
+        with torch.serialization.safe_globals([_stand_in(n) for n in names]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as e:
         raise ConversionError(f"{path}: not a readable checkpoint ({e.__class__.__name__}); "
                               "the file may be truncated or of another format") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PickleModule)
-    except Exception as e:  # noqa: BLE001 - any failure here means an unreadable file
-        raise ConversionError(f"{path}: not a readable checkpoint ({e})") from None
 
 
 def load_state_dict_file(path: str) -> dict[str, Any]:
@@ -64,3 +98,302 @@ def load_state_dict_file(path: str) -> dict[str, Any]:
     if isinstance(ckpt, dict) and all(hasattr(v, "shape") for v in ckpt.values()):
         return ckpt
     raise ConversionError(f"{path}: holds no state_dict (expected a dict with 'model')")
+
+
+# ---------------------------------------------------------------------------------------------
+# configs of .pt files: ours, the original's, or none
+
+
+def model_type_from_keys(keys) -> str | None:
+    keys = set(keys)
+    if "transformer.wte.weight" in keys:
+        return "gpt"
+    if any(k.startswith("blocks.") for k in keys):
+        return "moegpt"
+    if any(k.startswith("h.") for k in keys):
+        return "moderngpt"
+    return None
+
+
+def _n_layer(sd: dict, template: str) -> int:
+    n = 0
+    while template.format(n) in sd:
+        n += 1
+    return n
+
+
+def infer_fields(sd: dict, model_type: str, n_head: int) -> dict[str, Any]:
+    """Config fields the weights' shapes determine (``n_head`` only where they need it)."""
+    shape = lambda k: tuple(sd[k].shape)  # noqa: E731
+    if model_type == "gpt":
+        V, C = shape("transformer.wte.weight")
+        return dict(vocab_size=V, n_embd=C, block_size=shape("transformer.wpe.weight")[0],
+                    n_layer=_n_layer(sd, "transformer.h.{}.ln_1.weight"))
+    emb = "wte.weight"
+    V, C = shape(emb)
+    if model_type == "moegpt":
+        E, H, _ = shape("blocks.0.mlp.impl.fc_weight")
+        return dict(vocab_size=V, n_embd=C, n_layer=_n_layer(sd, "blocks.{}.ln1.weight"),
+                    n_head=C // shape("blocks.0.attn.q_norm.weight")[0],
+                    use_bias="blocks.0.attn.c_qkv.bias" in sd, ffn_factor=H // C, n_experts=E)
+    gated = "h.0.mlp.gate_proj.weight" in sd
+    H = shape("h.0.mlp.down_proj.weight" if gated else "h.0.mlp.c_proj.weight")[1]
+    hd = C // n_head
+    return dict(vocab_size=V, n_embd=C, n_layer=_n_layer(sd, "h.{}.ln1.weight"),
+                use_bias="h.0.attn.c_qkv.bias" in sd, use_gate_proj=gated, ffn_factor=H // C,
+                n_kv_head=(shape("h.0.attn.c_qkv.weight")[0] - C) // (2 * hd))
+
+
+def resolve_config(raw: Any, sd: dict, path: str, model: str | None = None,
+                   overrides: dict | None = None, log: Log = print):
+    """The config of a .pt checkpoint whose ``'config'`` entry is ``raw``.
+
+    Ours is a plain dict carrying ``model_type`` (``config_to_dict``); anything else — the
+    original's pickled dataclass, a dict without ``model_type``, no config — is the original's.
+    ``double_attn_scale`` is ours: where the config lacks it, the checkpoint was trained by the
+    original, whose ModernGPT applies 1/sqrt(hd) twice, so it is imported as True.
+    """
+    overrides = dict(overrides or {})
+    keys_type = model_type_from_keys(sd)
+    if raw is None:
+        fields, what = {}, "no config"
+    elif isinstance(raw, dict):
+        fields = dict(raw)
+        what = "a plain-dict config" + (" with model_type (written by nanomoe)"
+                                        if "model_type" in raw else " (the original's)")
+    elif hasattr(raw, "__dict__"):
+        fields, what = dict(vars(raw)), f"a pickled {type(raw).__name__} (the original's)"
+        class_type = {c.__name__.lower(): t for t, c in MODEL_CONFIGS.items()}
+        fields.setdefault("model_type", class_type.get(type(raw).__name__.lower()))
+    else:
+        raise ConversionError(f"{path}: its 'config' is a {type(raw).__name__}, not a config")
+    ours = isinstance(raw, dict) and "model_type" in raw
+    model_type = fields.pop("model_type", None) or keys_type or model
+    if model_type not in MODEL_CONFIGS:
+        raise ConversionError(f"{path}: cannot tell the model type; pass --model")
+    if keys_type and keys_type != model_type:
+        raise ConversionError(f"{path}: its config says {model_type}, its weights are {keys_type}")
+    if model and model != model_type:
+        raise ConversionError(f"{path} holds a {model_type} checkpoint, not {model} as asked")
+    known = {f for f in MODEL_CONFIGS[model_type].__dataclass_fields__}
+    if not ours:  # the original's config may carry fields we do not model: say so, drop them
+        dropped = sorted(set(fields) - known)
+        if dropped:
+            log(f"ignored config fields unknown to nanomoe: {', '.join(dropped)}")
+        fields = {k: v for k, v in fields.items() if k in known}
+        if fields.get("dropout", 0.0) != 0.0:  # training-only; ours supports 0.0 alone
+            log(f"dropout={fields['dropout']} set to 0.0 (it does not change the weights)")
+            fields["dropout"] = 0.0
+    if raw is None:
+        n_head = overrides.get("n_head", fields.get("n_head", 12))
+        try:
+            inferred = infer_fields(sd, model_type, n_head)
+        except KeyError as e:
+            raise ConversionError(f"{path}: not a {model_type} state_dict (no {e})") from None
+        fields = {**inferred, **fields}
+        log(f"{path} has no config: inferred {inferred} from the weights; the rest are "
+            f"{model_type} defaults (fix them with --set KEY=VALUE)")
+    stored = "double_attn_scale" in fields
+    if model_type == "moderngpt" and not stored:
+        fields["double_attn_scale"] = True
+    config = config_from_dict({**fields, **overrides}, model_type)
+    note = f"{path}: {what}, model {model_type}"
+    if isinstance(config, ModernGPTConfig):
+        why = ("--set" if "double_attn_scale" in overrides else "as stored" if stored else
+               "no such field, so the original's checkpoint, whose attention applies "
+               "1/sqrt(head_dim) twice")
+        note += f"; double_attn_scale={config.double_attn_scale} ({why})"
+    log(note)
+    return config, ours
+
+
+def _numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu()
+        value = (value.float() if str(value.dtype) == "torch.bfloat16" else value).numpy()
+    return np.asarray(value)
+
+
+def check_arrays(config, arrays: dict, where: str) -> dict[str, np.ndarray]:
+    """``arrays`` (the original's keys) checked against ``config``'s model, in its key order."""
+    specs = param_specs(config)
+    missing = [k for k in specs if k not in arrays]
+    unexpected = [k for k in arrays if k not in specs]
+    wrong = [f"{k} {tuple(arrays[k].shape)} != {specs[k].shape}" for k in specs
+             if k in arrays and tuple(arrays[k].shape) != specs[k].shape]
+    if missing or unexpected or wrong:
+        first = ([f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
+                 + wrong)[0]
+        raise ConversionError(f"{where}: weights do not fit {type(config).__name__} "
+                              f"({len(missing)} missing, {len(unexpected)} unexpected, "
+                              f"{len(wrong)} mis-shaped keys; first: {first})")
+    lm_head, embedding = tied_names(config)
+    if not np.array_equal(arrays[lm_head], arrays[embedding]):
+        raise ConversionError(f"{where}: {lm_head} differs from {embedding}, but the model "
+                              "ties them")
+    return {k: arrays[k] for k in specs}
+
+
+# ---------------------------------------------------------------------------------------------
+# any source -> config + arrays
+
+
+@dataclass
+class Source:
+    config: Any
+    arrays: dict[str, np.ndarray]  # the original's keys, fp32
+    step: int = 0
+    meta: dict = field(default_factory=dict)  # extra JAX-checkpoint meta (tokenizer, ...)
+
+
+def is_pretrained_folder(path: str) -> bool:
+    """A folder of ours with config.json naming one of our model types."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get("model_type") in MODEL_CONFIGS
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_source(path: str, model: str | None = None, overrides: dict | None = None,
+                log: Log = print) -> Source:
+    """A JAX checkpoint (log folder / checkpoints folder / step folder), a .pt file, or a
+    safetensors folder of ours, as a :class:`Source`."""
+    if not os.path.exists(path):
+        raise ConversionError(f"{path}: no such file or folder")
+    if os.path.isfile(path):
+        ckpt = load_checkpoint_file(path)
+        if not isinstance(ckpt, dict):
+            raise ConversionError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict")
+        has_model = isinstance(ckpt.get("model"), dict)
+        sd = strip_wrapper_prefixes(ckpt["model"] if has_model else ckpt)
+        config, ours = resolve_config(ckpt.get("config") if has_model else None, sd, path,
+                                      model, overrides, log)
+        arrays = check_arrays(config, {k: _numpy(v) for k, v in sd.items()}, path)
+        meta = {} if ours or config.vocab_size <= 512 else {"tokenizer": "gpt2"}
+        return Source(config, arrays, int(ckpt.get("step") or 0) if has_model else 0, meta)
+    if is_pretrained_folder(path):
+        from nanomoe_torch.pretrained import read_pretrained, read_pretrained_metadata
+
+        config, state = read_pretrained(path)
+        step = int(read_pretrained_metadata(path).get("step", 0))
+        source = Source(config, check_arrays(config, {k: _numpy(v) for k, v in state.items()},
+                                             path), step)
+    else:
+        from nanomoe_jax.checkpoint import load_model
+
+        from .torch_jax import export_arrays
+
+        loaded, meta = load_model(path)
+        extra = {k: meta[k] for k in ("tokenizer",) if k in meta}
+        source = Source(loaded.config, export_arrays(loaded), int(meta.get("step", 0)), extra)
+    _check_model(source.config, model, path)
+    if overrides:  # e.g. --set double_attn_scale=true on one of our checkpoints
+        fields = {**config_to_dict(source.config), **overrides}
+        source.config = config_from_dict(fields)
+    return source
+
+
+def _check_model(config, model: str | None, path: str) -> None:
+    from nanomoe.config import model_type_of
+
+    if model and model_type_of(config) != model:
+        raise ConversionError(f"{path} holds a {model_type_of(config)} checkpoint, "
+                              f"not {model} as asked")
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs: all or nothing
+
+
+def check_output(out: str, force: bool) -> None:
+    if os.path.lexists(out) and not force:
+        raise ConversionError(f"{out} already exists: choose another --out or pass --force")
+
+
+@contextlib.contextmanager
+def atomic_output(out: str, force: bool = False):
+    """Yields a staging path beside ``out``; moved to ``out`` only if the block succeeds, so a
+    failure leaves neither a partial ``out`` nor a half-replaced old one."""
+    out = os.path.abspath(out)
+    check_output(out, force)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
+    try:
+        staging = os.path.join(tmp, os.path.basename(out))
+        yield staging
+        if os.path.lexists(out):  # --force: keep the old one until the new one is in place
+            os.rename(out, os.path.join(tmp, "replaced"))
+        os.rename(staging, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the verbs
+
+
+def torch_payload(source: Source) -> dict[str, Any]:
+    """The original's .pt contents; the tied head is one tensor, as torch.save of the model."""
+    import torch
+
+    lm_head, embedding = tied_names(source.config)
+    sd = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in source.arrays.items()
+          if k != lm_head}
+    sd[lm_head] = sd[embedding]
+    sd = {k: sd[k] for k in source.arrays}
+    return {"model": sd, "config": config_to_dict(source.config), "step": source.step}
+
+
+def to_torch(ckpt: str, out: str, format: str = "pt", force: bool = False,
+             model: str | None = None, log: Log = print) -> str:
+    """A checkpoint (JAX, .pt or ours) -> the original's .pt (``format='pt'``) or a folder with
+    model.safetensors + config.json (``'safetensors'``, read by ``from_pretrained``)."""
+    if format not in ("pt", "safetensors"):
+        raise ConversionError(f"--format: must be pt or safetensors, got {format!r}")
+    check_output(out, force)
+    source = load_source(ckpt, model, log=log)
+    import torch
+
+    from nanomoe_torch.pretrained import write_pretrained
+
+    with atomic_output(out, force) as staging:
+        if format == "pt":
+            torch.save(torch_payload(source), staging)
+        else:
+            write_pretrained(staging, source.config, source.arrays, {"step": source.step})
+    log(f"wrote {out} ({type(source.config).__name__}, step {source.step}, {format})")
+    return out
+
+
+def from_torch(path: str, out: str, model: str | None = None, overrides: dict | None = None,
+               force: bool = False, log: Log = print) -> str:
+    """A .pt checkpoint (the original's or ours) -> a JAX checkpoint folder at ``out``."""
+    check_output(out, force)
+    source = load_source(path, model, overrides, log)
+    step_folder = save_jax(source, out, force, {"source": os.path.abspath(path)})
+    log(f"wrote {step_folder} ({type(source.config).__name__}, step {source.step})")
+    return out
+
+
+def jax_model(config, arrays: dict, **options):
+    """The Flax model of ``config`` holding ``arrays``; built abstractly first, since every
+    parameter is then replaced (no init compute)."""
+    from flax import nnx
+
+    import nanomoe_jax
+
+    from .torch_jax import load_arrays
+
+    cls = nanomoe_jax.model_class(config)
+    return load_arrays(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), **options)), arrays)
+
+
+def save_jax(source: Source, out: str, force: bool, meta: dict) -> str:
+    from nanomoe_jax.checkpoint import save_model
+
+    model = jax_model(source.config, source.arrays)
+    with atomic_output(out, force) as staging:
+        save_model(model, staging, source.step, {**source.meta, **meta})
+    return os.path.join(out, "checkpoints", str(source.step))

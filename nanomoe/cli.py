@@ -94,6 +94,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop_at", type=int, default=None,
                    help="stop with a checkpoint once this many steps are done (for time-limited "
                         "jobs); --resume continues with the same schedule")
+    g.add_argument("--skip_nonfinite", type=int, default=0,
+                   help="skip up to N steps whose loss or gradient is NaN/inf (not applied, "
+                        "counted in metrics) before stopping; 0 stops at the first")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in a --log_dir that holds another run")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")

@@ -11,3 +11,11 @@ class ConfigError(NanoMoeError, ValueError):
 
 class ConversionError(NanoMoeError, ValueError):
     """Weights whose names or shapes do not fit the model they are loaded into."""
+
+
+class NonFiniteError(NanoMoeError, FloatingPointError):
+    """A loss, gradient or weight that is NaN or infinite."""
+
+
+class CheckpointError(NanoMoeError, OSError):
+    """A checkpoint that cannot be written or read."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Protocol
 
@@ -18,14 +20,16 @@ import numpy as np
 
 from .cli import apply_cpu_preset, build_config, parse_args
 from .config import ModelConfig, config_to_dict
-from .data import DataLoader, Prefetcher, check_token_range, default_tokenizer, open_dataset
-from .errors import NanoMoeError
+from .data import DataLoader, Prefetcher, data_format, default_tokenizer, open_dataset
+from .errors import CheckpointError, NanoMoeError, NonFiniteError
 from .flops import device_peak_flops, flops_per_token
 from .metrics import MetricsLogger
 from .schedule import lr_at
-from .tokenizer import get_tokenizer
+from .tokenizer import TokenizerError, get_tokenizer
 
 RUN_FILE = "run.json"  # what a log folder holds: model type, config, framework, tokenizer
+# Test hook: make the learning rate infinite at this step (the step must then be refused).
+NAN_HOOK = "NANOMOE_TEST_NAN_AT_STEP"
 
 
 class TrainError(NanoMoeError, ValueError):
@@ -54,9 +58,26 @@ class Backend(Protocol):
     def finish(self) -> None: ...
 
 
+def _open_data(args) -> tuple[Any, dict]:
+    """(tokenizer or None, {'train', 'val'}): data errors first; token shards need no tokenizer
+    to train, so when the default GPT-2 one cannot load (offline) samples show token ids."""
+    name = args.tokenizer or default_tokenizer(args.data)
+    if data_format(args.data) in ("embedded", "text"):
+        tokenizer = get_tokenizer(name)
+        return tokenizer, {s: open_dataset(args.data, tokenizer, s) for s in ("train", "val")}
+    datasets = {s: open_dataset(args.data, None, s) for s in ("train", "val")}
+    try:
+        return get_tokenizer(name), datasets
+    except TokenizerError as e:
+        if args.tokenizer:
+            raise
+        print(f"note: samples will show token ids ({e})", flush=True)
+        return None, datasets
+
+
 def model_vocab(tokenizer) -> int | None:
     """A byte or tokenizer.json vocabulary, padded to a multiple of 64; None: config default."""
-    if tokenizer.name == "gpt2":
+    if tokenizer is None or tokenizer.name == "gpt2":
         return None
     return -(-tokenizer.vocab_size // 64) * 64
 
@@ -93,7 +114,7 @@ def run(argv: list[str], backend: Backend) -> dict:
               f"T={args.T} max_steps={args.max_steps}); pass any size flag to choose your own.",
               flush=True)
 
-    tokenizer = get_tokenizer(args.tokenizer or default_tokenizer(args.data))
+    tokenizer, datasets = _open_data(args)
     config = build_config(args, model_vocab(tokenizer))
     if args.T > config.block_size:
         raise TrainError(f"--T {args.T} is longer than block_size={config.block_size}; "
@@ -106,18 +127,18 @@ def run(argv: list[str], backend: Backend) -> dict:
                          "choose a multiple")
     grad_accum = args.total_batch_size // tokens_per_micro
     rank = backend.process_index
-    train_loader = DataLoader(open_dataset(args.data, tokenizer, "train"), args.B, args.T,
-                              rank, world)
-    val_loader = DataLoader(open_dataset(args.data, tokenizer, "val"), args.B, args.T, rank, world)
+    # every batch's ids are checked against the vocabulary (a cheap min/max on the host)
+    train_loader = DataLoader(datasets["train"], args.B, args.T, rank, world, config.vocab_size)
+    val_loader = DataLoader(datasets["val"], args.B, args.T, rank, world, config.vocab_size)
 
+    # Everything that can reject the input runs before the log folder is touched.
+    for split in ("train", "val"):  # the first batch of each split, read ahead
+        DataLoader(datasets[split], args.B, args.T, rank, world, config.vocab_size).next_batch()
     run_info = {"model_type": args.model, "config": config_to_dict(config),
-                "framework": backend.name, "tokenizer": tokenizer.name}
+                "framework": backend.name,
+                "tokenizer": tokenizer.name if tokenizer else args.tokenizer or "gpt2"}
     _check_log_dir(args, run_info)
     leader = rank == 0
-    if leader:
-        os.makedirs(args.log_dir, exist_ok=True)
-        with open(os.path.join(args.log_dir, RUN_FILE), "w") as f:
-            json.dump(run_info, f, indent=1)
 
     backend.setup(config, args)
     start_step = 0
@@ -125,12 +146,23 @@ def run(argv: list[str], backend: Backend) -> dict:
         latest = backend.latest_checkpoint(args.log_dir)
         if latest is None:
             raise TrainError(f"--resume: no complete checkpoint in {args.log_dir}")
-        meta = backend.restore(args.log_dir, latest)
+        try:
+            meta = backend.restore(args.log_dir, latest)
+        except NanoMoeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged checkpoint fails in many ways
+            raise CheckpointError(f"--resume: the checkpoint of step {latest} in {args.log_dir} "
+                                  f"cannot be read ({type(e).__name__}); move it away to resume "
+                                  "from the one before") from None
         start_step = meta["step"]
         train_loader.load_state_dict(meta["data"])
         print(f"Resumed {args.log_dir} at step {start_step}", flush=True)
     elif args.init_from:
         backend.load_weights(args.init_from)
+    if leader:
+        os.makedirs(args.log_dir, exist_ok=True)
+        with open(os.path.join(args.log_dir, RUN_FILE), "w") as f:
+            json.dump(run_info, f, indent=1)
 
     if leader:
         print(f"{backend.name} on {backend.device_name}: {args.model} {config}\n"
@@ -146,7 +178,6 @@ def run(argv: list[str], backend: Backend) -> dict:
     def evaluate(step_done: int) -> None:
         val_loader.reset()
         batches = [val_loader.next_batch() for _ in range(args.eval_steps)]
-        check_token_range(batches[0][0], config.vocab_size)
         record = {"step": step_done, **{f"val_{k}": v for k, v in backend.evaluate(batches).items()}}
         logger.log(record)
         if leader:
@@ -156,13 +187,30 @@ def run(argv: list[str], backend: Backend) -> dict:
     def sample(step_done: int) -> None:
         if not leader:
             return
+        if tokenizer is None:  # token shards whose tokenizer is unavailable: show ids
+            prompt = [0]
+            out = backend.sample(prompt, args.sample_tokens, top_k=50, temperature=1.0,
+                                 seed=args.seed)
+            print(f"sample at step {step_done} (token ids): {out}", flush=True)
+            return
         prompt = list(tokenizer.encode(args.sample_prompt))
         out = backend.sample(prompt, args.sample_tokens, top_k=50, temperature=1.0, seed=args.seed)
         print(f"sample at step {step_done}: {tokenizer.decode(prompt + out)!r}", flush=True)
 
     pending = None  # (step, handle, lr): the previous step's metrics, read one step late
     t_last = time.time()
-    summary: dict[str, Any] = {"losses": {}}
+    summary: dict[str, Any] = {"losses": {}, "interrupted": None}
+    skipped = 0
+    last_good = f"step {start_step} in {args.log_dir}" if start_step else None
+    nan_step = int(os.environ.get(NAN_HOOK, -1))
+
+    # SIGINT/SIGTERM: finish the step in flight, save, exit 0 (handlers live in the main thread)
+    stop_signal: list[str] = []
+    previous_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous_handlers[sig] = signal.signal(
+                sig, lambda signum, frame: stop_signal.append(signal.Signals(signum).name))
 
     def flush() -> None:
         nonlocal pending, t_last
@@ -170,7 +218,20 @@ def run(argv: list[str], backend: Backend) -> dict:
             return
         step, handle, lr = pending
         pending = None
+        nonlocal skipped
         metrics = backend.fetch(handle)
+        if metrics.get("skipped"):
+            skipped += 1
+            if skipped > args.skip_nonfinite:
+                raise NonFiniteError(
+                    f"step {step}: the loss is {metrics['loss']:.4g} and the gradient norm "
+                    f"{metrics['grad_norm']:.4g}, so the step was not applied; the last good "
+                    f"checkpoint is {last_good or 'none (no checkpoint yet)'}: continue from it "
+                    "with --resume, perhaps with a lower --max_lr, or allow bad steps with "
+                    "--skip_nonfinite N")
+            print(f"step {step}: non-finite loss or gradient, step skipped "
+                  f"({skipped}/{args.skip_nonfinite})", flush=True)
+        metrics["skipped_steps"] = skipped
         now = time.time()
         dt = now - t_last
         t_last = now
@@ -179,9 +240,6 @@ def run(argv: list[str], backend: Backend) -> dict:
         if peak:
             record["mfu"] = flops_per_step / dt / peak
         summary["losses"][step] = metrics["loss"]
-        if not np.isfinite(metrics["loss"]):
-            raise TrainError(f"the loss at step {step} is {metrics['loss']}; lower --max_lr or "
-                             "resume from the last checkpoint")
         logger.log(record)
         logger.progress(record)
 
@@ -196,26 +254,41 @@ def run(argv: list[str], backend: Backend) -> dict:
             batches = [prefetch.next_batch() for _ in range(grad_accum)]
             x_ABT = np.stack([b[0] for b in batches])
             y_ABT = np.stack([b[1] for b in batches])
-            if step == start_step:
-                check_token_range(x_ABT, config.vocab_size)
-                check_token_range(y_ABT, config.vocab_size)
             lr = lr_at(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
+            if step == nan_step:
+                lr = float("inf")
             handle = backend.train_step(x_ABT, y_ABT, lr)
             flush()  # the previous step's metrics: the device already works on this one
             pending = (step, handle, lr)
             if not backend.async_dispatch:
                 flush()  # the step ran to completion inside train_step
             done = step + 1
-            stop = args.stop_at is not None and done >= args.stop_at
+            stop = (args.stop_at is not None and done >= args.stop_at) or bool(stop_signal)
             if done % args.ckpt_interval == 0 or done == args.max_steps or stop:
                 flush()
                 backend.save(args.log_dir, done, {"step": done, "data": prefetch.state_dict(),
                                                   **run_info})
+                last_good = f"step {done} in {args.log_dir}"
+            if stop_signal:
+                summary["interrupted"] = stop_signal[0]
+                break
             if stop:
                 break
         flush()
+    except BaseException:
+        backend.finish()  # let an in-flight checkpoint complete: it is the last good one
+        raise
     finally:
         prefetch.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    if summary["interrupted"]:
+        print(f"Stopped by {summary['interrupted']} after step {done}; the checkpoint is saved. "
+              f"Continue with the same command plus --resume.", flush=True)
+        logger.close()
+        backend.finish()
+        summary.update(config=config, log_dir=args.log_dir, records=logger.records)
+        return summary
     stopped = args.stop_at is not None and args.stop_at < args.max_steps
     if stopped:
         print(f"Stopped after step {args.stop_at} as asked; continue with the same flags and "

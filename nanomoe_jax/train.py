@@ -14,7 +14,9 @@ import optax
 from flax import nnx
 
 import conversion
+from nanomoe.atomic import atomic_torch_save
 from nanomoe.config import MoeGPTConfig, config_to_dict
+from nanomoe.errors import CheckpointError, NonFiniteError
 
 from . import checkpoint as ckpt
 from . import create_model
@@ -74,14 +76,26 @@ def accumulate_gradients(graphdef, params, x_ABT, y_ABT):
     return jax.tree.map(lambda g: g / A, grads), jax.tree.map(jnp.mean, metrics)
 
 
+def all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def train_step(graphdef, tx, lr_mult, state, x_ABT, y_ABT, lr):
-    """One optimizer step: accumulate, clip, AdamW with the host-computed learning rate."""
+    """One optimizer step: accumulate, clip, AdamW with the host-computed learning rate.
+
+    A step whose loss, gradient norm or new parameters are not finite is not applied (the
+    state comes back unchanged and ``skipped`` is 1), so NaN never enters the weights; the
+    host decides whether to stop."""
     params, opt_state = state
     grads, metrics = accumulate_gradients(graphdef, params, x_ABT, y_ABT)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
     updates = jax.tree.map(lambda u, m: -lr * m * u, updates, lr_mult)
-    return (optax.apply_updates(params, updates), opt_state), metrics
+    new_params = optax.apply_updates(params, updates)
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & all_finite(new_params)
+    metrics["skipped"] = (~ok).astype(jnp.float32)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+    return (keep(new_params, params), keep(new_opt_state, opt_state)), metrics
 
 
 class JaxBackend:
@@ -151,7 +165,15 @@ class JaxBackend:
         return self.manager
 
     def save(self, log_dir: str, step: int, meta: dict) -> None:
-        ckpt.save(self._manager(log_dir), step, self.state[0], meta, opt_state=self.state[1])
+        if not bool(jax.jit(all_finite)(self.state[0])):
+            raise NonFiniteError(f"the weights after step {step} are not finite; "
+                                 "not saving them")
+        try:
+            ckpt.save(self._manager(log_dir), step, self.state[0], meta, opt_state=self.state[1])
+        except OSError as e:  # a full disk: orbax leaves only a temporary folder behind
+            raise CheckpointError(f"could not write the checkpoint of step {step} in {log_dir} "
+                                  f"({e.strerror or e}); free some disk space; the previous "
+                                  "checkpoint is intact") from None
 
     def latest_checkpoint(self, log_dir: str) -> int | None:
         return self._manager(log_dir).latest_step()
@@ -170,8 +192,7 @@ class JaxBackend:
             return
         payload = {"model": conversion.torch_state_dict(self.model),
                    "config": config_to_dict(self.config), "step": step}
-        torch.save(payload, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        atomic_torch_save(payload, path)
 
     def sample(self, prompt, n_tokens, top_k, temperature, seed):
         return generate(self.model, prompt, n_tokens, top_k=top_k, temperature=temperature,
@@ -179,5 +200,11 @@ class JaxBackend:
 
     def finish(self) -> None:
         if self.manager is not None:
-            self.manager.wait_until_finished()
-            self.manager.close()
+            try:
+                self.manager.wait_until_finished()  # the last async save
+            except OSError as e:
+                raise CheckpointError(f"the last checkpoint could not be written "
+                                      f"({e.strerror or e}); the previous one is intact") from None
+            finally:
+                self.manager.close()
+                self.manager = None

@@ -68,7 +68,7 @@ def write_pretrained(directory: str, config, state: Mapping, metadata: dict | No
     from safetensors.torch import save_file
 
     lm_head, _ = tied_names(config)
-    tensors = {k: torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v).contiguous()
+    tensors = {k: (v if torch.is_tensor(v) else torch.from_numpy(np.array(v))).contiguous()
                for k, v in state.items() if k != lm_head}
     os.makedirs(directory, exist_ok=True)
     meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from conversion.checkpoints import load_checkpoint_file, load_state_dict_file
+from nanomoe.atomic import atomic_torch_save
 from nanomoe.config import MoeGPTConfig, config_to_dict
-from nanomoe.errors import ConversionError
+from nanomoe.errors import ConversionError, NonFiniteError
 
 from . import create_model
 from .sample import generate
@@ -88,8 +89,13 @@ class TorchBackend:
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / A
         sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        return sums  # still on the device: read one step late
+        # A step with a non-finite loss or gradient is not applied (as the JAX step); the
+        # host decides whether to stop. The check is one small sync per step.
+        ok = bool(torch.isfinite(sums["loss"]) & torch.isfinite(sums["grad_norm"]))
+        if ok:
+            self.optimizer.step()
+        sums["skipped"] = torch.tensor(0.0 if ok else 1.0)
+        return sums
 
     def fetch(self, handle) -> dict[str, float]:
         return {k: float(v) for k, v in handle.items()}
@@ -105,11 +111,13 @@ class TorchBackend:
 
     # checkpoints: the original's model_{step:06d}.pt plus what exact resume needs
     def save(self, log_dir: str, step: int, meta: dict) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise NonFiniteError(f"the weights after step {step} are not finite; "
+                                 "not saving them")
         path = os.path.join(log_dir, f"model_{step:06d}.pt")
         payload = {"model": self.model.state_dict(), "config": config_to_dict(self.config),
                    "step": step, "optimizer": self.optimizer.state_dict(), "meta": meta}
-        torch.save(payload, path + ".tmp")
-        os.replace(path + ".tmp", path)  # visible only when complete
+        atomic_torch_save(payload, path)  # visible only when complete
         for old in self._checkpoints(log_dir)[: -self.args.keep_checkpoints]:
             os.remove(os.path.join(log_dir, f"model_{old:06d}.pt"))
 
@@ -132,8 +140,7 @@ class TorchBackend:
     def export_final(self, path: str, step: int) -> None:
         payload = {"model": self.model.state_dict(), "config": config_to_dict(self.config),
                    "step": step}
-        torch.save(payload, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        atomic_torch_save(payload, path)
 
     def sample(self, prompt, n_tokens, top_k, temperature, seed):
         self.model.eval()

@@ -1,0 +1,240 @@
+"""``python -m conversion <verb>``: to-torch, from-torch, to-hf, from-hf, compare.
+
+Bad input ends with one sentence on stderr and exit code 2 (``--debug`` shows the traceback);
+``compare`` exits 1 when the two models disagree beyond ``--tolerance``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable
+
+import numpy as np
+
+from nanomoe.errors import ConversionError, NanoMoeError
+
+from .checkpoints import Log, from_torch, is_pretrained_folder, load_source, to_torch
+from .hf import from_hf, to_hf
+
+MODEL_TYPES = ("gpt", "moderngpt", "moegpt")
+DEFAULT_PROMPT = "Hello, I'm a language model,"
+
+
+# ---------------------------------------------------------------------------------------------
+# compare: any two models, same tokens, logits side by side
+
+
+class Runner:
+    """A loaded model: ``logits(ids) -> (T, V) float64`` plus what it accepts."""
+
+    def __init__(self, name: str, logits: Callable, vocab_size: int, block_size: int):
+        self.name, self.logits = name, logits
+        self.vocab_size, self.block_size = vocab_size, block_size
+
+
+def _hf_model_type(path: str) -> str | None:
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def load_runner(path: str, log: Log = print) -> Runner:
+    """A JAX checkpoint (run in JAX), a .pt file or our safetensors folder (run in
+    nanomoe_torch), or a Hugging Face folder (run in transformers); all in fp32."""
+    import torch
+
+    if os.path.isdir(path) and _hf_model_type(path) and not is_pretrained_folder(path):
+        from transformers import AutoModelForCausalLM
+
+        try:
+            hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).float().eval()
+        except Exception as e:  # noqa: BLE001
+            raise ConversionError(f"{path}: transformers could not load it "
+                                  f"({type(e).__name__})") from None
+        cfg = hf.config
+        block = getattr(cfg, "n_positions", None) or cfg.max_position_embeddings
+
+        def hf_logits(ids):
+            with torch.no_grad():
+                return hf(torch.tensor([ids])).logits[0].double().numpy()
+
+        return Runner(f"{path} ({type(hf).__name__}, transformers)", hf_logits, cfg.vocab_size,
+                      block)
+    source = load_source(path, log=log)  # says how a .pt file's config was read
+    c = source.config
+    if os.path.isfile(path) or is_pretrained_folder(path):
+        import nanomoe_torch
+
+        tm = nanomoe_torch.model_class(c)(c).eval()
+        nanomoe_torch.load_arrays(tm, source.arrays)
+
+        def torch_logits(ids):
+            with torch.no_grad():
+                return tm(torch.tensor([ids]))[0][0].double().numpy()
+
+        return Runner(f"{path} ({type(tm).__name__}, nanomoe_torch)", torch_logits,
+                      c.vocab_size, c.block_size)
+    import dataclasses
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from .checkpoints import jax_model
+
+    if hasattr(c, "moe_dispatch"):  # every expert on every token: the original's math
+        c = dataclasses.replace(c, moe_dispatch="dense")
+    jm = jax_model(c, source.arrays, dtype=jnp.float32)
+    forward = nnx.jit(lambda m, idx: m(idx)[0])
+    return Runner(f"{path} ({type(jm).__name__}, JAX fp32)",
+                  lambda ids: np.asarray(forward(jm, jnp.asarray([ids]))[0], np.float64),
+                  c.vocab_size, c.block_size)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def compare(a: str, b: str, tokens: list[int] | None = None, prompt: str | None = None,
+            tolerance: float = 1e-4, log: Log = print) -> dict:
+    """Run A and B on the same tokens; ``{'max_abs', 'rel', 'kl', 'top1', 'ok'}``."""
+    ra, rb = load_runner(a, log), load_runner(b, log)
+    if ra.vocab_size != rb.vocab_size:
+        raise ConversionError(f"the vocabularies differ ({ra.vocab_size} vs {rb.vocab_size}): "
+                              "these are not the same model")
+    if tokens is None:
+        from nanomoe.tokenizer import get_tokenizer
+
+        try:
+            tokenizer = get_tokenizer("byte" if ra.vocab_size <= 512 else "gpt2")
+        except NanoMoeError:
+            raise ConversionError("the gpt2 tokenizer is unavailable (tiktoken fetches its "
+                                  "files once, with network access): pass --tokens 1,2,3 "
+                                  "instead") from None
+        tokens = list(tokenizer.encode(DEFAULT_PROMPT if prompt is None else prompt))
+    block = min(ra.block_size, rb.block_size)
+    if not tokens or len(tokens) > block:
+        raise ConversionError(f"need 1 to {block} tokens (block_size), got {len(tokens)}")
+    if min(tokens) < 0 or max(tokens) >= ra.vocab_size:
+        raise ConversionError(f"token ids must lie in 0..{ra.vocab_size - 1}; pass --tokens "
+                              "with ids the model knows")
+    la, lb = ra.logits(tokens), rb.logits(tokens)
+    max_abs = float(np.abs(la - lb).max())
+    rel = max_abs / max(float(np.abs(la).max()), float(np.abs(lb).max()), 1e-30)
+    pa, pb = _log_softmax(la), _log_softmax(lb)
+    kl = float((np.exp(pa) * (pa - pb)).sum(-1).mean())
+    top1 = float((la.argmax(-1) == lb.argmax(-1)).mean())
+    ok = rel <= tolerance
+    log(f"A: {ra.name}\nB: {rb.name}\n{len(tokens)} tokens: {tokens[:12]}"
+        f"{' ...' if len(tokens) > 12 else ''}\n"
+        f"max |logit A - logit B| = {max_abs:.3e}, relative to max |logit| = {rel:.3e}\n"
+        f"KL(A || B) = {kl:.3e} nats per position (fp64)\n"
+        f"top-1 agreement = {top1:.1%}\n"
+        f"{'OK' if ok else 'MISMATCH'}: relative difference {rel:.3e} "
+        f"{'<=' if ok else '>'} tolerance {tolerance:g}")
+    return dict(max_abs=max_abs, rel=rel, kl=kl, top1=top1, ok=ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+
+
+def _setting(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    value = {"True": "true", "False": "false"}.get(value, value)
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value  # a string, e.g. route_score_func=sigmoid
+
+
+def _tokens(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ids, got {text!r}") from None
+
+
+def make_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--out", required=True, help="output path (written atomically)")
+    out.add_argument("--force", action="store_true", help="replace --out if it exists")
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", choices=MODEL_TYPES,
+                       help="refuse a checkpoint of another model type")
+    ckpt_help = ("a JAX checkpoint (a run's log folder = its newest step, a checkpoints folder "
+                 "or a step folder), a .pt file or a to-torch --format safetensors folder")
+
+    p = argparse.ArgumentParser(prog="python -m conversion", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    s = sub.add_parser("to-torch", parents=[common, out, model],
+                       help="checkpoint -> the original's .pt (or safetensors folder)")
+    s.add_argument("ckpt", help=ckpt_help)
+    s.add_argument("--format", choices=("pt", "safetensors"), default="pt",
+                   help="pt: {'model', 'config', 'step'} for torch.load(weights_only=True); "
+                        "safetensors: a folder for nanomoe_torch.<Model>.from_pretrained")
+    s.set_defaults(run=lambda a: to_torch(a.ckpt, a.out, a.format, a.force, model=a.model))
+
+    s = sub.add_parser("from-torch", parents=[common, out, model],
+                       help="the original's (or our) .pt -> JAX checkpoint")
+    s.add_argument("pt", help="a .pt file: {'model', 'config', 'step'} or a bare state_dict")
+    s.add_argument("--set", dest="overrides", type=_setting, action="append", default=[],
+                   metavar="KEY=VALUE",
+                   help="config field to set or override (e.g. n_head=12 when the file has no "
+                        "config, double_attn_scale=false); repeatable")
+    s.set_defaults(run=lambda a: from_torch(a.pt, a.out, a.model, dict(a.overrides), a.force))
+
+    s = sub.add_parser("to-hf", parents=[common, out, model],
+                       help="checkpoint -> Hugging Face folder (GPT-2 / Llama; MoeGPT: ours)")
+    s.add_argument("ckpt", help=ckpt_help)
+    s.set_defaults(run=lambda a: to_hf(a.ckpt, a.out, a.force, a.model))
+
+    s = sub.add_parser("from-hf", parents=[common, out],
+                       help="Hugging Face GPT-2 weights -> JAX checkpoint of our GPT")
+    s.add_argument("name_or_dir", help="a local GPT-2 folder, or a hub name (gpt2, ...) when "
+                                       "the hub is reachable")
+    s.set_defaults(run=lambda a: from_hf(a.name_or_dir, a.out, a.force))
+
+    s = sub.add_parser("compare", parents=[common],
+                       help="run two models on the same tokens and compare their logits")
+    s.add_argument("a", help="checkpoint, .pt, our safetensors folder or a HF folder")
+    s.add_argument("b", help="the same kinds as A")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--prompt", help=f"text (byte tokenizer for vocab <= 512, else gpt2); "
+                                    f"default {DEFAULT_PROMPT!r}")
+    g.add_argument("--tokens", type=_tokens, help="explicit ids, e.g. 1,2,3")
+    s.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest accepted max|A-B| / max|logit|")
+    s.set_defaults(run=lambda a: 0 if compare(a.a, a.b, a.tokens, a.prompt,
+                                              a.tolerance)["ok"] else 1)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    if args.verb in ("to-hf", "from-hf", "compare"):
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # keep the output to what the verbs print
+        except ImportError:
+            pass
+    try:
+        result = args.run(args)
+    except (NanoMoeError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0

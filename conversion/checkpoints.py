@@ -133,9 +133,10 @@ def infer_fields(sd: dict, model_type: str, n_head: int) -> dict[str, Any]:
     V, C = shape(emb)
     if model_type == "moegpt":
         E, H, _ = shape("blocks.0.mlp.impl.fc_weight")
+        width = dict(ffn_factor=H // C) if H % C == 0 else dict(expert_dim=H)
         return dict(vocab_size=V, n_embd=C, n_layer=_n_layer(sd, "blocks.{}.ln1.weight"),
                     n_head=C // shape("blocks.0.attn.q_norm.weight")[0],
-                    use_bias="blocks.0.attn.c_qkv.bias" in sd, ffn_factor=H // C, n_experts=E)
+                    use_bias="blocks.0.attn.c_qkv.bias" in sd, n_experts=E, **width)
     gated = "h.0.mlp.gate_proj.weight" in sd
     H = shape("h.0.mlp.down_proj.weight" if gated else "h.0.mlp.c_proj.weight")[1]
     hd = C // n_head

@@ -104,7 +104,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="print a sample every N steps and at the end (0: only at the end on CPU preset)")
     g.add_argument("--sample_prompt", default="Hello, I'm a language model,")
     g.add_argument("--sample_tokens", type=int, default=64)
-    g.add_argument("--hellaswag_file", default=None, help="HellaSwag jsonl (validation split)")
+    g.add_argument("--hellaswag_file", default=None,
+                   help="HellaSwag validation jsonl; default: downloaded once to "
+                        "~/.cache/nanomoe when reachable")
+    g.add_argument("--hellaswag_limit", type=int, default=None,
+                   help="score only the first N examples (all 10042 by default)")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
     g = p.add_argument_group("JAX execution")

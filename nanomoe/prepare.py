@@ -197,7 +197,8 @@ def write_shards(documents: Iterable[str], out_dir: str | Path, tokenizer: str =
     buf = np.empty(shard_size, dtype=np.uint16)
     index, count, written = 0, 0, []
 
-    pool = mp.Pool(workers, _init_worker, (tokenizer,)) if workers > 1 else None
+    # spawn, not fork: forking a process whose threads hold locks (JAX, tokenizers) can deadlock
+    pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer,)) if workers > 1 else None
     try:
         docs = pool.imap(tokenize_document, documents, chunksize=16) if pool else \
             map(tokenize_document, documents)

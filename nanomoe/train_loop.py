@@ -21,6 +21,7 @@ import numpy as np
 from .cli import apply_cpu_preset, build_config, parse_args
 from .config import ModelConfig, config_to_dict
 from .data import DataLoader, Prefetcher, data_format, default_tokenizer, open_dataset
+from . import hellaswag
 from .errors import CheckpointError, NanoMoeError, NonFiniteError
 from .flops import device_peak_flops, flops_per_token
 from .metrics import MetricsLogger
@@ -49,6 +50,7 @@ class Backend(Protocol):
     def train_step(self, x_ABT: np.ndarray, y_ABT: np.ndarray, lr: float) -> Any: ...
     def fetch(self, handle: Any) -> dict[str, float]: ...
     def evaluate(self, batches: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]: ...
+    def logits(self, tokens_BT: np.ndarray) -> np.ndarray: ...
     def save(self, log_dir: str, step: int, meta: dict) -> None: ...
     def latest_checkpoint(self, log_dir: str) -> int | None: ...
     def restore(self, log_dir: str, step: int) -> dict: ...
@@ -139,6 +141,12 @@ def run(argv: list[str], backend: Backend) -> dict:
                 "tokenizer": tokenizer.name if tokenizer else args.tokenizer or "gpt2"}
     _check_log_dir(args, run_info)
     leader = rank == 0
+    hellaswag_file = None
+    if args.do_hellaswag:
+        if tokenizer is None:
+            raise TrainError("--do_hellaswag needs the data's tokenizer: pass --tokenizer")
+        hellaswag_file = hellaswag.find_or_download(
+            args.hellaswag_file, os.path.expanduser("~/.cache/nanomoe"))
 
     backend.setup(config, args)
     start_step = 0
@@ -179,9 +187,15 @@ def run(argv: list[str], backend: Backend) -> dict:
         val_loader.reset()
         batches = [val_loader.next_batch() for _ in range(args.eval_steps)]
         record = {"step": step_done, **{f"val_{k}": v for k, v in backend.evaluate(batches).items()}}
+        line = f"step {step_done:5d} | val loss {record['val_loss']:.4f}"
+        if hellaswag_file:
+            scores = hellaswag.evaluate(backend.logits, hellaswag_file, tokenizer,
+                                        max_len=config.block_size, limit=args.hellaswag_limit)
+            record["hellaswag_acc"] = scores["acc_norm"]
+            line += f" | hellaswag acc_norm {scores['acc_norm']:.4f} ({scores['n']} examples)"
         logger.log(record)
         if leader:
-            print(f"step {step_done:5d} | val loss {record['val_loss']:.4f}", flush=True)
+            print(line, flush=True)
             logger.plot()
 
     def sample(step_done: int) -> None:

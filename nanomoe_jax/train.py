@@ -122,6 +122,8 @@ class JaxBackend:
         self.state = (params, self.tx.init(params))
         self._step = jax.jit(partial(train_step, self.graphdef, self.tx), donate_argnums=(1,))
         self._eval = jax.jit(partial(loss_and_metrics, self.graphdef))
+        self._logits = jax.jit(lambda params, idx: nnx.merge(self.graphdef, params)(idx)[0]
+                               .astype(jnp.float32))
 
     @property
     def model(self) -> nnx.Module:
@@ -156,6 +158,16 @@ class JaxBackend:
                 totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
         totals.pop("dropped_fraction", None)
         return totals
+
+    def logits(self, tokens_BT: np.ndarray) -> np.ndarray:
+        """fp32 logits; rows padded to a multiple of 64 so few lengths are compiled (causal:
+        the padding never changes earlier positions)."""
+        B, T = tokens_BT.shape
+        padded = min(self.config.block_size, -(-T // 64) * 64)
+        tokens = np.zeros((B, padded), np.int32)
+        tokens[:, :T] = tokens_BT
+        out = self._logits(self.state[0], jnp.asarray(tokens))
+        return np.asarray(out[:, :T], np.float32)
 
     # checkpoints: orbax, atomic (a step folder appears only once complete), async
     def _manager(self, log_dir: str):

@@ -109,6 +109,13 @@ class TorchBackend:
                 totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
         return totals
 
+    @torch.no_grad()
+    def logits(self, tokens_BT: np.ndarray) -> np.ndarray:
+        self.model.eval()
+        with self.autocast:
+            out = self.model(self._batch(tokens_BT))[0]
+        return out.float().cpu().numpy()
+
     # checkpoints: the original's model_{step:06d}.pt plus what exact resume needs
     def save(self, log_dir: str, step: int, meta: dict) -> None:
         if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):

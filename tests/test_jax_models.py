@@ -54,13 +54,14 @@ def test_scan_unrolled_and_remat_agree(name):
     tm = random_torch_model(config, seed=7)
     idx, tgt = map(jnp.asarray, tokens(config, seed=7))
     results = {}
-    for scan in (True, False):
-        for remat in ("none", "full", "dots"):
-            model = jax_twin(tm, dtype=jnp.float32, scan_layers=scan, remat=remat)
-            loss, logits, grads = loss_and_grads(model, idx, tgt)
-            holder = nnx.clone(model)
-            nnx.update(holder, grads)
-            results[scan, remat] = (float(loss), np.asarray(logits), conversion.export_arrays(holder))
+    # remat under scan (the default layout), and the unrolled loop with and without remat
+    for scan, remat in ((True, "none"), (True, "full"), (True, "dots"), (False, "none"),
+                        (False, "full")):
+        model = jax_twin(tm, dtype=jnp.float32, scan_layers=scan, remat=remat)
+        loss, logits, grads = loss_and_grads(model, idx, tgt)
+        holder = nnx.clone(model)
+        nnx.update(holder, grads)
+        results[scan, remat] = (float(loss), np.asarray(logits), conversion.export_arrays(holder))
     ref_loss, ref_logits, ref_grads = results[True, "none"]
     for key, (loss, logits, grads) in results.items():
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-6, err_msg=str(key))

@@ -83,6 +83,8 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(framework, tex
     # at random other steps; each time resume from whatever complete checkpoint survived (the
     # first kill comes after the first checkpoint: with none, --resume rightly refuses)
     kills = [5, rng.randrange(6, 11), rng.randrange(14, 21)]
+    if framework == "torch":  # write-then-rename has one path to test; orbax's async more
+        kills = [5, rng.randrange(13, 21)]
     for k in kills:
         # an async save may not have finalised before the kill: with no complete checkpoint a
         # user starts over, and --resume says so

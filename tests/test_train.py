@@ -60,12 +60,23 @@ def test_schedule_matches_the_original():
 def test_jax_and_torch_train_the_same(model, text_file, tmp_path):
     """Same seed, data and fp32: 10 optimizer steps with grad accumulation 2 (B*T=32, 64 tokens
     per step) give the same per-step losses in both frameworks."""
-    jax_run = run(flags(model, text_file, tmp_path / "jax"), JaxBackend())
-    torch_run = run(flags(model, text_file, tmp_path / "torch"), TorchBackend())
+    examples = [{"ctx": "a cat", "endings": ["sat.", "ran.", "is.", "to."], "label": 0},
+                {"ctx": "The sun", "endings": [" rose", " sang", " ate", " wet"], "label": 0}]
+    hs_file = tmp_path / "hellaswag.jsonl"  # endings short enough for block_size 32, in bytes
+    hs_file.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    hellaswag = ["--do_hellaswag", "--hellaswag_file", str(hs_file)]
+    jax_run = run(flags(model, text_file, tmp_path / "jax", *hellaswag), JaxBackend())
+    torch_run = run(flags(model, text_file, tmp_path / "torch", *hellaswag), TorchBackend())
     assert len(jax_run["losses"]) == len(torch_run["losses"]) == 10
     for step, loss in torch_run["losses"].items():
         assert jax_run["losses"][step] == pytest.approx(loss, rel=1e-4), step
     assert jax_run["losses"][9] < jax_run["losses"][0]
+    # evaluation too: the same validation losses and HellaSwag choices
+    evals = [[r for r in out["records"] if "val_loss" in r] for out in (jax_run, torch_run)]
+    assert [r["step"] for r in evals[0]] == [r["step"] for r in evals[1]] == [0, 10]
+    for a, b in zip(*evals):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+        assert a["hellaswag_acc"] == b["hellaswag_acc"]
 
 
 @pytest.mark.parametrize("model", ["gpt", "moderngpt", "moegpt"])

@@ -398,3 +398,20 @@ def save_jax(source: Source, out: str, force: bool, meta: dict) -> str:
     with atomic_output(out, force) as staging:
         save_model(model, staging, source.step, {**source.meta, **meta})
     return os.path.join(out, "checkpoints", str(source.step))
+
+
+def init_arrays(path: str) -> dict[str, np.ndarray]:
+    """Weights for ``train.py --init_from PATH`` in the original's names: a JAX checkpoint, a
+    .pt file (the original's or ours), one of our safetensors folders, or Hugging Face GPT-2
+    (a local folder, or a hub name such as ``gpt2`` when the hub is reachable)."""
+    hf_folder = os.path.isfile(os.path.join(path, "config.json")) and not is_pretrained_folder(path)
+    if os.path.exists(path) and not hf_folder:
+        return load_source(path, log=lambda *_: None).arrays
+    import tempfile
+
+    from .hf import from_hf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "imported")
+        from_hf(path, out, log=lambda *_: None)
+        return load_source(out, log=lambda *_: None).arrays

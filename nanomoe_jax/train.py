@@ -130,15 +130,10 @@ class JaxBackend:
         return nnx.merge(self.graphdef, self.state[0])
 
     def load_weights(self, path: str) -> None:
-        """--init_from: one of our JAX checkpoints (a folder) or a .pt file (original or ours)."""
-        if os.path.isdir(path):
-            model, _ = ckpt.load_model(path)
-            arrays = conversion.export_arrays(model)
-        else:
-            from conversion.checkpoints import load_state_dict_file
+        """--init_from: see conversion.checkpoints.init_arrays for what PATH may be."""
+        from conversion.checkpoints import init_arrays
 
-            arrays = load_state_dict_file(path)
-        model = conversion.load_torch_weights(self.model, arrays)
+        model = conversion.load_torch_weights(self.model, init_arrays(path))
         params = nnx.state(model, nnx.Param)
         self.state = (params, self.tx.init(params))
 

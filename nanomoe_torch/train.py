@@ -11,7 +11,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from conversion.checkpoints import load_checkpoint_file, load_state_dict_file
+from conversion.checkpoints import load_checkpoint_file
 from nanomoe.atomic import atomic_torch_save
 from nanomoe.config import MoeGPTConfig, config_to_dict
 from nanomoe.errors import ConversionError, NonFiniteError
@@ -63,10 +63,15 @@ class TorchBackend:
         self.forward = torch.compile(self.model) if self.has_accelerator else self.model
 
     def load_weights(self, path: str) -> None:
+        """--init_from: see conversion.checkpoints.init_arrays for what PATH may be."""
+        from conversion.checkpoints import init_arrays
+
         try:
-            self.model.load_original_state_dict(load_state_dict_file(path))
-        except RuntimeError as e:
-            raise ConversionError(f"{path}: weights do not fit {type(self.model).__name__}: {e}") from None
+            self.model.load_original_state_dict(
+                {k: torch.from_numpy(np.array(v)) for k, v in init_arrays(path).items()})
+        except RuntimeError as e:  # torch lists the missing, unexpected and mis-shaped keys
+            raise ConversionError(f"{path}: weights do not fit {type(self.model).__name__}: "
+                                  f"{e}") from None
 
     def _batch(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).long().to(self.device, non_blocking=True)

@@ -164,3 +164,44 @@ def test_train_py_end_to_end(framework, text_file, tmp_path):
         np.testing.assert_allclose(np.asarray(jax_logits), torch_logits, rtol=1e-4, atol=1e-5)
     else:
         assert (log_dir / "model_000030.pt").exists()
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_init_from_hugging_face_gpt2_folder(framework, text_file, tmp_path):
+    """--init_from a local Hugging Face GPT-2 folder (as `gpt2` is when the hub is reachable):
+    training starts from exactly those weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=32,
+                                    vocab_size=256, activation_function="gelu_new"))
+    hf.save_pretrained(tmp_path / "hf")
+    args = flags("gpt", text_file, tmp_path / "run", "--init_from", str(tmp_path / "hf"),
+                 "--vocab_size", "256", "--max_lr", "0", "--min_lr", "0", steps=1)
+    run(args, JaxBackend() if framework == "jax" else TorchBackend())
+    final = torch.load(tmp_path / "run" / "model_final.pt", weights_only=True)["model"]
+    ref = hf.state_dict()
+    torch.testing.assert_close(final["transformer.wte.weight"], ref["transformer.wte.weight"])
+    torch.testing.assert_close(final["transformer.h.1.attn.c_attn.weight"],
+                               ref["transformer.h.1.attn.c_attn.weight"].T)  # Conv1D is (in, out)
+
+
+def test_wandb_logging_uses_the_run(text_file, tmp_path, monkeypatch):
+    """--wandb: one wandb run gets every metrics line (a stand-in module: no account, no network)."""
+    import types
+
+    calls = {"log": [], "init": None, "finished": False}
+
+    class Run:
+        def log(self, data, step):
+            calls["log"].append((step, data))
+
+        def finish(self):
+            calls["finished"] = True
+
+    fake = types.SimpleNamespace(init=lambda **kw: calls.update(init=kw) or Run())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run(flags("gpt", text_file, tmp_path, "--wandb", "--run_name", "tiny", steps=3), JaxBackend())
+    assert calls["init"]["name"] == "tiny" and calls["finished"]
+    steps = [s for s, d in calls["log"] if "loss" in d]
+    assert steps == [0, 1, 2] and any("val_loss" in d for _, d in calls["log"])

@@ -22,3 +22,19 @@ try:
     torch.backends.cudnn.allow_tf32 = False
 except ImportError:  # pragma: no cover - torch is a test dependency
     pass
+
+
+# No test touches the network: a connection to anything but this machine fails loudly.
+import socket  # noqa: E402
+
+_connect = socket.socket.connect
+
+
+def _local_only(self, address):
+    host = address[0] if isinstance(address, tuple) else None
+    if host is not None and host not in ("127.0.0.1", "localhost", "::1", "0.0.0.0"):
+        raise ConnectionRefusedError(f"a test tried to reach the network ({address})")
+    return _connect(self, address)
+
+
+socket.socket.connect = _local_only

@@ -14,8 +14,12 @@ What one *cell* measures (one model x one framework, in this process, on device 
 
 Batches are random tokens already on the device, so host input is not measured. Each step is
 followed by a device synchronisation; tokens/s is B*T over the median of the timed steps.
-MFU uses ``nanomoe.flops.flops_per_token`` (6 N_active + 12 L C T) against two peaks: a bf16
-matmul measured in the same run, and the datasheet value where the device is known.
+MFU uses ``nanomoe.flops.flops_per_token`` (6 N_active + 12 L C T) against two peaks: a square
+matmul in the compute dtype measured in the same run (8192^3 bf16 on a GPU), and the bf16
+datasheet value where the device is known (``nanomoe.flops.PEAK_BF16``). Peak memory: JAX's
+``peak_bytes_in_use`` or XLA's ``memory_analysis`` of the step, torch's
+``max_memory_allocated``; on CPU the process's max RSS (a high-water mark, labelled so).
+Compile time: JAX lower + compile of the step; torch.compile the first step minus a median one.
 
 The MoE sweep holds the active compute per token fixed while the routed-expert count E grows
 (see :func:`sweep_point`), for each JAX dispatch back end and the original's all-experts
@@ -43,7 +47,6 @@ import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import resource  # noqa: E402
@@ -69,6 +72,11 @@ MODELS = ("gpt", "moderngpt", "moegpt")
 RESULT_TAG = "@@BENCH_RESULT@@"  # marks the result line of an --isolate child process
 LR = 1e-4  # any small constant: the schedule does not change the cost of a step
 
+# --fast-compile (CPU smoke tests): no LLVM optimisation and the older loop-fusion emitters,
+# compiles ~4x faster, steps slower. HLO passes still run, so the HLO check is unchanged.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
+                "xla_cpu_use_fusion_emitters": False}
+
 
 # ----------------------------------------------------------------------------- configurations
 
@@ -92,10 +100,10 @@ PRESETS = {
 }
 
 
-def model_configs(preset: Preset) -> dict[str, Any]:
+def model_configs(preset: Preset, overrides: dict | None = None) -> dict[str, Any]:
     """The three models at the original's training defaults (vocab padded to 50304, as its
-    train.py builds them), or at the preset's tiny shape."""
-    s = preset.shape
+    train.py builds them), or at the preset's tiny shape; ``overrides`` (``--set``) last."""
+    s = {**preset.shape, **(overrides or {})}
     vocab = s.get("vocab_size", 50304)
     return {
         "gpt": GPTConfig(**{**s, "vocab_size": vocab}),
@@ -109,9 +117,10 @@ def sweep_point(base: MoeGPTConfig, E: int, mode: str, E0: int, shared: int = 1,
     """The MoE with ``E`` routed experts (plus ``shared`` shared ones) at the active compute of
     the base config (k0 = base top-k, H0 = base expert width).
 
-    * ``fixed``: k = k0 and H = H0 for every E. Active parameters per token are exactly
-      constant; total expert parameters grow with E. This is the sweep that tests whether a
-      back end's cost grows with k (it should not move) or with E (dense does).
+    * ``fixed``: k = k0 and H = H0 for every E. The active expert parameters per token are
+      exactly constant (only the router's C x E matrix grows: 0.2 % of the active parameters
+      at E = 64, original size); total expert parameters grow with E. This is the sweep that
+      tests whether a back end's cost grows with k (it should not move) or with E (dense does).
     * ``fine``: fine-grained experts, k = k0 * E / E0 and H = H0 * E0 / E (E0 = the first E of
       the sweep), so k * H, the routed active width, is constant. The shared expert has the
       same width H (one ``expert_dim`` for all experts), so the active width (S + k) * H
@@ -186,17 +195,18 @@ def timed_steps(step, sync, n_warmup: int, n_steps: int) -> list[float]:
     return times
 
 
-def measure_matmul_peak(n: int, frameworks: tuple[str, ...], reps: int = 10) -> dict:
-    """bf16 (n x n) @ (n x n) FLOP/s in each framework: what this device actually reaches on
-    the friendliest possible kernel, a denominator for MFU beside the datasheet's."""
+def measure_matmul_peak(n: int, dtype: str, frameworks: tuple[str, ...], reps: int = 10) -> dict:
+    """FLOP/s of a square (n x n) @ (n x n) matmul in the run's compute dtype (bf16 on a GPU),
+    in each framework: what this device reaches on the friendliest possible kernel, an MFU
+    denominator beside the datasheet's."""
     out: dict[str, float] = {}
     flop = 2.0 * n ** 3
     import jax
     import jax.numpy as jnp
 
     ka, kb = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
-    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
+    a = jax.random.normal(ka, (n, n), jnp.dtype(dtype))
+    b = jax.random.normal(kb, (n, n), jnp.dtype(dtype))
     mm = jax.jit(jnp.matmul)
     times = timed_steps(lambda: mm(a, b), jax.block_until_ready, 2, reps)[2:]
     out["jax"] = flop / float(np.median(times))
@@ -204,11 +214,15 @@ def measure_matmul_peak(n: int, frameworks: tuple[str, ...], reps: int = 10) -> 
         import torch
 
         dev = "cuda" if torch.cuda.is_available() else "cpu"
-        ta = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-        tb = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+        tdt = getattr(torch, dtype)
+        ta = torch.randn(n, n, device=dev, dtype=tdt)
+        tb = torch.randn(n, n, device=dev, dtype=tdt)
         sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
         times = timed_steps(lambda: ta @ tb, sync, 2, reps)[2:]
         out["torch"] = flop / float(np.median(times))
+        del ta, tb
+        if dev == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 
@@ -225,6 +239,8 @@ def environment() -> dict:
         "jax_backend": jax.default_backend(), "device": device_kind(),
         "device_count": jax.device_count(), "host": platform.node(),
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        # cores this process may use (taskset): CPU runs are pinned to keep them steady
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
     }
     try:
@@ -238,6 +254,7 @@ def environment() -> dict:
 
         env["torch"] = torch.__version__
         env["torch_cuda"] = torch.version.cuda
+        env["torch_threads"] = torch.get_num_threads()
         if torch.cuda.is_available():
             env["torch_device"] = torch.cuda.get_device_name()
             env["cudnn"] = torch.backends.cudnn.version()
@@ -287,12 +304,10 @@ def _is_oom(msg: str) -> bool:
 
 
 def _free_memory(framework: str) -> None:
+    # The AOT-compiled JAX step is not in jit's cache: dropping the last reference (done by
+    # the caller) frees it and its buffers. torch keeps memory in its caching allocator.
     gc.collect()
-    if framework == "jax":
-        import jax
-
-        jax.clear_caches()  # drop the compiled executable of this cell
-    else:
+    if framework != "jax":
         import torch
 
         if framework == "torch-compile":
@@ -417,7 +432,7 @@ def run_torch(config, spec: dict) -> dict:
 
     sync = (lambda _: torch.cuda.synchronize()) if cuda else (lambda _: None)
     res: dict[str, Any] = {"times": timed_steps(run, sync, spec["warmup"], spec["steps"])}
-    res["loss"] = float(box["loss"])
+    res["loss"] = float(box["loss"].detach())
     if cuda:
         res.update(peak_mem_bytes=int(torch.cuda.max_memory_allocated()),
                    peak_mem_source="torch max_memory_allocated")
@@ -524,8 +539,6 @@ def compiled_moe_step(config: MoeGPTConfig, B: int, T: int, dtype: str,
     """(XLA FLOPs, HLO result shapes) of the compiled MoE train step, layers unrolled: XLA's
     cost analysis counts a ``while`` body (a scanned layer stack) once, so a scan would hide
     L - 1 layers. Cached, since the HLO check and the cost table share compilations."""
-    import jax
-
     key = json.dumps([config_to_dict(config), B, T, dtype, compiler_options], sort_keys=True)
     if key not in _COMPILED:
         spec = dict(B=B, T=T, dtype=dtype, seed=None,
@@ -536,8 +549,6 @@ def compiled_moe_step(config: MoeGPTConfig, B: int, T: int, dtype: str,
         if isinstance(ca, (list, tuple)):  # older jax: one dict per program
             ca = ca[0]
         _COMPILED[key] = (float(ca.get("flops", float("nan"))), hlo_shapes(compiled.as_text()))
-        del compiled
-        jax.clear_caches()
     return _COMPILED[key]
 
 
@@ -590,6 +601,10 @@ def hlo_growth_check(base: MoeGPTConfig, B: int, T: int, experts: tuple[int, int
         row["growth"] = size(cd, syms[1]) / max(1, size(cd, syms[0]))
         if row["growth"] > 1.2:
             (allowed if _allowed(cd, fixed) else grows).append(row)
+    # Shapes XLA only produced at the larger E: fusion or tiling decisions changed. Small ones
+    # (at most 4 elements per expert, e.g. a cumsum over R padded to a power of two) are O(E)
+    # bookkeeping; larger ones need a look and are reported with the growing ones.
+    small = 4 * cfgs[1].n_total_experts
     by_size = lambda r: -r["elements"]  # noqa: E731
     return {
         "dispatch": dispatch, "experts": [e1, e2], "B": B, "T": T, "dtype": dtype,
@@ -597,8 +612,8 @@ def hlo_growth_check(base: MoeGPTConfig, B: int, T: int, experts: tuple[int, int
         "collisions": collisions,
         "grows_with_E": sorted(grows, key=by_size),
         "expected_growth": sorted(allowed, key=by_size),
-        "unmatched": sorted(unmatched, key=by_size),
-        "max_elements_small_E": max(int(np.prod(d)) for _, d in shapes[0]),
+        "unmatched": sorted([r for r in unmatched if r["elements"] > small], key=by_size),
+        "unmatched_small": sorted([r for r in unmatched if r["elements"] <= small], key=by_size),
     }
 
 
@@ -627,7 +642,7 @@ def cost_table(base: MoeGPTConfig, B: int, T: int, experts: tuple[int, ...],
 def build_cells(args, preset: Preset) -> list[dict]:
     """Every (config, framework) to time, torch first: on a shared GPU the caching allocator
     gives its memory back (empty_cache) while XLA's allocator keeps what it grew to."""
-    configs = model_configs(preset)
+    configs = model_configs(preset, args.shape)
     jax_options = dict(scan_layers=args.scan_layers, remat=args.remat,
                        attention_impl=args.attention_impl,
                        loss_chunk_tokens=min(args.loss_chunk_tokens, args.B * args.T),
@@ -654,6 +669,8 @@ def build_cells(args, preset: Preset) -> list[dict]:
         # in the fixed mode every point has the same ceiling: time it once
         ceilings = list({json.dumps(config_to_dict(ceiling_point(p))): ceiling_point(p)
                          for _, p in points}.values())
+        if not args.ceiling:
+            ceilings = []
         for kind, entries in (("sweep", points), ("ceiling", [(None, c) for c in ceilings])):
             for E, cfg in entries:
                 labels = dict(section=kind, model="moegpt", E=E if E is not None else
@@ -670,7 +687,11 @@ def build_cells(args, preset: Preset) -> list[dict]:
     return sorted(cells, key=lambda c: order[c["framework"]])  # stable: keeps the rest in order
 
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+def _describe(spec: dict) -> str:
+    lab = spec["labels"]
+    return " ".join(str(x) for x in (lab["section"], lab["model"], spec["framework"],
+                                     lab.get("backend") or "",
+                                     f"E={lab['E']}" if "E" in lab else "") if x)
 
 
 def add_mfu(results: list[dict], peak: dict) -> None:
@@ -692,12 +713,12 @@ def run(args) -> dict:
         "meta": {
             "command": "python -m nanomoe_jax.bench " + shlex.join(args.argv),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "preset": args.preset, "B": args.B, "T": args.T, "dtype": args.dtype,
-            "steps": args.steps, "warmup": args.warmup, "isolate": args.isolate,
-            "fast_compile": args.fast_compile,
+            "preset": args.preset, "overrides": args.shape, "B": args.B, "T": args.T,
+            "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup,
+            "isolate": args.isolate, "fast_compile": args.fast_compile,
             "jax_options": dict(scan_layers=args.scan_layers, remat=args.remat,
                                 attention_impl=args.attention_impl,
-                                loss_chunk_tokens=args.loss_chunk_tokens),
+                                loss_chunk_tokens=min(args.loss_chunk_tokens, args.B * args.T)),
             "sweep": dict(mode=args.sweep_mode, experts=list(args.experts), shared=1,
                           capacity_factor=args.capacity_factor, backends=list(args.backends)),
             "env": env,
@@ -705,23 +726,26 @@ def run(args) -> dict:
         "results": [], "hlo": None, "cost": None,
     }
     cells = build_cells(args, preset)
+    if args.list:
+        for spec in cells:
+            c = config_from_dict(spec["config"])
+            print(f"{_describe(spec):45s} params {total_params(c) / 1e6:8.1f}M  active "
+                  f"{active_params(c) / 1e6:6.1f}M  {flops_per_token(c, args.T) / 1e6:8.1f} "
+                  "MFLOP/token")
+        return report
     if cells:
-        peak = {"matmul_n": args.matmul_n}
-        peak.update({f"measured_{k}": v for k, v in
-                     measure_matmul_peak(args.matmul_n, tuple(args.frameworks)).items()})
+        peak = {"matmul_n": args.matmul_n, "matmul_dtype": args.dtype}
+        peak.update({f"measured_{k}": v for k, v in measure_matmul_peak(
+            args.matmul_n, args.dtype, tuple(args.frameworks)).items()})
         peak["measured"] = max(v for k, v in peak.items() if k.startswith("measured_"))
         peak["datasheet"] = device_peak_flops(env["device"]) if env["device"] != "cpu" else None
         report["meta"]["peak_flops"] = peak
-        print(f"bf16 matmul {args.matmul_n}^3: "
+        print(f"{args.dtype} matmul {args.matmul_n}^3: "
               + ", ".join(f"{k[9:]} {v / 1e12:.3g} TFLOP/s" for k, v in peak.items()
                           if k.startswith("measured_"))
               + (f"; datasheet {peak['datasheet'] / 1e12:.0f}" if peak["datasheet"] else ""))
     for i, spec in enumerate(cells, 1):
-        lab = spec["labels"]
-        what = " ".join(str(x) for x in (lab["section"], lab["model"], spec["framework"],
-                                         lab.get("backend") or "", f"E={lab['E']}"
-                                         if "E" in lab else "") if x)
-        print(f"[{i}/{len(cells)}] {what}", flush=True)
+        print(f"[{i}/{len(cells)}] {_describe(spec)}", flush=True)
         res = run_isolated(spec) if args.isolate else run_cell(spec)
         report["results"].append(res)
         if "tokens_per_s" in res:
@@ -731,10 +755,11 @@ def run(args) -> dict:
     if cells:
         add_mfu(report["results"], report["meta"]["peak_flops"])
     if args.hlo:
-        base = model_configs(PRESETS["tiny"])["moegpt"]
+        base = model_configs(PRESETS["tiny"], args.shape)["moegpt"]
         tb, tt = PRESETS["tiny"].B, PRESETS["tiny"].T
         opts = FAST_COMPILE if args.fast_compile else None
-        print(f"HLO check: capacity dispatch, E = {args.hlo_experts} (tiny model, B={tb} T={tt})")
+        print(f"HLO check: {', '.join(args.hlo_dispatches)} at E = {args.hlo_experts} "
+              f"(tiny model, B={tb} T={tt})")
         report["hlo"] = [hlo_growth_check(base, tb, tt, tuple(args.hlo_experts), d,
                                           compiler_options=opts) for d in args.hlo_dispatches]
         print("cost analysis:", ", ".join(args.cost_dispatches), "at E =", args.cost_experts)
@@ -765,9 +790,11 @@ def _fw_label(r):
 def render_markdown(report: dict) -> str:
     m, rs = report["meta"], report["results"]
     env = m["env"]
+    commands = m.get("commands") or [m["command"]]  # several when merged
     lines = [f"# Benchmark: {env['device']}, {m['date']}", "",
-             f"`{m['command']}`", "",
-             f"preset **{m['preset']}**, B={m['B']}, T={m['T']}, dtype {m['dtype']}, "
+             *[f"`{c}`  " for c in commands], "",
+             f"preset **{m['preset']}**" + (f" with {m['overrides']}" if m.get("overrides") else "")
+             + f", B={m['B']}, T={m['T']}, dtype {m['dtype']}, "
              f"{m['steps']} timed steps after {m['warmup']} warm-up (median), "
              f"JAX options {m['jax_options']}" + (", **fast-compile (timings not representative)**"
                                                    if m.get("fast_compile") else ""), "",
@@ -775,17 +802,21 @@ def render_markdown(report: dict) -> str:
                                       ("jax", "jaxlib", "flax", "optax", "torch", "torch_cuda",
                                        "cudnn", "jax_platform_version", "python")
                                       if env.get(k) is not None)
-             + (f"; nvidia-smi: {env['nvidia_smi']}" if env.get("nvidia_smi") else ""), ""]
+             + (f"; nvidia-smi: {env['nvidia_smi']}" if env.get("nvidia_smi") else "")
+             + (f"; CPU: {env.get('cpu_affinity')} of {env.get('cpu_count')} cores usable, "
+                f"torch threads {env.get('torch_threads')}" if env["device"] == "cpu" else ""),
+             ""]
     peak = m.get("peak_flops")
     if peak:
-        lines += [f"peak: bf16 matmul {peak['matmul_n']}^3 measured "
+        lines += [f"peak: {peak.get('matmul_dtype', 'bfloat16')} matmul {peak['matmul_n']}^3 "
+                  "measured "
                   + ", ".join(f"{k[9:]} {v / 1e12:.3g} TFLOP/s" for k, v in peak.items()
                               if k.startswith("measured_"))
                   + (f"; datasheet {peak['datasheet'] / 1e12:.0f} TFLOP/s" if peak.get("datasheet")
                      else "; datasheet: unknown device"), ""]
     if env["device"] == "cpu":
-        lines += ["On CPU the absolute numbers mean little (no tensor cores, bf16 emulated); "
-                  "read the ratio columns.", ""]
+        lines += ["On CPU the absolute numbers mean little (tiny shapes, no tensor cores, bf16 "
+                  "emulated, other processes share the cores); read the ratio columns.", ""]
     models = [r for r in rs if r["section"] == "models"]
     if models:
         lines += ["## Models", "", "| model | framework | tokens/s | step ms | MFU (measured peak) "
@@ -813,13 +844,9 @@ def render_markdown(report: dict) -> str:
                   "step ms | MFU (measured peak) | MFU (datasheet) | peak memory GiB | "
                   "memory source | compile s | loss | dropped | ÷ ceiling |",
                   "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
-        ceil = {}
-        for r in sweep:
-            if r["section"] == "ceiling":
-                ceil.setdefault((_fw_label(r), r["k"], r["H"]), r.get("tokens_per_s"))
         for r in sweep:
             e = f"ceiling (E={r['E']})" if r["section"] == "ceiling" else str(r["E"])
-            c = ceil.get((_fw_label(r), r["k"], r["H"]))
+            c = _ceiling(rs, r)
             lines.append(_row(r, [e, r["k"], r["H"], f"{r['params_total'] / 1e6:.1f}M",
                                   f"{r['params_active'] / 1e6:.1f}M", _fw_label(r)])
                          + f" {_fmt(r.get('dropped_fraction'), '.3f')} |"
@@ -850,8 +877,9 @@ def render_markdown(report: dict) -> str:
             lines += [f"`{h['dispatch']}` dispatch, E = {h['experts'][0]} vs {h['experts'][1]} "
                       f"(tiny model, B={h['B']} T={h['T']}): **{len(h['grows_with_E'])}** "
                       f"unexpected growing shapes, {len(h['expected_growth'])} expected "
-                      f"(expert weights/grads/moments, router (N, E)), "
-                      f"{len(h['unmatched'])} present only at the larger E"
+                      f"(expert weights/grads/moments, router (N, E), O(E) bookkeeping); "
+                      f"{len(h['unmatched'])} larger and {len(h['unmatched_small'])} O(E)-small "
+                      f"shapes present only at the larger E"
                       + (f"; size collisions {h['collisions']}" if h["collisions"] else ""), ""]
             for r in h["grows_with_E"][:10]:
                 lines.append(f"- grows: {r['dtype']}[{','.join(r['symbolic'])}] = "
@@ -872,10 +900,18 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _ceiling(results: list[dict], r: dict) -> float | None:
+    """tokens/s of the ceiling that row ``r`` is held against: for every JAX back end the JAX
+    ``dense`` dispatch at E = k (no dispatch work at all), for torch the same framework's."""
+    fw = "jax (dense)" if r["framework"] == "jax" else _fw_label(r)
+    return next((c.get("tokens_per_s") for c in results if c["section"] == "ceiling"
+                 and _fw_label(c) == fw and c["k"] == r["k"] and c["H"] == r["H"]), None)
+
+
 def _row(r: dict, first: list) -> str:
     cells = [str(x) for x in first]
     if r.get("error"):
-        return "| " + " | ".join(cells) + f" | {r['error'][:40]} |" + " |" * 9
+        return "| " + " | ".join(cells) + f" | {r['error'][:40]} |" + " |" * 7
     cells += [_fmt(r.get("tokens_per_s")), _fmt(1e3 * r["step_s"], ".1f"),
               _fmt(_pct(r.get("mfu_measured")), ".1f"), _fmt(_pct(r.get("mfu_datasheet")), ".1f"),
               _fmt(_gib(r.get("peak_mem_bytes")), ".2f"), r.get("peak_mem_source", "-"),
@@ -904,9 +940,12 @@ def render_plot(report: dict, path: Path) -> bool:
         ax.plot(*zip(*pts), "o-", color=color, label=fw)
         ceil = [r["tokens_per_s"] for r in report["results"]
                 if r["section"] == "ceiling" and _fw_label(r) == fw and "tokens_per_s" in r]
-        if len(ceil) == 1:
+        if ceil and fw in ("jax (dense)", "torch", "torch-compile"):  # merged runs: the first
             ax.axhline(ceil[0], color=color, ls="--", lw=1)
     ax.set_xscale("log", base=2)
+    es = sorted({r["E"] for r in sweep})
+    ax.set_xticks(es, [str(e) for e in es])
+    ax.minorticks_off()
     ax.set_xlabel("routed experts E (fixed active compute)" if report["meta"]["sweep"]["mode"]
                   == "fixed" else "routed experts E (fine-grained, k*H fixed)")
     ax.set_ylabel("training tokens/s")
@@ -970,56 +1009,74 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Training throughput (tokens/s, MFU, memory, compile time) of the JAX "
                     "models against the PyTorch reference, an MoE sweep over the routed-expert "
                     "count at fixed active compute, and an HLO/FLOPs check of the MoE step.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="sizes: 'original' (the original's defaults, B=16 T=1024) or 'tiny'; "
                         "default: original on a GPU, tiny otherwise")
     p.add_argument("--models", type=_csv(str, MODELS), default=MODELS,
-                   help="comma list of models to time, or 'none'")
+                   help="comma list of models to time, or 'none' (default: all three)")
     p.add_argument("--frameworks", type=_csv(str, FRAMEWORKS), default=FRAMEWORKS,
-                   help="comma list among jax, torch (eager), torch-compile")
+                   help="comma list among jax, torch (eager), torch-compile (default: all)")
     p.add_argument("--experts", type=_csv(int), default=None,
                    help="routed-expert counts of the MoE sweep, or 'none' "
                         "(default: the preset's, 4..64 original, 4,8,16 tiny)")
     p.add_argument("--backends", type=_csv(str, BACKENDS), default=BACKENDS,
-                   help="JAX MoE dispatch back ends of the sweep")
+                   help="JAX MoE dispatch back ends of the sweep (default: all three)")
     p.add_argument("--sweep-mode", choices=("fixed", "fine"), default="fixed",
-                   help="fixed: k and expert width constant (active params exactly constant); "
-                        "fine: k*H constant, experts shrink as E grows")
+                   help="fixed (default): k and expert width constant, so the active expert "
+                        "parameters are too; fine: k*H constant, experts shrink as E grows")
+    p.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the dense ceiling (E = k) of the sweep (default: on)")
     p.add_argument("--capacity-factor", type=float, default=1.25,
-                   help="capacity_factor of the capacity dispatch in the sweep")
+                   help="capacity_factor of the capacity dispatch in the sweep (default: 1.25)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: preset's)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps first (default: preset's)")
     p.add_argument("--B", type=int, default=None, help="batch size (default: preset's)")
     p.add_argument("--T", type=int, default=None, help="sequence length (default: preset's)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="compute dtype of both frameworks (default: bfloat16 on a GPU, "
                         "float32 on CPU where bf16 is emulated)")
     p.add_argument("--seed", type=int, default=None, help="init seed (default: the config's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=INT",
+                   help="override a size field of every model of the preset (and of the HLO "
+                        "check's tiny model), e.g. --set n_layer=1; repeatable")
     g = p.add_argument_group("JAX model options (the GPU optimisation plan varies these)")
-    g.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--remat", choices=("none", "full", "dots"), default="none")
+    g.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
+                   help="one lax.scan over the layers (default) or a Python loop (unrolled)")
+    g.add_argument("--remat", choices=("none", "full", "dots"), default="none",
+                   help="rematerialisation policy per layer (default: none)")
     g.add_argument("--attention-impl", choices=("xla", "cudnn"), default=None,
-                   help="jax.nn.dot_product_attention implementation (default: JAX's choice)")
-    g.add_argument("--loss-chunk-tokens", type=int, default=8192)
+                   help="jax.nn.dot_product_attention implementation (default: JAX's, which is "
+                        "XLA's unfused attention; cudnn: flash attention on NVIDIA GPUs)")
+    g.add_argument("--loss-chunk-tokens", type=int, default=8192,
+                   help="tokens per cross-entropy chunk (default: 8192, at most B*T)")
     g.add_argument("--fast-compile", action="store_true",
                    help="skip XLA's LLVM optimisations (CPU smoke tests: faster compiles, "
                         "slower steps; never for real measurements)")
     p.add_argument("--matmul-n", type=int, default=None,
-                   help="side of the bf16 matmul that measures the peak (default: preset's)")
+                   help="side of the square matmul that measures the peak (default: 8192 for "
+                        "original, 512 for tiny)")
     p.add_argument("--isolate", action="store_true",
-                   help="run every cell in its own process (exact per-cell peak memory; an "
-                        "OOM cannot disturb later cells)")
+                   help="run every cell in its own process: exact per-cell peak memory, and an "
+                        "OOM cannot disturb later cells (costs an import per cell)")
     h = p.add_argument_group("HLO and FLOPs check (always on the tiny model)")
     h.add_argument("--hlo", action="store_true",
                    help="list HLO ops growing with E and XLA's FLOPs per back end and E")
-    h.add_argument("--hlo-experts", type=_csv(int, none_ok=False), default=(6, 24),
-                   help="the two routed-expert counts the HLO shapes are compared at (their "
-                        "E, E-S and slot counts must not equal another dimension)")
-    h.add_argument("--hlo-dispatches", type=_csv(str, BACKENDS), default=("capacity", "dense"))
-    h.add_argument("--cost-experts", type=_csv(int, none_ok=False), default=(4, 8, 16, 32, 64))
-    h.add_argument("--cost-dispatches", type=_csv(str, BACKENDS), default=BACKENDS)
-    p.add_argument("--out", default="benchmarks/results", help="folder for .json/.md/.png")
+    h.add_argument("--hlo-experts", type=_csv(int, none_ok=False), default=(13, 52),
+                   help="the two routed-expert counts the HLO shapes are compared at (default: "
+                        "13,52; E, E-S and the slot count must not equal another dimension of the "
+                        "model: see 'collisions' in the report)")
+    h.add_argument("--hlo-dispatches", type=_csv(str, BACKENDS), default=("capacity", "dense"),
+                   help="back ends whose HLO is checked (default: capacity,dense)")
+    h.add_argument("--cost-experts", type=_csv(int, none_ok=False), default=(4, 8, 16, 32, 64),
+                   help="routed-expert counts of the FLOP table (default: 4,8,16,32,64)")
+    h.add_argument("--cost-dispatches", type=_csv(str, BACKENDS), default=BACKENDS,
+                   help="back ends of the FLOP table (default: all three)")
+    p.add_argument("--list", action="store_true",
+                   help="print the cells this command would time (sizes, FLOPs) and exit")
+    p.add_argument("--out", default="benchmarks/results",
+                   help="folder for .json/.md/.png (default: benchmarks/results)")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="write one report from earlier runs' JSON files and exit")
     p.add_argument("--_cell", help=argparse.SUPPRESS)
@@ -1029,6 +1086,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         return args
     gpu = has_cuda()
     args.preset = args.preset or ("original" if gpu else "tiny")
+    try:
+        shape = dict(kv.split("=", 1) for kv in args.overrides)
+        shape = {k: int(v) for k, v in shape.items()}
+    except ValueError:
+        p.error(f"--set takes FIELD=INT, got {args.overrides}")
+    bad = sorted(set(shape) - {"n_layer", "n_embd", "n_head", "block_size", "vocab_size"})
+    if bad:
+        p.error(f"--set: {bad} not among n_layer, n_embd, n_head, block_size, vocab_size")
+    args.shape = shape
     preset = PRESETS[args.preset]
     for name in ("steps", "warmup", "B", "T", "matmul_n"):
         if getattr(args, name) is None:
@@ -1053,6 +1119,8 @@ def main(argv: list[str] | None = None) -> dict:
         report = merge_reports(args.merge)
     else:
         report = run(args)
+        if args.list:
+            return report
     paths = write_report(report, Path(args.out))
     print()
     print(render_markdown(report))

@@ -257,6 +257,7 @@ def cross_entropy(h_NC: jax.Array, logits_fn: Callable[[jax.Array], jax.Array],
     one chunk of fp32 logits, not the whole (N, V) matrix.
     """
     N = h_NC.shape[0]
+    chunk = min(chunk, N)  # never pad a small batch up to a whole chunk
     n_chunks = -(-N // chunk)
     pad = n_chunks * chunk - N
     if pad:

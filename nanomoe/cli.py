@@ -116,6 +116,10 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--remat", choices=["none", "full", "dots"], default="none")
     g.add_argument("--attention_impl", choices=["xla", "cudnn"], default=None)
     g.add_argument("--loss_chunk_tokens", type=int, default=8192)
+    g.add_argument("--mesh", default=None,
+                   help="device mesh, e.g. data=2,fsdp=4 or data=2,expert=4 (axes data, fsdp, "
+                        "expert; data takes the devices the others leave); default: every "
+                        "device on data")
 
     g = p.add_argument_group("model config (any field of the chosen model's config)")
     for name, (field, hint) in _config_fields().items():

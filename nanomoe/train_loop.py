@@ -121,21 +121,27 @@ def run(argv: list[str], backend: Backend) -> dict:
     if args.T > config.block_size:
         raise TrainError(f"--T {args.T} is longer than block_size={config.block_size}; "
                          f"use --T <= {config.block_size} or a larger --block_size")
-    world = backend.process_count
+    # world = data-parallel ranks: processes x devices each (JAX drives all local devices)
+    per_process = getattr(backend, "devices_per_process", 1)
+    world = backend.process_count * per_process
     tokens_per_micro = args.B * args.T * world
     if args.total_batch_size % tokens_per_micro:
         raise TrainError(f"--total_batch_size {args.total_batch_size} is not divisible by "
                          f"B*T*world_size = {args.B}*{args.T}*{world} = {tokens_per_micro}; "
                          "choose a multiple")
     grad_accum = args.total_batch_size // tokens_per_micro
-    rank = backend.process_index
-    # every batch's ids are checked against the vocabulary (a cheap min/max on the host)
-    train_loader = DataLoader(datasets["train"], args.B, args.T, rank, world, config.vocab_size)
-    val_loader = DataLoader(datasets["val"], args.B, args.T, rank, world, config.vocab_size)
+    # A process reads the rows of its consecutive ranks as one window: B*per_process rows
+    # from rank offset process_index (the same tokens the original's per-rank loaders read).
+    rank, n_proc, rows = backend.process_index, backend.process_count, args.B * per_process
 
+    def loader(split: str) -> DataLoader:
+        # every batch's ids are checked against the vocabulary (a cheap min/max on the host)
+        return DataLoader(datasets[split], rows, args.T, rank, n_proc, config.vocab_size)
+
+    train_loader, val_loader = loader("train"), loader("val")
     # Everything that can reject the input runs before the log folder is touched.
     for split in ("train", "val"):  # the first batch of each split, read ahead
-        DataLoader(datasets[split], args.B, args.T, rank, world, config.vocab_size).next_batch()
+        loader(split).next_batch()
     run_info = {"model_type": args.model, "config": config_to_dict(config),
                 "framework": backend.name,
                 "tokenizer": tokenizer.name if tokenizer else args.tokenizer or "gpt2"}
@@ -173,8 +179,9 @@ def run(argv: list[str], backend: Backend) -> dict:
             json.dump(run_info, f, indent=1)
 
     if leader:
-        print(f"{backend.name} on {backend.device_name}: {args.model} {config}\n"
-              f"tokenizer {tokenizer.name}, grad accumulation {grad_accum}, "
+        where = getattr(backend, "placement", "") or f"{world} rank(s)"
+        print(f"{backend.name} on {backend.device_name} ({where}): {args.model} {config}\n"
+              f"tokenizer {tokenizer.name if tokenizer else 'ids'}, grad accumulation {grad_accum}, "
               f"{args.total_batch_size:,} tokens per step", flush=True)
     logger = MetricsLogger(args.log_dir, args.max_steps, start_step, use_wandb=args.wandb,
                            run_name=args.run_name, enabled=leader,
@@ -199,17 +206,15 @@ def run(argv: list[str], backend: Backend) -> dict:
             logger.plot()
 
     def sample(step_done: int) -> None:
+        # every process samples (a multi-host JAX model is one program), the leader prints
+        prompt = [0] if tokenizer is None else list(tokenizer.encode(args.sample_prompt))
+        out = backend.sample(prompt, args.sample_tokens, top_k=50, temperature=1.0, seed=args.seed)
         if not leader:
             return
         if tokenizer is None:  # token shards whose tokenizer is unavailable: show ids
-            prompt = [0]
-            out = backend.sample(prompt, args.sample_tokens, top_k=50, temperature=1.0,
-                                 seed=args.seed)
             print(f"sample at step {step_done} (token ids): {out}", flush=True)
-            return
-        prompt = list(tokenizer.encode(args.sample_prompt))
-        out = backend.sample(prompt, args.sample_tokens, top_k=50, temperature=1.0, seed=args.seed)
-        print(f"sample at step {step_done}: {tokenizer.decode(prompt + out)!r}", flush=True)
+        else:
+            print(f"sample at step {step_done}: {tokenizer.decode(prompt + out)!r}", flush=True)
 
     pending = None  # (step, handle, lr): the previous step's metrics, read one step late
     t_last = time.time()
@@ -313,11 +318,11 @@ def run(argv: list[str], backend: Backend) -> dict:
         return summary
     if args.max_steps > start_step:
         evaluate(args.max_steps)
+    final = os.path.join(args.log_dir, "model_final.pt")
+    backend.export_final(final, args.max_steps)  # every process takes part, rank 0 writes
+    summary["model_final"] = final
+    sample(args.max_steps)
     if leader:
-        final = os.path.join(args.log_dir, "model_final.pt")
-        backend.export_final(final, args.max_steps)
-        summary["model_final"] = final
-        sample(args.max_steps)
         logger.plot()
     logger.close()
     backend.finish()

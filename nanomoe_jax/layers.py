@@ -43,6 +43,9 @@ class Options:
     remat: str = "none"  # "none" | "full" | "dots"
     attention_impl: str | None = None  # None (XLA; cuDNN picked by the caller) | "xla" | "cudnn"
     loss_chunk_tokens: int = 8192  # tokens per cross-entropy chunk (fp32 logits of one chunk)
+    # A jax Mesh with an "expert" axis: MoE weights are sharded over it and tokens exchanged
+    # with their experts (expert parallelism, see nanomoe_jax/sharding.py); None: one device.
+    expert_mesh: Any = None
 
     def __post_init__(self):
         if self.dtype is None:

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import nnx
 
 from nanomoe.config import MoeGPTConfig
@@ -115,6 +116,9 @@ class MoE(nnx.Module):
              (self.fc_weight, self.fc_bias, self.proj_weight, self.proj_bias)]
         if c.moe_dispatch == "dense":
             y_NC, dropped = dense_dispatch(x_NC, r, w), jnp.zeros((), f32)
+        elif self.opts.expert_mesh is not None and c.moe_dispatch == "capacity":
+            y_NC, dropped = expert_parallel_dispatch(x_NC, r, w, c.n_shared, c.capacity(B * T),
+                                                     self.opts.expert_mesh)
         else:
             S = c.n_shared
             y_NC = shared_experts(x_NC, r.gates_NE[:, :S], [a[:S] for a in w])
@@ -148,23 +152,55 @@ def shared_experts(x_NC, gates_NS, w) -> jax.Array:
             + gates_NS @ b2_SC.astype(f32))
 
 
-def capacity_dispatch(x_NC, r: Routing, w, capacity: int) -> tuple[jax.Array, jax.Array]:
-    """Static (R, capacity, C) buffer filled by a gather; assignments past capacity drop."""
+def capacity_dispatch(x_NC, r: Routing, w, capacity: int, top_idx_NK=None,
+                      buffer_sharding=None) -> tuple[jax.Array, jax.Array]:
+    """Static (R, capacity, C) buffer filled by a gather; assignments past capacity drop.
+    ``buffer_sharding`` pins the buffer to the experts' devices (expert parallelism)."""
     R = w[0].shape[0]
-    N, K = r.top_idx_NK.shape
-    s = sort_assignments(r.top_idx_NK, R)
+    top_idx_NK = r.top_idx_NK if top_idx_NK is None else top_idx_NK
+    N, K = top_idx_NK.shape
+    s = sort_assignments(top_idx_NK, R)
     slot_P = jnp.arange(capacity)
     src_RP = s.starts_R[:, None] + slot_P[None]                     # sorted position per slot
     filled_RP = slot_P[None] < s.counts_R[:, None]
     token_RP = s.token_sorted_A[jnp.clip(src_RP, 0, N * K - 1)]
     x_RPC = jnp.where(filled_RP[..., None], x_NC[token_RP], 0).astype(x_NC.dtype)
+    if buffer_sharding is not None:
+        # built where the tokens are (whole buffer per slice), then moved to the experts'
+        # devices: a change of the sharded dimension, which XLA does with an all-to-all
+        local = NamedSharding(buffer_sharding.mesh, P())
+        x_RPC = jax.lax.with_sharding_constraint(x_RPC, local)
+        x_RPC = jax.lax.with_sharding_constraint(x_RPC, buffer_sharding)
     y_RPC = expert_ffn(x_RPC, *w)
+    if buffer_sharding is not None:  # and back to the tokens' devices
+        y_RPC = jax.lax.with_sharding_constraint(y_RPC, buffer_sharding)
+        y_RPC = jax.lax.with_sharding_constraint(y_RPC, local)
     pos_A = s.rank_A - s.starts_R[s.expert_A]                         # slot of each assignment
     kept_A = pos_A < capacity
     y_AC = y_RPC[s.expert_A, jnp.minimum(pos_A, capacity - 1)].astype(f32)
     y_AC = jnp.where(kept_A[:, None], y_AC, 0.0)
     y_NC = jnp.einsum("nk,nkc->nc", r.top_gates_NK, y_AC.reshape(N, K, -1))
     return y_NC, jnp.sum(~kept_A).astype(f32)
+
+
+def expert_parallel_dispatch(x_NC, r: Routing, w, S: int, capacity: int, mesh):
+    """Shared and routed experts with the (E, ...) expert weights sharded over the mesh's
+    ``expert`` axis, none of them ever gathered:
+
+    * the S shared experts are picked out of the sharded weights with a one-hot contraction
+      over E (each device contributes the experts it holds: an all-reduce of S experts'
+      weights, not an all-gather of all E);
+    * the routed tokens fill one (E, capacity, C) buffer over *all* E experts (the shared
+      experts' rows stay empty) so its expert axis lines up with the weights' shards; the
+      buffer is constrained to the experts' devices, which XLA realises as an all-to-all of
+      tokens there and back. Same numbers as ``capacity_dispatch``."""
+    E = w[0].shape[0]
+    pick_SE = jnp.eye(S, E, dtype=w[0].dtype)
+    shared_w = [jnp.einsum("se,e...->s...", pick_SE, a) for a in w]
+    y_NC = shared_experts(x_NC, r.gates_NE[:, :S], shared_w)
+    y_r, dropped = capacity_dispatch(x_NC, r, w, capacity, top_idx_NK=r.top_idx_NK + S,
+                                     buffer_sharding=NamedSharding(mesh, P("expert", None, None)))
+    return y_NC + y_r, dropped
 
 
 def ragged_dispatch(x_NC, r: Routing, w) -> jax.Array:

@@ -16,9 +16,11 @@ from flax import nnx
 import conversion
 from nanomoe.atomic import atomic_torch_save
 from nanomoe.config import MoeGPTConfig, config_to_dict
-from nanomoe.errors import CheckpointError, NonFiniteError
+from nanomoe.errors import CheckpointError, ConfigError, NonFiniteError
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import checkpoint as ckpt
+from . import sharding as shd
 from . import create_model
 from .sample import generate
 
@@ -51,7 +53,8 @@ def make_optimizer(config, params, weight_decay=0.1) -> optax.GradientTransforma
                        optax.add_decayed_weights(weight_decay, mask))
 
 
-def loss_and_metrics(graphdef, params, x_BT, y_BT):
+def slice_loss(graphdef, params, x_BT, y_BT):
+    """Loss and metrics of one device's slice of the batch (the original's forward)."""
     out = nnx.merge(graphdef, params)(x_BT, y_BT)
     losses = out[1]
     metrics = {"loss": losses["loss"]}
@@ -61,9 +64,20 @@ def loss_and_metrics(graphdef, params, x_BT, y_BT):
     return losses["loss"], metrics
 
 
+def loss_and_metrics(graphdef, params, x, y):
+    """``x``: (B, T), or (D, B, T) for D data-parallel slices (one per device). Each slice's
+    loss is computed on its own, as on one DDP rank (token mean, MoE capacity and balance loss
+    per slice), and the D losses are averaged, as DDP averages gradients."""
+    if x.ndim == 2 or x.shape[0] == 1:
+        return slice_loss(graphdef, params, x.reshape(x.shape[-2:]), y.reshape(y.shape[-2:]))
+    losses_D, metrics = jax.vmap(partial(slice_loss, graphdef, params))(x, y)
+    return jnp.mean(losses_D), jax.tree.map(jnp.mean, metrics)
+
+
 def accumulate_gradients(graphdef, params, x_ABT, y_ABT):
     """Mean loss gradient over A micro-batches (the original's gradient accumulation), with a
-    ``lax.scan`` so only one micro-batch's activations are alive at a time."""
+    ``lax.scan`` so only one micro-batch's activations are alive at a time. The micro-batches
+    may be (A, B, T) or (A, D, B, T) (D device slices each)."""
     grad_fn = jax.value_and_grad(partial(loss_and_metrics, graphdef), has_aux=True)
 
     def micro(grads, xy):
@@ -98,48 +112,112 @@ def train_step(graphdef, tx, lr_mult, state, x_ABT, y_ABT, lr):
     return (keep(new_params, params), keep(new_opt_state, opt_state)), metrics
 
 
+def initialize_distributed() -> None:
+    """Multi-host: join the other processes when the environment says there are some
+    (JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID, or SLURM / Open MPI, which
+    jax.distributed detects itself). Must run before anything touches a device."""
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"],
+                                   num_processes=int(env["JAX_NUM_PROCESSES"]),
+                                   process_id=int(env["JAX_PROCESS_ID"]))
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        jax.distributed.initialize()
+
+
 class JaxBackend:
     name = "jax"
     async_dispatch = True
 
     def __init__(self):
+        if not jax.distributed.is_initialized():
+            initialize_distributed()
         device = jax.devices()[0]
         self.has_accelerator = device.platform != "cpu"
         self.device_name = getattr(device, "device_kind", device.platform)
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        self.devices_per_process = jax.local_device_count()  # each one a data-parallel rank
         self.manager = None
 
     def setup(self, config, args) -> None:
         dtype = args.dtype or ("bfloat16" if self.has_accelerator else "float32")
         self.config, self.args = config, args
+        self.mesh = shd.make_mesh(shd.parse_mesh(args.mesh, jax.device_count()))
+        self.placement = (" ".join(f"{a}={n}" for a, n in self.mesh.shape.items())
+                          + f" over {jax.device_count()} device(s), {self.process_count} process(es)")
+        expert_parallel = self.mesh.shape["expert"] > 1
+        if expert_parallel and not isinstance(config, MoeGPTConfig):
+            raise ConfigError(f"--mesh {args.mesh}: an expert axis needs --model moegpt")
+        if expert_parallel and config.moe_dispatch == "ragged":
+            raise ConfigError("--mesh with an expert axis needs --moe_dispatch capacity or "
+                              "dense (ragged_dot has no expert-parallel partitioning)")
         model = create_model(config, args.seed, dtype=jnp.dtype(dtype), scan_layers=args.scan_layers,
                              remat=args.remat, attention_impl=args.attention_impl,
-                             loss_chunk_tokens=args.loss_chunk_tokens)
+                             loss_chunk_tokens=args.loss_chunk_tokens,
+                             expert_mesh=self.mesh if expert_parallel else None)
         self.graphdef, params = nnx.split(model, nnx.Param)
         self.tx = make_optimizer(config, params)
-        self.lr_mult = jax.tree_util.tree_map_with_path(
+        lr_mult = jax.tree_util.tree_map_with_path(
             lambda path, p: args.embedding_lr_mult if is_embedding(path) else 1.0, params)
-        self.state = (params, self.tx.init(params))
-        self._step = jax.jit(partial(train_step, self.graphdef, self.tx), donate_argnums=(1,))
-        self._eval = jax.jit(partial(loss_and_metrics, self.graphdef))
+        self.param_sharding = shd.tree_shardings(params, self.mesh, config)
+        opt_shape = jax.eval_shape(self.tx.init, params)
+        self.state_sharding = (self.param_sharding, shd.tree_shardings(opt_shape, self.mesh, config))
+        self.batch_sharding = shd.batch_sharding(self.mesh)
+        replicated = NamedSharding(self.mesh, P())
+        self.lr_mult = jax.device_put(lr_mult, jax.tree.map(lambda _: replicated, lr_mult))
+        self._init_state(params)
+        self._step = jax.jit(partial(train_step, self.graphdef, self.tx), donate_argnums=(1,),
+                             in_shardings=(replicated, self.state_sharding, self.batch_sharding,
+                                           self.batch_sharding, replicated),
+                             out_shardings=(self.state_sharding, replicated))
+        self._eval = jax.jit(partial(loss_and_metrics, self.graphdef),
+                             in_shardings=(self.param_sharding, self.eval_sharding,
+                                           self.eval_sharding),
+                             out_shardings=replicated)
         self._logits = jax.jit(lambda params, idx: nnx.merge(self.graphdef, params)(idx)[0]
-                               .astype(jnp.float32))
+                               .astype(jnp.float32), out_shardings=replicated)
+
+    @property
+    def eval_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P(shd.BATCH_AXES))
+
+    def _init_state(self, params) -> None:
+        """Parameters placed as the mesh says, AdamW state created in place (never whole on
+        one device)."""
+        params = jax.device_put(params, self.param_sharding)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding[1])(params)
+        self.state = (params, opt_state)
+
+    def _global(self, local: np.ndarray, sharding: NamedSharding, axis: int) -> jax.Array:
+        """This process's rows (..., L*B, T) as its L device slices of the global batch
+        (..., D, B, T); device slices follow the original's rank order."""
+        L = self.devices_per_process
+        shape = local.shape[:axis] + (L, local.shape[axis] // L) + local.shape[axis + 1:]
+        return jax.make_array_from_process_local_data(sharding, local.reshape(shape))
 
     @property
     def model(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.state[0])
+
+    def replicated_model(self) -> nnx.Module:
+        """The model with every weight whole on every device (to export or sample); a
+        collective, so every process calls it."""
+        replicated = NamedSharding(self.mesh, P())
+        params = jax.jit(lambda p: p, out_shardings=jax.tree.map(lambda _: replicated,
+                                                                 self.param_sharding))(self.state[0])
+        return nnx.merge(self.graphdef, params)
 
     def load_weights(self, path: str) -> None:
         """--init_from: see conversion.checkpoints.init_arrays for what PATH may be."""
         from conversion.checkpoints import init_arrays
 
         model = conversion.load_torch_weights(self.model, init_arrays(path))
-        params = nnx.state(model, nnx.Param)
-        self.state = (params, self.tx.init(params))
+        self._init_state(nnx.state(model, nnx.Param))
 
     def train_step(self, x_ABT, y_ABT, lr):
-        self.state, metrics = self._step(self.lr_mult, self.state, jnp.asarray(x_ABT),
-                                         jnp.asarray(y_ABT), jnp.float32(lr))
+        x = self._global(x_ABT, self.batch_sharding, 1)
+        y = self._global(y_ABT, self.batch_sharding, 1)
+        self.state, metrics = self._step(self.lr_mult, self.state, x, y, jnp.float32(lr))
         return metrics
 
     def fetch(self, handle) -> dict[str, float]:
@@ -148,7 +226,8 @@ class JaxBackend:
     def evaluate(self, batches) -> dict[str, float]:
         totals: dict[str, float] = {}
         for x, y in batches:
-            _, metrics = self._eval(self.state[0], jnp.asarray(x), jnp.asarray(y))
+            _, metrics = self._eval(self.state[0], self._global(x, self.eval_sharding, 0),
+                                    self._global(y, self.eval_sharding, 0))
             for k, v in jax.device_get(metrics).items():
                 totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
         totals.pop("dropped_fraction", None)
@@ -162,7 +241,7 @@ class JaxBackend:
         tokens = np.zeros((B, padded), np.int32)
         tokens[:, :T] = tokens_BT
         out = self._logits(self.state[0], jnp.asarray(tokens))
-        return np.asarray(out[:, :T], np.float32)
+        return np.asarray(out)[:, :T].astype(np.float32)
 
     # checkpoints: orbax, atomic (a step folder appears only once complete), async
     def _manager(self, log_dir: str):
@@ -197,12 +276,14 @@ class JaxBackend:
         except ImportError:
             print(f"torch is not installed: skipped {path} (pip install torch to write it)")
             return
-        payload = {"model": conversion.torch_state_dict(self.model),
-                   "config": config_to_dict(self.config), "step": step}
-        atomic_torch_save(payload, path)
+        model = self.replicated_model()
+        if self.process_index == 0:
+            payload = {"model": conversion.torch_state_dict(model),
+                       "config": config_to_dict(self.config), "step": step}
+            atomic_torch_save(payload, path)
 
     def sample(self, prompt, n_tokens, top_k, temperature, seed):
-        return generate(self.model, prompt, n_tokens, top_k=top_k, temperature=temperature,
+        return generate(self.replicated_model(), prompt, n_tokens, top_k=top_k, temperature=temperature,
                         seed=seed)
 
     def finish(self) -> None:

@@ -10,6 +10,8 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from conversion.checkpoints import load_checkpoint_file
 from nanomoe.atomic import atomic_torch_save
@@ -49,8 +51,18 @@ class TorchBackend:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.has_accelerator = self.device == "cuda"
         self.async_dispatch = self.has_accelerator  # CUDA kernels queue; CPU ops run in place
-        self.device_name = torch.cuda.get_device_name() if self.has_accelerator else "cpu"
         self.process_index, self.process_count = 0, 1
+        # torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per GPU (or CPU process), as
+        # the original: NCCL on CUDA, gloo on CPU
+        self.ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.ddp:
+            dist.init_process_group(backend="nccl" if self.has_accelerator else "gloo")
+            self.process_index, self.process_count = dist.get_rank(), dist.get_world_size()
+            if self.has_accelerator:
+                self.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+                torch.cuda.set_device(self.device)
+        self.device_name = torch.cuda.get_device_name() if self.has_accelerator else "cpu"
+        self.placement = f"DDP over {self.process_count} processes" if self.ddp else ""
 
     def setup(self, config, args) -> None:
         self.config, self.args = config, args
@@ -60,7 +72,20 @@ class TorchBackend:
         self.model = create_model(config, args.seed).to(self.device)
         self.optimizer = make_optimizer(self.model, config, args.embedding_lr_mult,
                                         fused=self.has_accelerator)
-        self.forward = torch.compile(self.model) if self.has_accelerator else self.model
+        forward = torch.compile(self.model) if self.has_accelerator else self.model
+        if self.ddp:  # the original wraps the compiled model
+            forward = DDP(forward, device_ids=[self.device] if self.has_accelerator else None)
+        self.forward = forward
+
+    def _all_mean(self, values: dict) -> dict:
+        """Average scalars over the ranks (gloo has no AVG: sum, then divide)."""
+        if not self.ddp:
+            return values
+        keys = sorted(values)
+        flat = torch.stack([torch.as_tensor(values[k], dtype=torch.float32, device=self.device)
+                            for k in keys])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        return {k: v / self.process_count for k, v in zip(keys, flat)}
 
     def load_weights(self, path: str) -> None:
         """--init_from: see conversion.checkpoints.init_arrays for what PATH may be."""
@@ -89,10 +114,13 @@ class TorchBackend:
         A = x_ABT.shape[0]
         sums: dict[str, torch.Tensor] = {}
         for a in range(A):
+            if self.ddp:  # all-reduce the gradients on the last micro-batch only
+                self.forward.require_backward_grad_sync = a == A - 1
             losses = self._losses(self._batch(x_ABT[a]), self._batch(y_ABT[a]))
             (losses["loss"] / A).backward()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / A
+        sums = self._all_mean(sums)  # the logged loss is the mean over ranks, as the original
         sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         # A step with a non-finite loss or gradient is not applied (as the JAX step); the
         # host decides whether to stop. The check is one small sync per step.
@@ -112,7 +140,7 @@ class TorchBackend:
         for x, y in batches:
             for k, v in self._losses(self._batch(x), self._batch(y)).items():
                 totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
-        return totals
+        return {k: float(v) for k, v in self._all_mean(totals).items()}
 
     @torch.no_grad()
     def logits(self, tokens_BT: np.ndarray) -> np.ndarray:
@@ -126,12 +154,15 @@ class TorchBackend:
         if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
             raise NonFiniteError(f"the weights after step {step} are not finite; "
                                  "not saving them")
-        path = os.path.join(log_dir, f"model_{step:06d}.pt")
-        payload = {"model": self.model.state_dict(), "config": config_to_dict(self.config),
-                   "step": step, "optimizer": self.optimizer.state_dict(), "meta": meta}
-        atomic_torch_save(payload, path)  # visible only when complete
-        for old in self._checkpoints(log_dir)[: -self.args.keep_checkpoints]:
-            os.remove(os.path.join(log_dir, f"model_{old:06d}.pt"))
+        if self.process_index == 0:  # ranks hold the same weights: rank 0 writes
+            path = os.path.join(log_dir, f"model_{step:06d}.pt")
+            payload = {"model": self.model.state_dict(), "config": config_to_dict(self.config),
+                       "step": step, "optimizer": self.optimizer.state_dict(), "meta": meta}
+            atomic_torch_save(payload, path)  # visible only when complete
+            for old in self._checkpoints(log_dir)[: -self.args.keep_checkpoints]:
+                os.remove(os.path.join(log_dir, f"model_{old:06d}.pt"))
+        if self.ddp:
+            dist.barrier()  # no rank goes on (or exits) before the checkpoint exists
 
     @staticmethod
     def _checkpoints(log_dir: str) -> list[int]:
@@ -150,6 +181,8 @@ class TorchBackend:
         return ckpt["meta"]
 
     def export_final(self, path: str, step: int) -> None:
+        if self.process_index != 0:
+            return
         payload = {"model": self.model.state_dict(), "config": config_to_dict(self.config),
                    "step": step}
         atomic_torch_save(payload, path)
@@ -160,4 +193,6 @@ class TorchBackend:
                         seed=seed)
 
     def finish(self) -> None:
-        pass
+        if self.ddp and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()

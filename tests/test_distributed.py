@@ -1,0 +1,157 @@
+"""Beyond one device: JAX meshes (data, fsdp, expert) on 8 simulated CPU devices, checkpoints
+moved between device counts, and torchrun with 2 gloo processes. Every parallel run must give
+the losses and weights of one device with the same global batch (fp32, 1e-5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good "
+        "fortune, must be in want of a wife. ") * 120 + "".join(chr(32 + (i * 7) % 90) for i in range(9000))
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "multidevice_worker.py")
+STEPS = 5
+RTOL = 1e-5
+
+
+def base_flags(model: str, data: str, log_dir, *extra, total: int = 512) -> list[str]:
+    """8 slices of 2 x 32 tokens a step: one micro-batch on 8 devices, 8 accumulated on 1."""
+    size = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--block_size", "64"]
+    if model == "moegpt":
+        size += ["--n_experts", "8"]  # 8 experts: 2 per device on an expert axis of 4
+    if model == "moderngpt":
+        size += ["--n_kv_head", "2"]
+    return ["--model", model, *size, "--data", data, "--log_dir", str(log_dir), "--B", "2",
+            "--T", "32", "--total_batch_size", str(total), "--max_steps", str(STEPS),
+            "--warmup_steps", "2", "--dtype", "float32", "--eval_interval", "1000",
+            "--eval_steps", "1", "--sample_tokens", "2", *extra]
+
+
+def run_worker(n_devices: int, scenarios: list[dict], tmp) -> dict:
+    spec, out = tmp / f"scenarios-{n_devices}.json", tmp / f"results-{n_devices}.json"
+    spec.write_text(json.dumps(scenarios))
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, WORKER, str(n_devices), str(spec), str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+MESHES = [("gpt", "data=8"), ("moderngpt", "data=4,fsdp=2"), ("moegpt", "data=4,fsdp=2"),
+          ("moegpt", "data=2,expert=4")]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Three processes: 1 device (references, a checkpoint at step 3), 8 devices (every mesh,
+    a resume of the 1-device checkpoint, a checkpoint at step 3), 1 device (a resume of the
+    8-device checkpoint)."""
+    tmp = tmp_path_factory.mktemp("multidevice")
+    data = tmp / "corpus.txt"
+    data.write_text(TEXT)
+    data = str(data)
+    one = run_worker(1, [
+        *[{"name": f"ref-{m}", "argv": base_flags(m, data, tmp / f"ref-{m}")}
+          for m in ("gpt", "moderngpt", "moegpt")],
+        {"name": "stop-1", "argv": base_flags("moegpt", data, tmp / "from-1", "--stop_at", "3")},
+    ], tmp)
+    eight = run_worker(8, [
+        *[{"name": f"{m}-{mesh}", "argv": base_flags(m, data, tmp / f"{m}-{mesh}", "--mesh", mesh),
+           "checks": ["fsdp_bytes"] + (["expert_hlo"] if "expert" in mesh else [])}
+          for m, mesh in MESHES],
+        {"name": "resume-on-8", "argv": base_flags("moegpt", data, tmp / "from-1", "--resume",
+                                                   "--mesh", "data=2,expert=4")},
+        {"name": "stop-8", "argv": base_flags("moegpt", data, tmp / "from-8", "--stop_at", "3",
+                                              "--mesh", "data=4,fsdp=2")},
+    ], tmp)
+    again = run_worker(1, [
+        {"name": "resume-on-1", "argv": base_flags("moegpt", data, tmp / "from-8", "--resume")},
+    ], tmp)
+    return {**one, **eight, **again}
+
+
+def losses(result: dict) -> dict[int, float]:
+    return {int(k): v for k, v in result["losses"].items()}
+
+
+def assert_same_run(result: dict, reference: dict, steps=range(STEPS)) -> None:
+    got, want = losses(result), losses(reference)
+    assert sorted(got) == list(steps)
+    for step in steps:
+        assert got[step] == pytest.approx(want[step], rel=RTOL), f"step {step}"
+    a, b = np.load(result["weights"]), np.load(reference["weights"])
+    assert sorted(a.files) == sorted(b.files)
+    # Relative to the largest weight of the model: the key bias has an exactly-zero gradient,
+    # so AdamW turns float noise into lr-sized steps there, at 1e-7 of the weights' scale.
+    scale = max(float(np.abs(b[k]).max()) for k in b.files)
+    for key in a.files:
+        np.testing.assert_allclose(a[key], b[key], rtol=RTOL, atol=RTOL * scale, err_msg=key)
+
+
+@pytest.mark.parametrize("model,mesh", MESHES)
+def test_mesh_matches_one_device(results, model, mesh):
+    result = results[f"{model}-{mesh}"]
+    assert result["placement"].startswith(" ".join(
+        f"{a}={n}" for a, n in {"data": 1, "fsdp": 1, "expert": 1,
+                                **dict(p.split("=") for p in mesh.split(","))}.items()))
+    assert_same_run(result, results[f"ref-{model}"])
+
+
+def test_fsdp_shards_params_and_optimizer_state(results):
+    """Under fsdp=2 a device holds about half of params + AdamW state; under data=8, all."""
+    sharded = results["moderngpt-data=4,fsdp=2"]["fsdp_bytes"]
+    assert sharded["devices"] == 8
+    assert sharded["max_per_device"] <= 0.55 * sharded["total"]
+    replicated = results["gpt-data=8"]["fsdp_bytes"]
+    assert replicated["max_per_device"] == replicated["total"]
+
+
+def test_expert_parallel_exchanges_tokens_not_weights(results):
+    """2 of the 8 experts per device; the compiled step moves tokens with all-to-all and never
+    all-gathers anything as large as one layer's expert weights."""
+    hlo = results["moegpt-data=2,expert=4"]["expert_hlo"]
+    assert hlo["local_expert_shape"][:2] == [2, 2]  # (layers, experts on this device)
+    assert hlo["all_to_all"] >= 2
+    assert hlo["largest_all_gather"] < hlo["expert_weight_elements"]
+
+
+def test_checkpoint_moves_between_device_counts(results):
+    """1 device -> 8 (data x expert) and 8 (data x fsdp) -> 1: the resumed runs continue with
+    the uninterrupted run's losses and end with its weights."""
+    assert losses(results["stop-1"]).keys() == {0, 1, 2}
+    for name in ("resume-on-8", "resume-on-1"):
+        assert_same_run(results[name], results["ref-moegpt"], steps=range(3, STEPS))
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo) = 1 process accumulating the same global batch."""
+    import torch
+
+    data = tmp_path / "corpus.txt"
+    data.write_text(TEXT)
+    flags = lambda log: ["--framework", "torch", *base_flags("moegpt", str(data), log, total=256)]  # noqa: E731
+    env = {**os.environ, "PYTHONPATH": ROOT, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, launcher in [("one", []),
+                           ("two", ["-m", "torch.distributed.run", "--standalone",
+                                    "--nproc_per_node", "2"])]:
+        cmd = [sys.executable, *launcher, os.path.join(ROOT, "train.py"), *flags(tmp_path / name)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = {r["step"]: r["loss"] for r in lines if "loss" in r}
+        runs[name + "-weights"] = torch.load(tmp_path / name / "model_final.pt",
+                                             weights_only=True)["model"]
+    assert sorted(runs["two"]) == list(range(STEPS))  # each step logged once, by rank 0
+    for step in range(STEPS):
+        assert runs["two"][step] == pytest.approx(runs["one"][step], rel=RTOL)
+    scale = max(float(w.abs().max()) for w in runs["one-weights"].values())
+    for key, want in runs["one-weights"].items():
+        torch.testing.assert_close(runs["two-weights"][key], want, rtol=RTOL, atol=RTOL * scale)

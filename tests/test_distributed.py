@@ -155,3 +155,49 @@ def test_torchrun_two_processes_match_one(tmp_path):
     scale = max(float(w.abs().max()) for w in runs["one-weights"].values())
     for key, want in runs["one-weights"].items():
         torch.testing.assert_close(runs["two-weights"][key], want, rtol=RTOL, atol=RTOL * scale)
+
+
+@pytest.mark.parametrize("spec,n,want", [
+    (None, 8, (8, 1, 1)), ("fsdp=4", 8, (2, 4, 1)), ("data=2,expert=4", 8, (2, 1, 4)),
+    ("expert=2,fsdp=2", 8, (2, 2, 2)), ("", 1, (1, 1, 1))])
+def test_parse_mesh(spec, n, want):
+    from nanomoe_jax.sharding import AXES, parse_mesh
+
+    assert tuple(parse_mesh(spec, n)[a] for a in AXES) == want
+
+
+@pytest.mark.parametrize("spec,n,words", [
+    ("data=3", 8, "multiply to 3"), ("fsdp=3", 8, "cannot be split"),
+    ("model=2", 8, "AXIS=N"), ("data=two", 8, "AXIS=N"), ("data=0", 1, "AXIS=N")])
+def test_parse_mesh_refuses_bad_specs(spec, n, words):
+    from nanomoe.errors import ConfigError
+    from nanomoe_jax.sharding import parse_mesh
+
+    with pytest.raises(ConfigError, match=words):
+        parse_mesh(spec, n)
+
+
+def test_param_spec_places_experts_and_fsdp():
+    """The placement rule itself: experts on 'expert', the largest divisible dim on 'fsdp',
+    the stacked layer axis never split, odd-sized vectors replicated."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from nanomoe.config import MoeGPTConfig
+    from nanomoe.errors import ConfigError
+    from nanomoe_jax.sharding import param_spec
+
+    class FakeMesh:
+        shape = {"data": 1, "fsdp": 2, "expert": 4}
+
+    cfg = MoeGPTConfig(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_experts=8)
+    key = jax.tree_util.DictKey
+    path = lambda *names: tuple(key(n) for n in names)  # noqa: E731
+    assert param_spec(path("blocks", "mlp", "fc_weight"), (2, 8, 128, 64), FakeMesh, cfg) == \
+        P(None, "expert", "fsdp", None)
+    assert param_spec(path("blocks", "attn", "c_qkv", "kernel"), (2, 64, 192), FakeMesh, cfg) == \
+        P(None, None, "fsdp")
+    assert param_spec(path("wte", "embedding"), (256, 64), FakeMesh, cfg) == P("fsdp", None)
+    assert param_spec(path("blocks", "ln1", "scale"), (2, 7), FakeMesh, cfg) == P(None, None)
+    with pytest.raises(ConfigError, match="experts cannot be split"):
+        param_spec(path("blocks", "mlp", "fc_bias"), (2, 6, 128), FakeMesh, cfg)

@@ -19,6 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multidevice_worker.py")
 STEPS = 5
 RTOL = 1e-5
+# One xdist worker runs this module: the 3-process fixture is built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("multidevice")
 
 
 def base_flags(model: str, data: str, log_dir, *extra, total: int = 512) -> list[str]:
@@ -128,6 +130,45 @@ def test_checkpoint_moves_between_device_counts(results):
     assert losses(results["stop-1"]).keys() == {0, 1, 2}
     for name in ("resume-on-8", "resume-on-1"):
         assert_same_run(results[name], results["ref-moegpt"], steps=range(3, STEPS))
+
+
+def test_two_jax_processes_match_one_device(results, tmp_path_factory):
+    """Multi-host on one machine: 2 processes x 2 simulated devices (gloo between them), mesh
+    data=2 x expert=2, each process reading its own rows: the one-device run's losses and
+    final weights; only process 0 writes metrics (each step once)."""
+    import socket
+
+    import torch
+
+    tmp = tmp_path_factory.mktemp("multihost")
+    data = tmp / "corpus.txt"
+    data.write_text(TEXT)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = base_flags("moegpt", str(data), tmp / "run", "--mesh", "data=2,expert=2")
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT,
+             "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+             "JAX_PROCESS_ID": str(i)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert "process(es)" in outputs[0] and "2 process(es)" in outputs[0]
+    lines = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    got = {r["step"]: r["loss"] for r in lines if "loss" in r}
+    assert sorted(got) == list(range(STEPS))
+    want = losses(results["ref-moegpt"])
+    for step in range(STEPS):
+        assert got[step] == pytest.approx(want[step], rel=RTOL), f"step {step}"
+    a = torch.load(tmp / "run" / "model_final.pt", weights_only=True)["model"]
+    b = torch.load(os.path.join(os.path.dirname(results["ref-moegpt"]["weights"]), "ref-moegpt",
+                                "model_final.pt"), weights_only=True)["model"]
+    scale = max(float(w.abs().max()) for w in b.values())
+    for key, want_w in b.items():
+        torch.testing.assert_close(a[key], want_w, rtol=RTOL, atol=RTOL * scale)
 
 
 def test_torchrun_two_processes_match_one(tmp_path):

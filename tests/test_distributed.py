@@ -19,8 +19,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multidevice_worker.py")
 STEPS = 5
 RTOL = 1e-5
-# One xdist worker runs this module: the 3-process fixture is built once, not once per worker.
-pytestmark = pytest.mark.xdist_group("multidevice")
 
 
 def base_flags(model: str, data: str, log_dir, *extra, total: int = 512) -> list[str]:
@@ -50,7 +48,7 @@ MESHES = [("gpt", "data=8"), ("moderngpt", "data=4,fsdp=2"), ("moegpt", "data=4,
           ("moegpt", "data=2,expert=4")]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: built once even if other modules run in between
 def results(tmp_path_factory):
     """Three processes: 1 device (references, a checkpoint at step 3), 8 devices (every mesh,
     a resume of the 1-device checkpoint, a checkpoint at step 3), 1 device (a resume of the

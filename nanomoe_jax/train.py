@@ -117,16 +117,17 @@ def initialize_distributed() -> None:
     (JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID, or SLURM / Open MPI, which
     jax.distributed detects itself). Must run before anything touches a device."""
     env = os.environ
-    if not (env.get("JAX_COORDINATOR_ADDRESS") or int(env.get("SLURM_NTASKS", "1")) > 1
-            or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1):
+    explicit = bool(env.get("JAX_COORDINATOR_ADDRESS"))
+    managed = int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    if not (explicit or managed):
         return
     # CPU processes exchange with gloo (GPUs use NCCL whatever this says)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if env.get("JAX_COORDINATOR_ADDRESS"):
+    if explicit:
         jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"],
                                    num_processes=int(env["JAX_NUM_PROCESSES"]),
                                    process_id=int(env["JAX_PROCESS_ID"]))
-    elif int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    else:  # jax.distributed detects SLURM and Open MPI itself
         jax.distributed.initialize()
 
 
@@ -179,6 +180,8 @@ class JaxBackend:
                              in_shardings=(self.param_sharding, self.eval_sharding,
                                            self.eval_sharding),
                              out_shardings=replicated)
+        self._replicate = jax.jit(lambda p: p, out_shardings=jax.tree.map(
+            lambda _: replicated, self.param_sharding))  # compiled once, used per sample/export
         self._logits = jax.jit(lambda params, idx: nnx.merge(self.graphdef, params)(idx)[0]
                                .astype(jnp.float32), out_shardings=replicated)
 
@@ -207,10 +210,7 @@ class JaxBackend:
     def replicated_model(self) -> nnx.Module:
         """The model with every weight whole on every device (to export or sample); a
         collective, so every process calls it."""
-        replicated = NamedSharding(self.mesh, P())
-        params = jax.jit(lambda p: p, out_shardings=jax.tree.map(lambda _: replicated,
-                                                                 self.param_sharding))(self.state[0])
-        return nnx.merge(self.graphdef, params)
+        return nnx.merge(self.graphdef, self._replicate(self.state[0]))
 
     def load_weights(self, path: str) -> None:
         """--init_from: see conversion.checkpoints.init_arrays for what PATH may be."""

@@ -7,12 +7,7 @@ original's state_dict keys (``nanomoe.init.param_specs`` order, tied head includ
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import pickle
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,81 +18,13 @@ from nanomoe.errors import ConversionError
 from nanomoe.init import param_specs, tied_names
 from nanomoe.state_dict import strip_wrapper_prefixes
 
+from .outputs import atomic_output, check_output
+from .pt_files import load_checkpoint_file, load_state_dict_file, read_config_json
+
+__all__ = ["atomic_output", "check_output", "load_checkpoint_file", "load_state_dict_file",
+           "load_source", "init_arrays", "to_torch", "from_torch", "Source"]
+
 Log = Callable[[str], None]
-
-
-# ---------------------------------------------------------------------------------------------
-# reading .pt files
-
-
-class _Unknown:
-    """Stands in for a class of the original's code (its config dataclass) when unpickling;
-    keeps the attributes, and the class name in ``type(obj).__name__``."""
-
-    def __init__(self, *args, **kwargs):
-        self.__dict__.update(kwargs)
-
-    def __setstate__(self, state):
-        if isinstance(state, tuple) and len(state) == 2:  # (dict, slots) as pickle writes it
-            state = {**(state[0] or {}), **(state[1] or {})}
-        if isinstance(state, dict):
-            self.__dict__.update(state)
-
-
-def _stand_in(qualified_name: str) -> type:
-    module, _, name = qualified_name.rpartition(".")
-    return type(name, (_Unknown,), {"__module__": module, "__qualname__": name})
-
-
-class _Unpickler(pickle.Unpickler):  # fallback: only torch's, numpy's and container classes
-    def find_class(self, module, name):
-        if module.startswith(("torch", "collections", "numpy", "_codecs")):
-            return super().find_class(module, name)
-        return _stand_in(f"{module}.{name}")
-
-
-class _PickleModule:
-    Unpickler = _Unpickler
-    load = pickle.load
-    __name__ = "nanomoe_pickle"
-
-
-def load_checkpoint_file(path: str) -> dict[str, Any]:
-    """The dict inside a .pt file: ``{'model', 'config', 'step'}`` or a bare state_dict.
-
-    Always ``weights_only=True`` (no code from the file runs): the classes the file names that
-    are not importable or not allowed (the original's config dataclass) are replaced by plain
-    attribute holders of the same name.
-    """
-    import torch
-
-    if not os.path.isfile(path):
-        raise ConversionError(f"{path}: no such checkpoint file")
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            pass  # the original's config dataclass: read it without importing its module
-        try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except (AttributeError, ValueError):  # torch < 2.5, or the legacy non-zip format
-            return torch.load(path, map_location="cpu", weights_only=False,
-                              pickle_module=_PickleModule)
-        with torch.serialization.safe_globals([_stand_in(n) for n in names]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as e:
-        raise ConversionError(f"{path}: not a readable checkpoint ({e.__class__.__name__}); "
-                              "the file may be truncated or of another format") from None
-
-
-def load_state_dict_file(path: str) -> dict[str, Any]:
-    """The model weights of a .pt checkpoint (``ckpt['model']`` or the file itself)."""
-    ckpt = load_checkpoint_file(path)
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
-        return ckpt["model"]
-    if isinstance(ckpt, dict) and all(hasattr(v, "shape") for v in ckpt.values()):
-        return ckpt
-    raise ConversionError(f"{path}: holds no state_dict (expected a dict with 'model')")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +159,18 @@ def check_arrays(config, arrays: dict, where: str) -> dict[str, np.ndarray]:
     if not np.array_equal(arrays[lm_head], arrays[embedding]):
         raise ConversionError(f"{where}: {lm_head} differs from {embedding}, but the model "
                               "ties them")
+    check_finite(arrays, where)
     return {k: arrays[k] for k in specs}
+
+
+def check_finite(arrays: dict, where: str) -> None:
+    """Refuse NaN/inf weights here, where the file can be named, rather than let training
+    report them later as a learning-rate problem."""
+    for key, value in arrays.items():
+        if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.isfinite(value).all():
+            raise ConversionError(f"{where}: the weights hold non-finite values (first: {key}); "
+                                  "the file is damaged or its run diverged: use an earlier "
+                                  "checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,10 +188,10 @@ class Source:
 def is_pretrained_folder(path: str) -> bool:
     """A folder of ours with config.json naming one of our model types."""
     try:
-        with open(os.path.join(path, "config.json")) as f:
-            return json.load(f).get("model_type") in MODEL_CONFIGS
-    except (OSError, ValueError, AttributeError):
+        config = read_config_json(path) if os.path.isdir(path) else None
+    except ConversionError:
         return False
+    return config is not None and config.get("model_type") in MODEL_CONFIGS
 
 
 def load_source(path: str, model: str | None = None, overrides: dict | None = None,
@@ -262,7 +200,7 @@ def load_source(path: str, model: str | None = None, overrides: dict | None = No
     safetensors folder of ours, as a :class:`Source`."""
     if not os.path.exists(path):
         raise ConversionError(f"{path}: no such file or folder")
-    if os.path.isfile(path):
+    if not os.path.isdir(path):  # a .pt file; a FIFO or device is refused before opening
         ckpt = load_checkpoint_file(path)
         if not isinstance(ckpt, dict):
             raise ConversionError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict")
@@ -273,6 +211,7 @@ def load_source(path: str, model: str | None = None, overrides: dict | None = No
         arrays = check_arrays(config, {k: _numpy(v) for k, v in sd.items()}, path)
         meta = {} if ours or config.vocab_size <= 512 else {"tokenizer": "gpt2"}
         return Source(config, arrays, int(ckpt.get("step") or 0) if has_model else 0, meta)
+    read_config_json(path)  # a config.json that is not JSON: say so, not "no checkpoint"
     if is_pretrained_folder(path):
         from nanomoe_torch.pretrained import read_pretrained, read_pretrained_metadata
 
@@ -288,6 +227,7 @@ def load_source(path: str, model: str | None = None, overrides: dict | None = No
         loaded, meta = load_model(path)
         extra = {k: meta[k] for k in ("tokenizer",) if k in meta}
         source = Source(loaded.config, export_arrays(loaded), int(meta.get("step", 0)), extra)
+        check_finite(source.arrays, path)
     _check_model(source.config, model, path)
     if overrides:  # e.g. --set double_attn_scale=true on one of our checkpoints
         fields = {**config_to_dict(source.config), **overrides}
@@ -301,34 +241,6 @@ def _check_model(config, model: str | None, path: str) -> None:
     if model and model_type_of(config) != model:
         raise ConversionError(f"{path} holds a {model_type_of(config)} checkpoint, "
                               f"not {model} as asked")
-
-
-# ---------------------------------------------------------------------------------------------
-# outputs: all or nothing
-
-
-def check_output(out: str, force: bool) -> None:
-    if os.path.lexists(out) and not force:
-        raise ConversionError(f"{out} already exists: choose another --out or pass --force")
-
-
-@contextlib.contextmanager
-def atomic_output(out: str, force: bool = False):
-    """Yields a staging path beside ``out``; moved to ``out`` only if the block succeeds, so a
-    failure leaves neither a partial ``out`` nor a half-replaced old one."""
-    out = os.path.abspath(out)
-    check_output(out, force)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
-    try:
-        staging = os.path.join(tmp, os.path.basename(out))
-        yield staging
-        if os.path.lexists(out):  # --force: keep the old one until the new one is in place
-            os.rename(out, os.path.join(tmp, "replaced"))
-        os.rename(staging, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +265,7 @@ def to_torch(ckpt: str, out: str, format: str = "pt", force: bool = False,
     model.safetensors + config.json (``'safetensors'``, read by ``from_pretrained``)."""
     if format not in ("pt", "safetensors"):
         raise ConversionError(f"--format: must be pt or safetensors, got {format!r}")
-    check_output(out, force)
+    check_output(out, force, [ckpt], "pt" if format == "pt" else "folder")
     source = load_source(ckpt, model, log=log)
     import torch
 
@@ -371,7 +283,7 @@ def to_torch(ckpt: str, out: str, format: str = "pt", force: bool = False,
 def from_torch(path: str, out: str, model: str | None = None, overrides: dict | None = None,
                force: bool = False, log: Log = print) -> str:
     """A .pt checkpoint (the original's or ours) -> a JAX checkpoint folder at ``out``."""
-    check_output(out, force)
+    check_output(out, force, [path], "jax")
     source = load_source(path, model, overrides, log)
     step_folder = save_jax(source, out, force, {"source": os.path.abspath(path)})
     log(f"wrote {step_folder} ({type(source.config).__name__}, step {source.step})")
@@ -404,7 +316,10 @@ def init_arrays(path: str) -> dict[str, np.ndarray]:
     """Weights for ``train.py --init_from PATH`` in the original's names: a JAX checkpoint, a
     .pt file (the original's or ours), one of our safetensors folders, or Hugging Face GPT-2
     (a local folder, or a hub name such as ``gpt2`` when the hub is reachable)."""
-    hf_folder = os.path.isfile(os.path.join(path, "config.json")) and not is_pretrained_folder(path)
+    if not os.path.exists(path) and os.path.lexists(path):
+        raise ConversionError(f"--init_from {path}: a link to nothing")
+    hf_folder = (os.path.isdir(path) and read_config_json(path) is not None
+                 and not is_pretrained_folder(path))
     if os.path.exists(path) and not hf_folder:
         return load_source(path, log=lambda *_: None).arrays
     import tempfile

@@ -18,6 +18,7 @@ from nanomoe.errors import ConversionError, NanoMoeError
 
 from .checkpoints import Log, from_torch, is_pretrained_folder, load_source, to_torch
 from .hf import from_hf, to_hf
+from .pt_files import read_config_json
 
 MODEL_TYPES = ("gpt", "moderngpt", "moegpt")
 DEFAULT_PROMPT = "Hello, I'm a language model,"
@@ -36,11 +37,8 @@ class Runner:
 
 
 def _hf_model_type(path: str) -> str | None:
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            return json.load(f).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
+    config = read_config_json(path) if os.path.isdir(path) else None  # refuses bad JSON
+    return (config or {}).get("model_type")
 
 
 def load_runner(path: str, log: Log = print) -> Runner:
@@ -52,7 +50,8 @@ def load_runner(path: str, log: Log = print) -> Runner:
         from transformers import AutoModelForCausalLM
 
         try:
-            hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).float().eval()
+            hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                      trust_remote_code=False).float().eval()
         except Exception as e:  # noqa: BLE001
             raise ConversionError(f"{path}: transformers could not load it "
                                   f"({type(e).__name__})") from None
@@ -157,9 +156,23 @@ def _setting(text: str) -> tuple[str, object]:
 
 def _tokens(text: str) -> list[int]:
     try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ids, got {text!r}") from None
+        ids = []
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids >= 0, e.g. 1,2,3; "
+                                          f"got {text!r}")
+    return ids
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -214,7 +227,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", help=f"text (byte tokenizer for vocab <= 512, else gpt2); "
                                     f"default {DEFAULT_PROMPT!r}")
     g.add_argument("--tokens", type=_tokens, help="explicit ids, e.g. 1,2,3")
-    s.add_argument("--tolerance", type=float, default=1e-4,
+    s.add_argument("--tolerance", type=_tolerance, default=1e-4,
                    help="largest accepted max|A-B| / max|logit|")
     s.set_defaults(run=lambda a: 0 if compare(a.a, a.b, a.tokens, a.prompt,
                                               a.tolerance)["ok"] else 1)

@@ -24,6 +24,7 @@ from nanomoe.init import param_specs
 
 from .checkpoints import (Log, Source, atomic_output, check_arrays, check_output, load_source,
                           save_jax)
+from .pt_files import read_config_json
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -160,7 +161,7 @@ def to_hf(ckpt: str, out: str, force: bool = False, model: str | None = None,
     loads (GPT, ModernGPT), or nanomoe's safetensors folder (MoeGPT)."""
     import torch
 
-    check_output(out, force)
+    check_output(out, force, [ckpt], "folder")
     source = load_source(ckpt, model, log=log)
     c = source.config
     if isinstance(c, MoeGPTConfig):
@@ -195,13 +196,18 @@ def from_hf(name_or_dir: str, out: str, force: bool = False, log: Log = print) -
     import torch
     from transformers import AutoConfig, GPT2LMHeadModel
 
-    check_output(out, force)
+    check_output(out, force, [name_or_dir], "jax")
     local = os.path.exists(name_or_dir)
-    if local and not os.path.isfile(os.path.join(name_or_dir, "config.json")):
+    if local and read_config_json(name_or_dir) is None:  # also: config.json that is not JSON
         raise ConversionError(f"{name_or_dir}: not a Hugging Face model folder (no config.json)")
     try:
-        hf_config = AutoConfig.from_pretrained(name_or_dir, local_files_only=local)
+        hf_config = AutoConfig.from_pretrained(name_or_dir, local_files_only=local,
+                                               trust_remote_code=False)  # no code from a folder
     except Exception as e:  # noqa: BLE001 - offline, unknown name, bad config: one message
+        if local:
+            detail = (str(e).splitlines() or [""])[0][:160]
+            raise ConversionError(f"{name_or_dir}/config.json: transformers could not read it "
+                                  f"({type(e).__name__}: {detail})") from None
         raise ConversionError(f"could not get {name_or_dir!r} ({type(e).__name__}): it is not a "
                               "local folder and the Hugging Face hub did not provide it; "
                               "pass a folder holding config.json and the weights") from None
@@ -213,7 +219,8 @@ def from_hf(name_or_dir: str, out: str, force: bool = False, log: Log = print) -
         raise ConversionError(f"{name_or_dir}: our GPT cannot express this GPT-2 config "
                               f"({', '.join(bad)})")
     try:
-        hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir, local_files_only=local)
+        hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir, local_files_only=local,
+                                                   trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
         raise ConversionError(f"could not load the weights of {name_or_dir!r} "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .errors import NanoMoeError
+from .files import check_regular_file
 from .tokenizer import ByteTokenizer, Tokenizer, encode_array, get_tokenizer
 
 SPLITS = ("train", "val")
@@ -202,23 +203,30 @@ def _split_text(tokens: np.ndarray, split: str, source: str, fmt: str) -> TokenS
 # dispatch
 
 
+def _regular(files: list[Path]) -> list[Path]:
+    # a FIFO would block the reader and a device never ends: refuse them before opening
+    for p in files:
+        check_regular_file(p, "data file", DataError)
+    return files
+
+
 def _candidate_files(data: str) -> list[Path]:
     if any(c in data for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(data))
+        files = sorted(Path(p) for p in glob.glob(data) if not os.path.isdir(p))
         if not files:
             raise DataError(f"no file matches {data}: check the pattern")
-        return files
+        return _regular(files)
     path = Path(data)
     if not path.exists():
         raise DataError(f"data path {data} does not exist: give a folder of token shards, a "
                         "text file, or no --data for the built-in corpus")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file())
+        files = sorted(p for p in path.iterdir() if not p.is_dir())
         if not files:
             raise DataError(f"data folder {data} is empty: prepare shards into it with "
                             "python -m nanomoe.prepare")
-        return files
-    return [path]
+        return _regular(files)
+    return _regular([path])
 
 
 def _is_nanogpt(path: Path) -> bool:

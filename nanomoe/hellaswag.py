@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .errors import NanoMoeError
+from .files import check_regular_file
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 FILENAME = "hellaswag_val.jsonl"
@@ -146,6 +147,8 @@ def find_or_download(hellaswag_file: str | Path | None, cache_dir: str | Path) -
     """``hellaswag_file`` if given (it must exist), else the validation split in ``cache_dir``."""
     if hellaswag_file:
         path = Path(hellaswag_file)
+        if path.exists():  # a folder, FIFO or device: one sentence, never a blocking open
+            check_regular_file(path, "HellaSwag file", HellaSwagError)
         if not path.is_file():
             raise HellaSwagError(f"HellaSwag file {path} does not exist: give the path to a "
                                  f"local copy of {FILENAME}, or leave --hellaswag_file out to "

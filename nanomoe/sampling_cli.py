@@ -4,11 +4,26 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Callable
 
 from .errors import NanoMoeError
 from .tokenizer import get_tokenizer
+
+
+def _number(kind: type, low: float, what: str) -> Callable[[str], float]:
+    """An argparse type: a finite ``kind`` >= ``low`` (NaN, inf and junk refused)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def make_parser(prog: str) -> argparse.ArgumentParser:
@@ -17,11 +32,12 @@ def make_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="a run's --log_dir, a checkpoint folder, or a .pt file (model_final.pt)")
     p.add_argument("--prompt", default="Hello, I'm a language model,")
-    p.add_argument("--max_new_tokens", type=int, default=100)
-    p.add_argument("--top_k", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-    p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max_new_tokens", type=_number(int, 0, "an integer >= 0"), default=100)
+    p.add_argument("--top_k", type=_number(int, 1, "an integer >= 1"), default=50)
+    p.add_argument("--temperature", type=_number(float, 0, "a finite number >= 0"),
+                   default=1.0, help="0: greedy")
+    p.add_argument("--num_samples", type=_number(int, 1, "an integer >= 1"), default=1)
+    p.add_argument("--seed", type=_number(int, 0, "an integer >= 0"), default=0)
     p.add_argument("--tokenizer", default=None,
                    help="byte | gpt2 | PATH/tokenizer.json; default: the run's, else byte for "
                         "vocabularies up to 512, gpt2 otherwise")
@@ -45,7 +61,7 @@ def main(prog: str, load: Callable, generate: Callable, argv: list[str] | None =
         for i in range(args.num_samples):
             out = generate(model, prompt, args, args.seed + i)
             print(f"--- sample {i}\n{tokenizer.decode(prompt + out)}", flush=True)
-    except NanoMoeError as e:
+    except (NanoMoeError, OSError) as e:  # OSError: an unreadable file
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

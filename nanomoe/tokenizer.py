@@ -15,6 +15,7 @@ from typing import Iterable
 import numpy as np
 
 from .errors import NanoMoeError
+from .files import check_regular_file
 
 TOKENIZERS = ("byte", "gpt2", "PATH/tokenizer.json")
 
@@ -87,9 +88,10 @@ class JsonTokenizer:
 
     def __init__(self, path: str | Path):
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise TokenizerError(f"tokenizer file {path} does not exist: give a tokenizer.json, "
                                  "or use --tokenizer byte or gpt2")
+        check_regular_file(path, "tokenizer.json file", TokenizerError)  # a FIFO would block
         try:
             from tokenizers import Tokenizer
         except ImportError as e:
@@ -122,7 +124,7 @@ def get_tokenizer(name: str) -> Tokenizer:
         return ByteTokenizer()
     if name == "gpt2":
         return TiktokenGPT2()
-    if name.endswith(".json") or Path(name).is_file():
+    if name.endswith(".json") or Path(name).exists():
         return JsonTokenizer(name)
     raise TokenizerError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}")
 

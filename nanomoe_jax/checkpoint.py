@@ -70,8 +70,17 @@ def read_meta(path: str) -> dict:
     mngr = manager(folder, async_save=False)
     import orbax.checkpoint as ocp
 
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    mngr.close()
+    try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged folder
+        detail = (str(e).splitlines() or [""])[0][:160]
+        raise ConversionError(f"{folder}/{step}: could not read the checkpoint's meta "
+                              f"({type(e).__name__}: {detail}); the folder is damaged") from None
+    finally:
+        mngr.close()
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ConversionError(f"{folder}/{step}: its meta holds no model config; the folder is "
+                              "damaged or was not written by nanomoe")
     return meta
 
 

@@ -76,7 +76,8 @@ def load_for_sampling(path: str):
     from conversion.checkpoints import load_checkpoint_file
 
     ckpt = load_checkpoint_file(path)
-    if not isinstance(ckpt.get("config"), dict) or "model_type" not in ckpt["config"]:
+    if (not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict)
+            or "model_type" not in ckpt["config"] or not isinstance(ckpt.get("model"), dict)):
         raise ConversionError(f"{path}: its config is not ours; import it first with "
                               "python -m conversion from-torch")
     config = config_from_dict(ckpt["config"])

@@ -77,18 +77,35 @@ def write_pretrained(directory: str, config, state: Mapping, metadata: dict | No
         json.dump(config_to_dict(config), f, indent=2)
 
 
+def _safetensors(path: str, read):
+    """``read(path)``, with any damage to the file (a header or offsets that lie, truncation,
+    an unknown dtype) as one sentence; the Rust reader may even panic, a BaseException."""
+    from nanomoe.files import check_regular_file
+
+    check_regular_file(path, "safetensors file", ConversionError)
+    try:
+        return read(path)
+    except (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
+        raise
+    except BaseException as e:  # noqa: BLE001 - SafetensorError, PanicException, OSError
+        detail = (str(e).splitlines() or [""])[0][:160]
+        raise ConversionError(f"{path}: not a valid safetensors file ({type(e).__name__}: "
+                              f"{detail}); export the model again") from None
+
+
 def read_pretrained(directory: str) -> tuple[object, dict[str, torch.Tensor]]:
     """(config, state_dict with the tie restored) of a folder written by write_pretrained."""
     from safetensors.torch import load_file
 
+    from conversion.pt_files import read_config_json
+
     paths = [os.path.join(directory, n) for n in (CONFIG_NAME, WEIGHTS_NAME)]
-    missing = [p for p in paths if not os.path.isfile(p)]
+    missing = [p for p in paths if not os.path.lexists(p)]
     if missing:
         raise ConversionError(f"{missing[0]}: no such file (expected a folder written by "
                               "save_pretrained)")
-    with open(paths[0]) as f:
-        config = config_from_dict(json.load(f))
-    state = load_file(paths[1])
+    config = config_from_dict(read_config_json(directory))
+    state = _safetensors(paths[1], load_file)
     lm_head, embedding = tied_names(config)
     if embedding in state:
         state[lm_head] = state[embedding]
@@ -98,5 +115,8 @@ def read_pretrained(directory: str) -> tuple[object, dict[str, torch.Tensor]]:
 def read_pretrained_metadata(directory: str) -> dict[str, str]:
     from safetensors import safe_open
 
-    with safe_open(os.path.join(directory, WEIGHTS_NAME), "pt") as f:
-        return dict(f.metadata() or {})
+    def read(path):
+        with safe_open(path, "pt") as f:
+            return dict(f.metadata() or {})
+
+    return _safetensors(os.path.join(directory, WEIGHTS_NAME), read)

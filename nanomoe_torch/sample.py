@@ -39,7 +39,8 @@ def load_for_sampling(path: str):
     from . import model_class
 
     ckpt = load_checkpoint_file(path)
-    if not isinstance(ckpt.get("config"), dict) or "model_type" not in ckpt["config"]:
+    if (not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict)
+            or "model_type" not in ckpt["config"] or not isinstance(ckpt.get("model"), dict)):
         raise ConversionError(f"{path}: its config is not ours; convert it first with "
                               "python -m conversion")
     config = config_from_dict(ckpt["config"])

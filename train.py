@@ -6,8 +6,6 @@ a small MoE on the Python standard library's source for a few minutes (no downlo
 
 import sys
 
-from nanomoe.train_loop import main
-
 
 def make_backend(argv: list[str]):
     framework = "jax"
@@ -25,6 +23,16 @@ def make_backend(argv: list[str]):
     return JaxBackend()
 
 
+def _main(argv: list[str]) -> int:
+    from nanomoe.train_loop import main  # imported here so Ctrl-C during imports is caught
+
+    return main(argv, lambda: make_backend(argv))
+
+
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    sys.exit(main(argv, lambda: make_backend(argv)))
+    try:
+        sys.exit(_main(sys.argv[1:]))
+    except KeyboardInterrupt:  # Ctrl-C before the run installed its own handlers
+        print("error: stopped by SIGINT before the first step; nothing was written",
+              file=sys.stderr)
+        sys.exit(130)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 
@@ -142,6 +143,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         override = not args.no_override_defaults
         args.max_lr = MAX_LR_OVERRIDES.get(args.model, DEFAULT_MAX_LR) if override else DEFAULT_MAX_LR
     return args
+
+
+# (flag, lowest allowed value): counts and sizes that a zero or a negative value breaks.
+AT_LEAST = (("max_steps", 1), ("warmup_steps", 0), ("total_batch_size", 1), ("B", 1), ("T", 1),
+            ("eval_interval", 1), ("eval_steps", 1), ("ckpt_interval", 1),
+            ("keep_checkpoints", 1), ("stop_at", 1), ("skip_nonfinite", 0),
+            ("sample_every", 0), ("sample_tokens", 0), ("hellaswag_limit", 1),
+            ("loss_chunk_tokens", 1), ("seed", 0))
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Every numeric flag in its range, before anything is built or written."""
+    for name, low in AT_LEAST:
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            hint = (" (the newest checkpoint is what --resume continues from)"
+                    if name == "keep_checkpoints" else "")
+            raise ConfigError(f"--{name} must be at least {low}, got {value}{hint}")
+    for name in ("max_lr", "min_lr", "embedding_lr_mult"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0 or (name == "max_lr" and value == 0):
+            bound = "positive" if name == "max_lr" else "zero or positive"
+            raise ConfigError(f"--{name} must be a finite {bound} number, got {value}")
+    if args.min_lr > args.max_lr:
+        raise ConfigError(f"--min_lr {args.min_lr} is above --max_lr {args.max_lr}; the "
+                          "schedule decays from max_lr to min_lr")
+    if args.warmup_steps > args.max_steps:
+        raise ConfigError(f"--warmup_steps {args.warmup_steps} is more than --max_steps "
+                          f"{args.max_steps}; use fewer warmup steps")
 
 
 def given_config_fields(args: argparse.Namespace) -> dict:

@@ -59,6 +59,13 @@ def _attention_checks(cfg: Any, n_kv_head: int, rope: bool) -> None:
         )
 
 
+def _finite_floats(cfg: Any) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float):
+            _require(math.isfinite(value), f.name, f"must be a finite number, got {value}")
+
+
 def _dropout_check(cfg: Any) -> None:
     # The original's recipe trains with dropout 0.0; a non-zero value would make the two
     # frameworks' forward passes random and un-comparable, so it is refused, not ignored.
@@ -107,6 +114,7 @@ class ModernGPTConfig:
             self, "block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_factor"
         )
         _attention_checks(self, n_kv_head=self.n_kv_head, rope=True)
+        _finite_floats(self)
         _dropout_check(self)
 
 
@@ -155,6 +163,7 @@ class MoeGPTConfig:
             "ffn_factor",
         )
         _attention_checks(self, n_kv_head=self.n_head, rope=True)
+        _finite_floats(self)
         _dropout_check(self)
         for name in ("n_shared_experts", "seed"):
             value = getattr(self, name)

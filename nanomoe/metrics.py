@@ -17,6 +17,16 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _parse(line: str) -> dict | None:
+    """A metrics line, or None for a blank or torn one (a run killed mid-write leaves its
+    last line cut; that step comes after the checkpoint we resume from and is redone)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class MetricsLogger:
     """Appends one JSON object per train step and per eval to ``log_dir/metrics.jsonl``.
 
@@ -41,7 +51,7 @@ class MetricsLogger:
         if os.path.exists(self.path):
             # keep what the checkpoint we resume from had seen: steps before start_step
             with open(self.path) as f:
-                kept = [json.loads(line) for line in f if line.strip()]
+                kept = [r for r in map(_parse, f) if r is not None]
             self.records = [r for r in kept if r.get("step", 0) < start_step]
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.records)

@@ -18,17 +18,20 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .cli import apply_cpu_preset, build_config, parse_args
+from . import run_dir
+from .atomic import atomic_write, describe, write_advice
+from .cli import apply_cpu_preset, build_config, check_ranges, parse_args
 from .config import ModelConfig, config_to_dict
 from .data import DataLoader, Prefetcher, data_format, default_tokenizer, open_dataset
 from . import hellaswag
 from .errors import CheckpointError, NanoMoeError, NonFiniteError
 from .flops import device_peak_flops, flops_per_token
+from .init import param_specs
 from .metrics import MetricsLogger
 from .schedule import lr_at
 from .tokenizer import TokenizerError, get_tokenizer
 
-RUN_FILE = "run.json"  # what a log folder holds: model type, config, framework, tokenizer
+RUN_FILE = run_dir.RUN_FILE  # model type, config, framework, tokenizer, flags
 # Test hook: make the learning rate infinite at this step (the step must then be refused).
 NAN_HOOK = "NANOMOE_TEST_NAN_AT_STEP"
 
@@ -84,32 +87,54 @@ def model_vocab(tokenizer) -> int | None:
     return -(-tokenizer.vocab_size // 64) * 64
 
 
-def _check_log_dir(args, run_info: dict) -> None:
-    path = os.path.join(args.log_dir, RUN_FILE)
-    if not os.path.exists(path):
-        if args.resume:
-            raise TrainError(f"--resume: {args.log_dir} holds no run to resume; "
-                             "drop --resume to start a new one")
-        return
-    with open(path) as f:
-        previous = json.load(f)
-    if args.resume:
-        keys = ("model_type", "config", "framework", "tokenizer")
-        for key in keys:
-            if previous.get(key) != run_info[key]:
-                raise TrainError(
-                    f"--resume: {args.log_dir} holds a run with another {key} "
-                    f"({previous.get(key)} vs {run_info[key]}); resume with the same flags "
-                    "or choose another --log_dir")
-    elif not args.overwrite:
-        raise TrainError(f"{args.log_dir} already holds a run; pass --resume to continue it, "
-                         "--overwrite to start afresh, or choose another --log_dir")
+class Interrupted(NanoMoeError):
+    """SIGINT/SIGTERM before training started: nothing was written."""
+
+    def __init__(self, signame: str, log_dir: str):
+        super().__init__(f"stopped by {signame} before the first step; nothing was written to "
+                         f"{log_dir}")
+        self.signum = int(getattr(signal, signame))
+
+
+def _catch_stop_signals() -> tuple[list[str], Any]:
+    """SIGINT/SIGTERM only set a flag (handlers live in the main thread): before the log
+    folder is touched the run stops cleanly; after, the step in flight finishes and is saved."""
+    caught: list[str] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(
+                sig, lambda signum, frame: caught.append(signal.Signals(signum).name))
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return caught, restore
 
 
 def run(argv: list[str], backend: Backend) -> dict:
     """Train as the flags say; returns a summary (final losses, paths) for tests and callers."""
-    args = parse_args(argv)
+    stop_signal, restore_handlers = _catch_stop_signals()
+    lock = None
+    try:
+        args = parse_args(argv)
+        lock = run_dir.Lock(args.log_dir)
+        return _run(args, argv, backend, stop_signal, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+        restore_handlers()
+
+
+def _run(args, argv, backend: Backend, stop_signal: list[str], lock: run_dir.Lock) -> dict:
+    def stop_if_asked() -> None:  # before the log folder is touched
+        if stop_signal:
+            raise Interrupted(stop_signal[0], args.log_dir)
+
     preset = not backend.has_accelerator and apply_cpu_preset(args, argv)
+    check_ranges(args)
+    args.dtype = args.dtype or ("bfloat16" if backend.has_accelerator else "float32")
     if preset:
         print(f"No accelerator found ({backend.device_name}): using the CPU preset "
               f"(n_layer={args.n_layer} n_embd={args.n_embd} n_head={args.n_head} B={args.B} "
@@ -144,9 +169,15 @@ def run(argv: list[str], backend: Backend) -> dict:
         loader(split).next_batch()
     run_info = {"model_type": args.model, "config": config_to_dict(config),
                 "framework": backend.name,
-                "tokenizer": tokenizer.name if tokenizer else args.tokenizer or "gpt2"}
-    _check_log_dir(args, run_info)
+                "tokenizer": tokenizer.name if tokenizer else args.tokenizer or "gpt2",
+                "flags": run_dir.compute_flags(args)}
     leader = rank == 0
+    if leader and os.path.isdir(args.log_dir):  # a run in progress there: say so first
+        lock.acquire()
+    run_dir.check(args, run_info)
+    if leader:
+        run_dir.check_writable(args.log_dir)
+    check_memory(config, backend)
     hellaswag_file = None
     if args.do_hellaswag:
         if tokenizer is None:
@@ -154,12 +185,18 @@ def run(argv: list[str], backend: Backend) -> dict:
         hellaswag_file = hellaswag.find_or_download(
             args.hellaswag_file, os.path.expanduser("~/.cache/nanomoe"))
 
+    stop_if_asked()
     backend.setup(config, args)
+    stop_if_asked()
+    if leader and not lock.held:  # a new folder: lock it, then look again (another run may
+        lock.acquire()             # have begun there since the check above)
+        run_dir.check(args, run_info)
     start_step = 0
     if args.resume:
         latest = backend.latest_checkpoint(args.log_dir)
         if latest is None:
-            raise TrainError(f"--resume: no complete checkpoint in {args.log_dir}")
+            raise TrainError(f"--resume: no complete checkpoint in {args.log_dir}; start it "
+                             "again with --overwrite")
         try:
             meta = backend.restore(args.log_dir, latest)
         except NanoMoeError:
@@ -173,10 +210,15 @@ def run(argv: list[str], backend: Backend) -> dict:
         print(f"Resumed {args.log_dir} at step {start_step}", flush=True)
     elif args.init_from:
         backend.load_weights(args.init_from)
+    stop_if_asked()
     if leader:
-        os.makedirs(args.log_dir, exist_ok=True)
-        with open(os.path.join(args.log_dir, RUN_FILE), "w") as f:
-            json.dump(run_info, f, indent=1)
+        if args.overwrite and not args.resume:
+            removed = run_dir.clear_previous_run(args.log_dir)
+            if removed:
+                print(f"--overwrite: removed the previous run in {args.log_dir} "
+                      f"({', '.join(removed)})", flush=True)
+        atomic_write(os.path.join(args.log_dir, RUN_FILE),
+                     lambda tmp: _write_json(tmp, run_info))
 
     if leader:
         where = getattr(backend, "placement", "") or f"{world} rank(s)"
@@ -222,14 +264,6 @@ def run(argv: list[str], backend: Backend) -> dict:
     skipped = 0
     last_good = f"step {start_step} in {args.log_dir}" if start_step else None
     nan_step = int(os.environ.get(NAN_HOOK, -1))
-
-    # SIGINT/SIGTERM: finish the step in flight, save, exit 0 (handlers live in the main thread)
-    stop_signal: list[str] = []
-    previous_handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous_handlers[sig] = signal.signal(
-                sig, lambda signum, frame: stop_signal.append(signal.Signals(signum).name))
 
     def flush() -> None:
         nonlocal pending, t_last
@@ -299,8 +333,6 @@ def run(argv: list[str], backend: Backend) -> dict:
         raise
     finally:
         prefetch.close()
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
     if summary["interrupted"]:
         print(f"Stopped by {summary['interrupted']} after step {done}; the checkpoint is saved. "
               f"Continue with the same command plus --resume.", flush=True)
@@ -330,16 +362,67 @@ def run(argv: list[str], backend: Backend) -> dict:
     return summary
 
 
+def _write_json(path: str, value: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
+
+
+def check_memory(config: ModelConfig, backend: Backend) -> None:
+    """On a CPU host, refuse a model whose weights and AdamW state alone exceed the memory
+    that is free, before allocating any of it (the OS would otherwise kill the run)."""
+    if backend.has_accelerator:
+        return
+    need = 20 * sum(int(np.prod(s.shape)) for s in param_specs(config).values())
+    free = available_memory()
+    if free is not None and need > free:  # init copy, weights, 2 moments, gradients: fp32
+        raise TrainError(f"the model needs about {need / 2**30:.1f} GiB for its weights and "
+                         f"optimizer state, more than the {free / 2**30:.1f} GiB of memory free; "
+                         "use a smaller model (--n_layer, --n_embd, --n_experts)")
+
+
+def available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    text = f"{type(e).__name__} {e}"
+    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text or "OutOfMemory" in text
+
+
 def main(argv: list[str], make_backend) -> int:
-    """Entry point with the project's error handling: one sentence and exit 2 on bad input."""
+    """Entry point with the project's error handling: one sentence and exit 2 on bad input
+    (or on a disk, permission or memory failure), 128+N when stopped by signal N before the
+    first step; ``--debug`` shows the traceback instead."""
     import sys
 
     debug = "--debug" in argv
     try:
         run(argv, make_backend())
+    except Interrupted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 128 + e.signum
     except NanoMoeError as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a disk or permission failure outside the checkpoint writers
+        if debug:
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: {describe(e)}{where}; {write_advice(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - only memory exhaustion is turned into a sentence
+        if debug or not _out_of_memory(e):
+            raise
+        print("error: out of memory; use a smaller --B (more accumulation keeps the batch), "
+              "--T or model, or --remat full (JAX)", file=sys.stderr)
         return 2
     return 0

@@ -3,7 +3,9 @@ AdamW as the original configures it, orbax checkpoints, export to the original's
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from functools import partial
 from typing import Any
 
@@ -14,7 +16,8 @@ import optax
 from flax import nnx
 
 import conversion
-from nanomoe.atomic import atomic_torch_save
+from nanomoe.atomic import (as_os_error, atomic_torch_save, check_free_space, describe,
+                            write_advice)
 from nanomoe.config import MoeGPTConfig, config_to_dict
 from nanomoe.errors import CheckpointError, ConfigError, NonFiniteError
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -251,6 +254,8 @@ class JaxBackend:
     # checkpoints: orbax, atomic (a step folder appears only once complete), async
     def _manager(self, log_dir: str):
         if self.manager is None:
+            logging.getLogger("absl").addFilter(_QUIET)  # once; adding twice is a no-op
+            _quiet_closed_loops()
             self.manager = ckpt.manager(os.path.join(log_dir, ckpt.CHECKPOINTS),
                                         keep=self.args.keep_checkpoints)
         return self.manager
@@ -259,12 +264,14 @@ class JaxBackend:
         if not bool(jax.jit(all_finite)(self.state[0])):
             raise NonFiniteError(f"the weights after step {step} are not finite; "
                                  "not saving them")
+        state_bytes = sum(x.nbytes for x in jax.tree.leaves(self.state))
+        if self.process_index == 0:  # + the last async save, which may still be writing
+            check_free_space(log_dir, 2 * state_bytes + 2**20, f"the checkpoint of step {step}")
         try:
-            ckpt.save(self._manager(log_dir), step, self.state[0], meta, opt_state=self.state[1])
-        except OSError as e:  # a full disk: orbax leaves only a temporary folder behind
-            raise CheckpointError(f"could not write the checkpoint of step {step} in {log_dir} "
-                                  f"({e.strerror or e}); free some disk space; the previous "
-                                  "checkpoint is intact") from None
+            ckpt.save(self._manager(log_dir), step, self.state[0], meta,
+                      opt_state=self.state[1])
+        except Exception as e:  # noqa: BLE001 - orbax re-raises a failed async write here
+            raise _checkpoint_error(e, f"a checkpoint in {log_dir}") from None
 
     def latest_checkpoint(self, log_dir: str) -> int | None:
         return self._manager(log_dir).latest_step()
@@ -295,9 +302,43 @@ class JaxBackend:
         if self.manager is not None:
             try:
                 self.manager.wait_until_finished()  # the last async save
-            except OSError as e:
-                raise CheckpointError(f"the last checkpoint could not be written "
-                                      f"({e.strerror or e}); the previous one is intact") from None
+            except Exception as e:  # noqa: BLE001 - whatever the writer thread raised
+                raise _checkpoint_error(e, "the last checkpoint") from None
             finally:
                 self.manager.close()
                 self.manager = None
+
+
+def _checkpoint_error(e: BaseException, what: str) -> CheckpointError:
+    cause = as_os_error(e)
+    return CheckpointError(f"could not write {what} ({describe(cause)}); {write_advice(cause)}; "
+                           "the previous checkpoint is intact")
+
+
+class _OrbaxThreadErrors(logging.Filter):
+    """Orbax logs a failed background write from each of its threads, with tracebacks; the
+    same error is re-raised to save()/finish(), which report it in one sentence."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or "orbax" not in record.pathname
+
+
+_QUIET = _OrbaxThreadErrors()
+
+
+def _quiet_closed_loops() -> None:
+    """After a failed async write, tensorstore's completion callbacks may still try to wake
+    orbax's closed event loop; the C++ thread reports each as an "unraisable" traceback. The
+    failure itself reaches save()/finish(): drop only these echoes."""
+    previous = sys.unraisablehook
+    if getattr(previous, "nanomoe_quiet", False):
+        return
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.nanomoe_quiet = True
+    sys.unraisablehook = hook

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from conversion.checkpoints import load_checkpoint_file
-from nanomoe.atomic import atomic_torch_save
+from nanomoe.atomic import atomic_torch_save, check_free_space
 from nanomoe.config import MoeGPTConfig, config_to_dict
 from nanomoe.errors import ConversionError, NonFiniteError
 
@@ -156,6 +156,8 @@ class TorchBackend:
                                  "not saving them")
         if self.process_index == 0:  # ranks hold the same weights: rank 0 writes
             path = os.path.join(log_dir, f"model_{step:06d}.pt")
+            weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            check_free_space(log_dir, 3 * weights + 2**20, f"the checkpoint of step {step}")
             payload = {"model": self.model.state_dict(), "config": config_to_dict(self.config),
                        "step": step, "optimizer": self.optimizer.state_dict(), "meta": meta}
             atomic_torch_save(payload, path)  # visible only when complete

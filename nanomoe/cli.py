@@ -163,15 +163,11 @@ def check_ranges(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name} must be at least {low}, got {value}{hint}")
     for name in ("max_lr", "min_lr", "embedding_lr_mult"):
         value = getattr(args, name)
-        if not math.isfinite(value) or value < 0 or (name == "max_lr" and value == 0):
-            bound = "positive" if name == "max_lr" else "zero or positive"
-            raise ConfigError(f"--{name} must be a finite {bound} number, got {value}")
+        if not math.isfinite(value) or value < 0:  # 0 is a legal "evaluate only" run
+            raise ConfigError(f"--{name} must be a finite number >= 0, got {value}")
     if args.min_lr > args.max_lr:
         raise ConfigError(f"--min_lr {args.min_lr} is above --max_lr {args.max_lr}; the "
                           "schedule decays from max_lr to min_lr")
-    if args.warmup_steps > args.max_steps:
-        raise ConfigError(f"--warmup_steps {args.warmup_steps} is more than --max_steps "
-                          f"{args.max_steps}; use fewer warmup steps")
 
 
 def given_config_fields(args: argparse.Namespace) -> dict:

@@ -11,22 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import threading
 import time
 from typing import Any, Protocol
 
 import numpy as np
 
-from . import run_dir
-from .atomic import atomic_write, describe, write_advice
+from . import failures, run_dir
+from .atomic import atomic_write
 from .cli import apply_cpu_preset, build_config, check_ranges, parse_args
 from .config import ModelConfig, config_to_dict
 from .data import DataLoader, Prefetcher, data_format, default_tokenizer, open_dataset
 from . import hellaswag
 from .errors import CheckpointError, NanoMoeError, NonFiniteError
 from .flops import device_peak_flops, flops_per_token
-from .init import param_specs
 from .metrics import MetricsLogger
 from .schedule import lr_at
 from .tokenizer import TokenizerError, get_tokenizer
@@ -87,35 +84,9 @@ def model_vocab(tokenizer) -> int | None:
     return -(-tokenizer.vocab_size // 64) * 64
 
 
-class Interrupted(NanoMoeError):
-    """SIGINT/SIGTERM before training started: nothing was written."""
-
-    def __init__(self, signame: str, log_dir: str):
-        super().__init__(f"stopped by {signame} before the first step; nothing was written to "
-                         f"{log_dir}")
-        self.signum = int(getattr(signal, signame))
-
-
-def _catch_stop_signals() -> tuple[list[str], Any]:
-    """SIGINT/SIGTERM only set a flag (handlers live in the main thread): before the log
-    folder is touched the run stops cleanly; after, the step in flight finishes and is saved."""
-    caught: list[str] = []
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(
-                sig, lambda signum, frame: caught.append(signal.Signals(signum).name))
-
-    def restore() -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-    return caught, restore
-
-
 def run(argv: list[str], backend: Backend) -> dict:
     """Train as the flags say; returns a summary (final losses, paths) for tests and callers."""
-    stop_signal, restore_handlers = _catch_stop_signals()
+    stop_signal, restore_handlers = failures.catch_stop_signals()
     lock = None
     try:
         args = parse_args(argv)
@@ -130,7 +101,7 @@ def run(argv: list[str], backend: Backend) -> dict:
 def _run(args, argv, backend: Backend, stop_signal: list[str], lock: run_dir.Lock) -> dict:
     def stop_if_asked() -> None:  # before the log folder is touched
         if stop_signal:
-            raise Interrupted(stop_signal[0], args.log_dir)
+            raise failures.Interrupted(stop_signal[0], args.log_dir)
 
     preset = not backend.has_accelerator and apply_cpu_preset(args, argv)
     check_ranges(args)
@@ -177,7 +148,8 @@ def _run(args, argv, backend: Backend, stop_signal: list[str], lock: run_dir.Loc
     run_dir.check(args, run_info)
     if leader:
         run_dir.check_writable(args.log_dir)
-    check_memory(config, backend)
+    if not backend.has_accelerator:
+        failures.check_host_memory(config)
     hellaswag_file = None
     if args.do_hellaswag:
         if tokenizer is None:
@@ -367,62 +339,11 @@ def _write_json(path: str, value: dict) -> None:
         json.dump(value, f, indent=1)
 
 
-def check_memory(config: ModelConfig, backend: Backend) -> None:
-    """On a CPU host, refuse a model whose weights and AdamW state alone exceed the memory
-    that is free, before allocating any of it (the OS would otherwise kill the run)."""
-    if backend.has_accelerator:
-        return
-    need = 20 * sum(int(np.prod(s.shape)) for s in param_specs(config).values())
-    free = available_memory()
-    if free is not None and need > free:  # init copy, weights, 2 moments, gradients: fp32
-        raise TrainError(f"the model needs about {need / 2**30:.1f} GiB for its weights and "
-                         f"optimizer state, more than the {free / 2**30:.1f} GiB of memory free; "
-                         "use a smaller model (--n_layer, --n_embd, --n_experts)")
-
-
-def available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _out_of_memory(e: BaseException) -> bool:
-    text = f"{type(e).__name__} {e}"
-    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text or "OutOfMemory" in text
-
-
 def main(argv: list[str], make_backend) -> int:
-    """Entry point with the project's error handling: one sentence and exit 2 on bad input
-    (or on a disk, permission or memory failure), 128+N when stopped by signal N before the
-    first step; ``--debug`` shows the traceback instead."""
-    import sys
-
-    debug = "--debug" in argv
+    """Entry point with the project's error handling (see failures.report): one sentence and
+    exit 2 on bad input or a disk, permission or memory failure."""
     try:
         run(argv, make_backend())
-    except Interrupted as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 128 + e.signum
-    except NanoMoeError as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a disk or permission failure outside the checkpoint writers
-        if debug:
-            raise
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"error: {describe(e)}{where}; {write_advice(e)}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - only memory exhaustion is turned into a sentence
-        if debug or not _out_of_memory(e):
-            raise
-        print("error: out of memory; use a smaller --B (more accumulation keeps the batch), "
-              "--T or model, or --remat full (JAX)", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - report() re-raises what it cannot explain
+        return failures.report(e, debug="--debug" in argv)
     return 0

@@ -258,7 +258,8 @@ def test_unknown_flag_and_model_exit_nonzero_without_traceback(text_file):
 def test_disk_full_keeps_the_previous_checkpoint(framework, text_file, tmp_path, capsys,
                                                  monkeypatch):
     log = tmp_path / "run"
-    assert main(tiny(framework, text_file, log, steps=3), lambda: _backend(framework)) == 0
+    assert main(tiny(framework, text_file, log, "--stop_at", "3", steps=6),
+                lambda: _backend(framework)) == 0
     capsys.readouterr()
     before = snapshot(log)
 

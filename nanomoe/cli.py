@@ -113,10 +113,12 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
     g = p.add_argument_group("JAX execution")
-    g.add_argument("--scan_layers", type=_bool, default=True)
-    g.add_argument("--remat", choices=["none", "full", "dots"], default="none")
-    g.add_argument("--attention_impl", choices=["xla", "cudnn"], default=None)
-    g.add_argument("--loss_chunk_tokens", type=int, default=8192)
+    # None = let nanomoe_jax.execution_options decide for the device (flags given win)
+    g.add_argument("--scan_layers", type=_bool, default=None)
+    g.add_argument("--remat", choices=["none", "full", "dots"], default=None)
+    g.add_argument("--attention_impl", choices=["xla", "cudnn"], default=None,
+                   help="default: cudnn flash attention on NVIDIA GPUs >= sm_80 in bf16, else xla")
+    g.add_argument("--loss_chunk_tokens", type=int, default=None)
     g.add_argument("--mesh", default=None,
                    help="device mesh, e.g. data=2,fsdp=4 or data=2,expert=4 (axes data, fsdp, "
                         "expert; data takes the devices the others leave); default: every "

@@ -2,15 +2,17 @@
 
 from flax import nnx
 
-from nanomoe.config import GPTConfig, ModernGPTConfig, MoeGPTConfig
+from nanomoe.config import GPTConfig, ModernGPTConfig, MoeGPTConfig, nGPTConfig
 from nanomoe.init import init_params
 
 from .gpt import GPT
 from .layers import Options, default_dtype
+from .execution import execution_options
 from .modern_gpt import ModernGPT
 from .moe_gpt import MoeGPT
+from .ngpt import nGPT
 
-MODELS = {"gpt": GPT, "moderngpt": ModernGPT, "moegpt": MoeGPT}
+MODELS = {"gpt": GPT, "moderngpt": ModernGPT, "moegpt": MoeGPT, "ngpt": nGPT}
 
 
 def model_class(config):
@@ -32,5 +34,6 @@ def create_model(config, seed: int | None = None, **options):
     return load_arrays(model, init_params(config, seed))
 
 
-__all__ = ["GPT", "ModernGPT", "MoeGPT", "GPTConfig", "ModernGPTConfig", "MoeGPTConfig",
-           "MODELS", "Options", "default_dtype", "model_class", "create_model"]
+__all__ = ["GPT", "ModernGPT", "MoeGPT", "nGPT", "GPTConfig", "ModernGPTConfig",
+           "MoeGPTConfig", "nGPTConfig",
+           "MODELS", "Options", "default_dtype", "execution_options", "model_class", "create_model"]

@@ -1,5 +1,5 @@
 """Pieces shared by the three Flax NNX models: options, norms, RoPE, attention, MLPs, the
-layer stack (scan or unrolled, optional remat) and the chunked cross-entropy.
+layer stack (scan or unrolled, optional remat) and the tied head with its loss.
 
 Mirrors ``nanomoe_torch/layers.py``. Mixed precision as torch autocast does it: parameters
 fp32 (``param_dtype``); matmuls and attention in ``dtype`` (bf16 on accelerators); the residual
@@ -14,10 +14,12 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
+from nanomoe.config import MOE_DISPATCH
 from nanomoe.rope import rope_table
+
+from .loss import tied_cross_entropy
 
 Dtype = Any
 REMAT_POLICIES = {
@@ -46,12 +48,17 @@ class Options:
     # A jax Mesh with an "expert" axis: MoE weights are sharded over it and tokens exchanged
     # with their experts (expert parallelism, see nanomoe_jax/sharding.py); None: one device.
     expert_mesh: Any = None
+    # MoE dispatch back end; None: the config's ``moe_dispatch`` (same numbers, see moe.py)
+    moe_dispatch: str | None = None
 
     def __post_init__(self):
         if self.dtype is None:
             object.__setattr__(self, "dtype", default_dtype())
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat: must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.moe_dispatch not in (None, *MOE_DISPATCH):
+            raise ValueError(f"moe_dispatch: must be None or one of {MOE_DISPATCH}, "
+                             f"got {self.moe_dispatch!r}")
         if self.loss_chunk_tokens <= 0:
             raise ValueError(f"loss_chunk_tokens: must be positive, got {self.loss_chunk_tokens}")
 
@@ -252,39 +259,6 @@ def run_stack(blocks: nnx.Module, x: jax.Array, opts: Options, cache: KVCache | 
     return x, aux, cache
 
 
-def cross_entropy(h_NC: jax.Array, logits_fn: Callable[[jax.Array], jax.Array],
-                  targets_N: jax.Array, ignore_index: int, chunk: int) -> jax.Array:
-    """Mean next-token loss over non-ignored targets, in fp32, ``chunk`` tokens at a time.
-
-    Each chunk's logits are recomputed in the backward pass (checkpoint), so peak memory holds
-    one chunk of fp32 logits, not the whole (N, V) matrix.
-    """
-    N = h_NC.shape[0]
-    chunk = min(chunk, N)  # never pad a small batch up to a whole chunk
-    n_chunks = -(-N // chunk)
-    pad = n_chunks * chunk - N
-    if pad:
-        h_NC = jnp.pad(h_NC, ((0, pad), (0, 0)))
-        targets_N = jnp.pad(targets_N, (0, pad), constant_values=ignore_index)
-
-    @jax.checkpoint
-    def chunk_loss(h_MC, t_M):
-        logits_MV = logits_fn(h_MC).astype(jnp.float32)
-        valid_M = t_M != ignore_index
-        nll_M = optax.losses.softmax_cross_entropy_with_integer_labels(
-            logits_MV, jnp.where(valid_M, t_M, 0))
-        return jnp.sum(jnp.where(valid_M, nll_M, 0.0)), jnp.sum(valid_M)
-
-    if n_chunks == 1:
-        total, count = chunk_loss(h_NC, targets_N)
-    else:
-        sums, counts = jax.lax.map(lambda a: chunk_loss(*a),
-                                   (h_NC.reshape(n_chunks, chunk, -1),
-                                    targets_N.reshape(n_chunks, chunk)))
-        total, count = sums.sum(), counts.sum()
-    return total / count
-
-
 def check_sequence_length(T: int, block_size: int) -> None:
     if T > block_size:
         raise ValueError(f"sequence length {T} is longer than block_size={block_size}; "
@@ -293,14 +267,15 @@ def check_sequence_length(T: int, block_size: int) -> None:
 
 def head_and_loss(wte: nnx.Embed, h_BTC: jax.Array, targets_BT: jax.Array | None,
                   opts: Options, ignore_index: int) -> tuple[jax.Array, jax.Array | None]:
-    """Tied-head logits (B, T, V) and, with targets, the chunked fp32 cross-entropy. Under jit,
-    XLA drops the full logits when a train step uses only the loss."""
+    """Tied-head logits (B, T, V) and, with targets, the chunked fp32 cross-entropy whose
+    gradients come out of its forward pass (nanomoe_jax/loss.py). Under jit, XLA drops the
+    full logits when a train step uses only the loss."""
     logits_BTV = tied_logits(wte, h_BTC, opts.dtype)
     if targets_BT is None:
         return logits_BTV, None
     B, T, C = h_BTC.shape
-    loss = cross_entropy(h_BTC.reshape(B * T, C), lambda h: tied_logits(wte, h, opts.dtype),
-                         targets_BT.reshape(-1), ignore_index, opts.loss_chunk_tokens)
+    loss = tied_cross_entropy(h_BTC.reshape(B * T, C), wte.embedding[...], targets_BT.reshape(-1),
+                              ignore_index, opts.loss_chunk_tokens, opts.dtype)
     return logits_BTV, loss
 
 

@@ -8,7 +8,11 @@ the other E - S are routed (top-k per token). Back ends (``config.moe_dispatch``
 * ``dense``: every expert on every token, weighted by the gates (the original's math).
 * ``capacity``: assignments stably sorted by expert into a static (E-S, capacity, C) buffer,
   batched expert matmuls, gathered back. FLOPs grow with k, not E; overflow is dropped.
-* ``ragged``: the sorted assignments through ``jax.lax.ragged_dot`` (grouped matmul).
+* ``ragged``: the sorted assignments through ``jax.lax.ragged_dot`` (grouped matmul; XLA on
+  NVIDIA makes it one dense matmul of every row with every routed expert).
+* ``grouped``: the sorted assignments padded to whole tiles per expert, one batched matmul of
+  tiles (nanomoe_jax/grouped.py): the work of the assignments plus at most a tile per expert,
+  nothing drops.
 
 Shared experts always run as one dense MLP of width S*H in the sparse back ends.
 """
@@ -24,6 +28,7 @@ from flax import nnx
 
 from nanomoe.config import MoeGPTConfig
 
+from .grouped import pick_tile, tile_layout, tiled_matmul
 from .layers import Options, linear, normal
 
 f32 = jnp.float32
@@ -106,6 +111,7 @@ class MoE(nnx.Module):
 
     def __call__(self, x_BTC: jax.Array) -> tuple[jax.Array, dict]:
         c, dtype = self.config, self.opts.dtype
+        dispatch = self.opts.moe_dispatch or c.moe_dispatch
         B, T, C = x_BTC.shape
         # Tokens in position-major order (t, b): capacity slots go to earlier positions first,
         # so a token's drop never depends on later tokens of any row (causal).
@@ -114,17 +120,19 @@ class MoE(nnx.Module):
         x_NC = x_NC.astype(dtype)
         w = [p[...].astype(dtype) for p in
              (self.fc_weight, self.fc_bias, self.proj_weight, self.proj_bias)]
-        if c.moe_dispatch == "dense":
+        if dispatch == "dense":
             y_NC, dropped = dense_dispatch(x_NC, r, w), jnp.zeros((), f32)
-        elif self.opts.expert_mesh is not None and c.moe_dispatch == "capacity":
+        elif self.opts.expert_mesh is not None and dispatch == "capacity":
             y_NC, dropped = expert_parallel_dispatch(x_NC, r, w, c.n_shared, c.capacity(B * T),
                                                      self.opts.expert_mesh)
         else:
             S = c.n_shared
             y_NC = shared_experts(x_NC, r.gates_NE[:, :S], [a[:S] for a in w])
             routed_w = [a[S:] for a in w]
-            if c.moe_dispatch == "capacity":
+            if dispatch == "capacity":
                 y_r, dropped = capacity_dispatch(x_NC, r, routed_w, c.capacity(B * T))
+            elif dispatch == "grouped":
+                y_r, dropped = grouped_dispatch(x_NC, r, routed_w), jnp.zeros((), f32)
             else:
                 y_r, dropped = ragged_dispatch(x_NC, r, routed_w), jnp.zeros((), f32)
             y_NC = y_NC + y_r
@@ -213,4 +221,24 @@ def ragged_dispatch(x_NC, r: Routing, w) -> jax.Array:
     h_AH = jax.nn.relu(h_AH) ** 2
     y_AC = jax.lax.ragged_dot(h_AH, w2_RCH.transpose(0, 2, 1), s.counts_R) + b2_RC[s.expert_sorted_A]
     y_NKC = y_AC[s.rank_A].astype(f32).reshape(N, K, -1)
+    return jnp.einsum("nk,nkc->nc", r.top_gates_NK, y_NKC)
+
+
+def grouped_dispatch(x_NC, r: Routing, w, tile: int | None = None) -> jax.Array:
+    """The sorted assignments in whole tiles per expert through :func:`tiled_matmul`: the
+    numbers of ``ragged_dispatch`` (no capacity, nothing drops), the work of the padded groups."""
+    w1_RHC, b1_RH, w2_RCH, b2_RC = w
+    N, K = r.top_idx_NK.shape
+    R, A, C = w1_RHC.shape[0], N * K, x_NC.shape[1]
+    tile = tile or pick_tile(A, R)
+    s = sort_assignments(r.top_idx_NK, R)
+    lay = tile_layout(s.counts_R, A, tile)
+    filled_P = lay.src_P >= 0
+    x_PC = jnp.where(filled_P[:, None], x_NC[s.token_sorted_A[jnp.maximum(lay.src_P, 0)]], 0)
+    x_nMC = x_PC.reshape(-1, tile, C).astype(x_NC.dtype)
+    g_n = lay.tile_expert_n
+    h_nMH = jax.nn.relu(tiled_matmul(x_nMC, w1_RHC, g_n) + b1_RH[g_n][:, None]) ** 2
+    y_nMC = tiled_matmul(h_nMH, w2_RCH, g_n) + b2_RC[g_n][:, None]
+    y_AC = y_nMC.reshape(-1, C)[lay.dest_A]                 # back to the sorted order
+    y_NKC = y_AC[s.rank_A].astype(f32).reshape(N, K, C)
     return jnp.einsum("nk,nkc->nc", r.top_gates_NK, y_NKC)

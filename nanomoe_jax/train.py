@@ -25,6 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from . import checkpoint as ckpt
 from . import sharding as shd
 from . import create_model
+from .execution import execution_options, options_kwargs
+from .ngpt import normalize_weights
 from .sample import generate
 
 
@@ -48,7 +50,9 @@ def make_optimizer(config, params, weight_decay=0.1) -> optax.GradientTransforma
     def decay(path, p):
         if isinstance(config, MoeGPTConfig) and is_embedding(path):
             return False
-        return p.ndim >= 2
+        # layer-stacked tensors carry a leading layer axis: a stacked vector is still a vector
+        stacked = any(getattr(k, "key", k) == "blocks" for k in path)
+        return p.ndim - stacked >= 2
 
     mask = jax.tree_util.tree_map_with_path(decay, params)
     return optax.chain(clip_by_global_norm_like_torch(1.0),
@@ -97,7 +101,7 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def train_step(graphdef, tx, lr_mult, state, x_ABT, y_ABT, lr):
+def train_step(graphdef, tx, lr_mult, state, x_ABT, y_ABT, lr, post_update=None):
     """One optimizer step: accumulate, clip, AdamW with the host-computed learning rate.
 
     A step whose loss, gradient norm or new parameters are not finite is not applied (the
@@ -109,10 +113,20 @@ def train_step(graphdef, tx, lr_mult, state, x_ABT, y_ABT, lr):
     updates, new_opt_state = tx.update(grads, opt_state, params)
     updates = jax.tree.map(lambda u, m: -lr * m * u, updates, lr_mult)
     new_params = optax.apply_updates(params, updates)
+    if post_update is not None:  # nGPT's --ngpt_normalize_weights projection
+        new_params = post_update(new_params)
     ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & all_finite(new_params)
     metrics["skipped"] = (~ok).astype(jnp.float32)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
     return (keep(new_params, params), keep(new_opt_state, opt_state)), metrics
+
+
+def jit_train_step(graphdef, tx, state_sharding, batch_sharding, replicated, post_update=None):
+    """The jitted step train.py runs (state donated); the GPU plan compiles this same one."""
+    return jax.jit(partial(train_step, graphdef, tx, post_update=post_update), donate_argnums=(1,),
+                   in_shardings=(replicated, state_sharding, batch_sharding, batch_sharding,
+                                 replicated),
+                   out_shardings=(state_sharding, replicated))
 
 
 def initialize_distributed() -> None:
@@ -149,7 +163,6 @@ class JaxBackend:
         self.manager = None
 
     def setup(self, config, args) -> None:
-        dtype = args.dtype or ("bfloat16" if self.has_accelerator else "float32")
         self.config, self.args = config, args
         self.mesh = shd.make_mesh(shd.parse_mesh(args.mesh, jax.device_count()))
         self.placement = (" ".join(f"{a}={n}" for a, n in self.mesh.shape.items())
@@ -157,13 +170,17 @@ class JaxBackend:
         expert_parallel = self.mesh.shape["expert"] > 1
         if expert_parallel and not isinstance(config, MoeGPTConfig):
             raise ConfigError(f"--mesh {args.mesh}: an expert axis needs --model moegpt")
-        if expert_parallel and config.moe_dispatch == "ragged":
+        if expert_parallel and getattr(args, "moe_dispatch", None) in ("ragged", "grouped"):
             raise ConfigError("--mesh with an expert axis needs --moe_dispatch capacity or "
-                              "dense (ragged_dot has no expert-parallel partitioning)")
-        model = create_model(config, args.seed, dtype=jnp.dtype(dtype), scan_layers=args.scan_layers,
-                             remat=args.remat, attention_impl=args.attention_impl,
-                             loss_chunk_tokens=args.loss_chunk_tokens,
-                             expert_mesh=self.mesh if expert_parallel else None)
+                              "dense (ragged and grouped have no expert-parallel partitioning)")
+        # execution_options decides per device; flags given on the command line win
+        self.options = execution_options(
+            jax.devices()[0], config, dtype=args.dtype, scan_layers=args.scan_layers,
+            remat=args.remat, attention_impl=args.attention_impl,
+            loss_chunk_tokens=args.loss_chunk_tokens,
+            moe_dispatch=getattr(args, "moe_dispatch", None),
+            expert_mesh=self.mesh if expert_parallel else None)
+        model = create_model(config, args.seed, **options_kwargs(self.options))
         self.graphdef, params = nnx.split(model, nnx.Param)
         self.tx = make_optimizer(config, params)
         lr_mult = jax.tree_util.tree_map_with_path(
@@ -175,10 +192,9 @@ class JaxBackend:
         replicated = NamedSharding(self.mesh, P())
         self.lr_mult = jax.device_put(lr_mult, jax.tree.map(lambda _: replicated, lr_mult))
         self._init_state(params)
-        self._step = jax.jit(partial(train_step, self.graphdef, self.tx), donate_argnums=(1,),
-                             in_shardings=(replicated, self.state_sharding, self.batch_sharding,
-                                           self.batch_sharding, replicated),
-                             out_shardings=(self.state_sharding, replicated))
+        post_update = normalize_weights if getattr(args, "ngpt_normalize_weights", False) else None
+        self._step = jit_train_step(self.graphdef, self.tx, self.state_sharding,
+                                    self.batch_sharding, replicated, post_update)
         self._eval = jax.jit(partial(loss_and_metrics, self.graphdef),
                              in_shardings=(self.param_sharding, self.eval_sharding,
                                            self.eval_sharding),

@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark (python -m nanomoe_jax.bench) at the tiniest size, on CPU.
+"""Smoke test of the benchmark (python -m benchmarks.bench) at the tiniest size, on CPU.
 
 It checks that one run writes the JSON, markdown and plot, that the tables hold the rows and
 columns they should, and that the compiled-HLO check sees what the MoE back ends promise:
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nanomoe_jax import bench
+from benchmarks import bench, configs, hlo, moe_sweep
 
 pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
@@ -50,7 +50,7 @@ def check_files(report):
     env = data["meta"]["env"]
     for key in ("jax", "jaxlib", "flax", "torch", "device"):
         assert env[key]
-    assert data["meta"]["command"].startswith("python -m nanomoe_jax.bench --preset tiny")
+    assert data["meta"]["command"].startswith("python -m benchmarks.bench --preset tiny")
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
 
 
@@ -127,27 +127,27 @@ def check_merge(report, tmp_path):
 
 
 def test_sweep_points_hold_the_active_compute():
-    base = bench.model_configs(bench.PRESETS["tiny"])["moegpt"]  # k=2, H=128
+    base = configs.model_configs(configs.PRESETS["tiny"])["moegpt"]  # k=2, H=128
     for E in (4, 16, 64):
-        p = bench.sweep_point(base, E, "fixed", 4)
+        p = moe_sweep.sweep_point(base, E, "fixed", 4)
         assert (p.n_routed_experts, p.n_shared, p.n_activated_experts, p.expert_hidden) == (
             E, 1, 2, 128)
-        fine = bench.sweep_point(base, E, "fine", 4)
+        fine = moe_sweep.sweep_point(base, E, "fine", 4)
         assert fine.n_activated_experts * fine.expert_hidden == 2 * 128
-        ceiling = bench.ceiling_point(fine)
+        ceiling = moe_sweep.ceiling_point(fine)
         assert ceiling.n_routed_experts == ceiling.n_activated_experts == fine.n_activated_experts
         assert ceiling.expert_hidden == fine.expert_hidden
     with pytest.raises(ValueError):
-        bench.sweep_point(base, 6, "fine", 4)  # k = 3, H = 85.3
+        moe_sweep.sweep_point(base, 6, "fine", 4)  # k = 3, H = 85.3
 
 
 def test_hlo_shape_parser():
-    hlo = """
+    hlo_text = """
 ENTRY %main (p0: f32[4,8]) -> (f32[4,8], s32[]) {
   %p0 = f32[4,8]{1,0} parameter(0)
   %d = bf16[2,4,8]{2,1,0} dot(%a, %b), lhs_contracting_dims={1}
   ROOT %t = (f32[4,8]{1,0}, s32[]) tuple(%p0, %c)
 }"""
-    shapes = bench.hlo_shapes(hlo)
+    shapes = hlo.hlo_shapes(hlo_text)
     assert shapes[("f32", (4, 8))] == 2 and shapes[("bf16", (2, 4, 8))] == 1
     assert shapes[("s32", ())] == 1

@@ -1,6 +1,8 @@
 """Properties of the Flax models that need no reference: causality, scan/unrolled/remat
 equivalence, the chunked loss, the shared init and input checks."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,3 +130,71 @@ def test_sequence_longer_than_block_size_is_refused(name):
 def test_options_are_validated():
     with pytest.raises(ValueError, match="remat"):
         nanomoe_jax.create_model(GPT_CONFIGS["gpt"], 0, remat="sometimes")
+
+
+def plain_loss(h_NC, w_VC, t_N, ignore_index, dtype):
+    """The unchunked tied-head cross-entropy, differentiated by JAX (the reference)."""
+    import optax
+
+    logits_NV = jnp.einsum("nc,vc->nv", h_NC.astype(dtype), w_VC.astype(dtype)).astype(jnp.float32)
+    valid_N = t_N != ignore_index
+    nll_N = optax.losses.softmax_cross_entropy_with_integer_labels(logits_NV, jnp.where(valid_N, t_N, 0))
+    return jnp.sum(jnp.where(valid_N, nll_N, 0.0)) / jnp.sum(valid_N)
+
+
+def loss_case(ignore_index, N=37, C=16, V=53):
+    k = jax.random.split(jax.random.key(5), 3)
+    h_NC = jax.random.normal(k[0], (N, C))
+    w_VC = 0.3 * jax.random.normal(k[1], (V, C))
+    t_N = jax.random.randint(k[2], (N,), 0, V)
+    if ignore_index == -1:  # ModernGPT/MoeGPT: some targets ignored, the last chunk's too
+        t_N = t_N.at[::5].set(-1).at[-3:].set(-1)
+    return h_NC, w_VC, t_N
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("ignore_index", [-1, -100])
+@pytest.mark.parametrize("chunk", [8, 37, 4096])
+def test_fused_loss_equals_plain_loss(dtype, ignore_index, chunk):
+    """The fused loss (gradients made in its forward pass) against the plain unchunked loss:
+    value, gradients, and the value of an undifferentiated call; chunk 8 does not divide N."""
+    from nanomoe_jax.loss import tied_cross_entropy
+
+    dtype = jnp.dtype(dtype)
+    h_NC, w_VC, t_N = loss_case(ignore_index)
+    fused = jax.jit(jax.value_and_grad(
+        lambda h, w: tied_cross_entropy(h, w, t_N, ignore_index, chunk, dtype), argnums=(0, 1)))
+    plain = jax.jit(jax.value_and_grad(
+        lambda h, w: plain_loss(h, w, t_N, ignore_index, dtype), argnums=(0, 1)))
+    (loss, grads), (ref_loss, ref_grads) = fused(h_NC, w_VC), plain(h_NC, w_VC)
+    eval_loss = jax.jit(lambda h, w: tied_cross_entropy(h, w, t_N, ignore_index, chunk, dtype))(h_NC, w_VC)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2  # bf16: the project's bf16 tolerance
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=tol)
+    np.testing.assert_allclose(float(eval_loss), float(ref_loss), rtol=tol)
+    for g, ref in zip(grads, ref_grads):
+        scale = float(jnp.abs(ref).max())
+        assert scale > 0
+        np.testing.assert_allclose(g, ref, rtol=tol, atol=tol * scale)
+    if ignore_index == -1:  # ignored rows get no gradient
+        assert float(jnp.abs(grads[0][t_N == -1]).max()) == 0.0
+
+
+def count_dots(hlo: str) -> int:
+    """Matmuls in a compiled module (a loop body's counted once)."""
+    return len(re.findall(r" dot\(", hlo))
+
+
+def test_fused_loss_has_no_recompute_and_eval_no_gradient():
+    """The differentiated program has three vocabulary matmuls (logits, d hidden, d embedding),
+    none recomputed in the backward pass; the undifferentiated one has only the logits."""
+    from nanomoe_jax.loss import tied_cross_entropy
+
+    h_NC, w_VC, t_N = loss_case(-1)
+
+    def f(h, w):
+        return tied_cross_entropy(h, w, t_N, -1, 8, jnp.float32)
+
+    grad_hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(h_NC, w_VC).compile().as_text()
+    eval_hlo = jax.jit(f).lower(h_NC, w_VC).compile().as_text()
+    assert count_dots(grad_hlo) == 3
+    assert count_dots(eval_hlo) == 1

@@ -1,4 +1,5 @@
-"""The three JAX MoE back ends against each other, and the capacity back end's drops."""
+"""The JAX MoE back ends against each other, the capacity back end's drops and the grouped
+back end's tile layout."""
 
 import dataclasses
 import math
@@ -12,7 +13,8 @@ from flax import nnx
 from helpers import MOE_CONFIGS, no_drop
 from nanomoe import MoeGPTConfig
 from nanomoe_jax.layers import Options
-from nanomoe_jax.moe import MoE, route
+from nanomoe_jax.grouped import padded_rows, pick_tile, tile_layout
+from nanomoe_jax.moe import MoE, grouped_dispatch, ragged_dispatch, route, sort_assignments
 
 
 def random_moe(config, seed=0):
@@ -49,7 +51,7 @@ def test_back_ends_agree_when_nothing_drops(name):
     layer = random_moe(no_drop(MOE_CONFIGS[name]), seed=1)
     x = jax.random.normal(jax.random.key(2), (3, 10, layer.config.n_embd))
     y_ref, m_ref, g_ref, gx_ref = outputs_and_grads(with_dispatch(layer, "dense"), x)
-    for dispatch in ("capacity", "ragged"):
+    for dispatch in ("capacity", "ragged", "grouped"):
         y, metrics, g, gx = outputs_and_grads(with_dispatch(layer, dispatch), x)
         np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6 * float(jnp.abs(y_ref).max()))
         assert float(metrics["dropped_fraction"]) == 0.0
@@ -143,3 +145,76 @@ def test_sparse_back_ends_do_no_dense_expert_work(dispatch):
 
     # 16x the experts at the same k: activations grow by the capacity rounding at most
     assert activation_elements(64) <= 1.15 * activation_elements(4)
+
+
+def grouped_case(seed=7, N=45, C=16, H=24, R=7, K=3):
+    """Routing of N tokens over R routed experts, expert 0 never chosen, and random weights."""
+    k = jax.random.split(jax.random.key(seed), 6)
+    config = MoeGPTConfig(n_layer=1, n_embd=C, n_head=2, block_size=64, vocab_size=64,
+                          n_experts=R + 1, n_shared_experts=1, n_activated_experts=K)
+    logits_NE = jax.random.normal(k[0], (N, R + 1)).at[:, 1].add(-100.0)  # routed expert 0
+    r = route(logits_NE, config)
+    w = [jax.random.normal(k[1], (R, H, C)) * 0.2, jax.random.normal(k[2], (R, H)) * 0.1,
+         jax.random.normal(k[3], (R, C, H)) * 0.2, jax.random.normal(k[4], (R, C)) * 0.1]
+    return jax.random.normal(k[5], (N, C)), r, w
+
+
+@pytest.mark.parametrize("tile", [1, 4, 16, 64])
+def test_grouped_tiles_equal_ragged(tile):
+    """Small tiles (several per expert, partly filled, an expert with no tokens) give the
+    numbers and gradients of ragged_dot."""
+    x_NC, r, w = grouped_case()
+    assert int(jnp.sum(r.top_idx_NK == 0)) == 0 and int(jnp.sum(r.top_idx_NK == 1)) > 16
+
+    def loss(dispatch, x_NC, w):
+        return jnp.sum(jnp.sin(dispatch(x_NC, r, w)))
+
+    grouped = jax.jit(jax.value_and_grad(lambda x, w: loss(
+        lambda *a: grouped_dispatch(*a, tile=tile), x, w), argnums=(0, 1)))
+    ragged = jax.jit(jax.value_and_grad(lambda x, w: loss(ragged_dispatch, x, w), argnums=(0, 1)))
+    (v, g), (v_ref, g_ref) = grouped(x_NC, w), ragged(x_NC, w)
+    np.testing.assert_allclose(v, v_ref, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        scale = float(jnp.abs(b).max())
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale)
+    # the unused expert gets exactly no gradient, not the padding's
+    assert float(jnp.abs(g[1][0][0]).max()) == 0.0 and float(jnp.abs(g[1][3][0]).max()) == 0.0
+
+
+@pytest.mark.parametrize("tile", [1, 4, 16])
+def test_tile_layout_puts_each_row_in_a_tile_of_its_expert(tile):
+    _, r, _ = grouped_case()
+    N, K = r.top_idx_NK.shape
+    R, A = 7, N * K
+    s = sort_assignments(r.top_idx_NK, R)
+    lay = tile_layout(s.counts_R, A, tile)
+    P = padded_rows(A, R, tile)
+    assert lay.src_P.shape == (P,) and P <= A + R * (tile - 1) and P % tile == 0
+    dest_A, src_P = np.asarray(lay.dest_A), np.asarray(lay.src_P)
+    tile_expert = np.asarray(lay.tile_expert_n)
+    expert_sorted = np.asarray(s.expert_sorted_A)
+    assert len(set(dest_A)) == A                                   # no two rows share a slot
+    np.testing.assert_array_equal(src_P[dest_A], np.arange(A))     # and the inverse agrees
+    assert (src_P >= 0).sum() == A
+    np.testing.assert_array_equal(tile_expert[dest_A // tile], expert_sorted)
+    assert np.all(np.diff(tile_expert) >= 0)                       # experts in order
+
+
+def test_pick_tile_bounds_the_padding():
+    for A, R in [(32768, 3), (131072, 60), (1 << 20, 64), (4096, 31)]:
+        tile = pick_tile(A, R)
+        assert 64 <= tile <= 512 and tile & (tile - 1) == 0
+        assert R * (tile - 1) <= A / 16 or tile == 64
+    assert pick_tile(32768, 3) == 512 and pick_tile(131072, 60) == 128
+
+
+def test_options_moe_dispatch_overrides_the_config():
+    layer = random_moe(MOE_CONFIGS["default"], seed=2)
+    x = jax.random.normal(jax.random.key(3), (2, 9, layer.config.n_embd))
+    overridden = nnx.clone(layer)
+    overridden.opts = Options(dtype=jnp.float32, moe_dispatch="grouped")
+    y_ref, _ = with_dispatch(layer, "grouped")(x)
+    y, _ = overridden(x)
+    np.testing.assert_array_equal(y, y_ref)
+    with pytest.raises(ValueError, match="moe_dispatch"):
+        Options(moe_dispatch="sparse")

@@ -1,0 +1,164 @@
+"""The GPU plan: compile the train step train.py runs, for a named GPU, on any machine.
+
+    JAX_PLATFORMS=cpu python -m benchmarks.plan --target rtx4090 [--check]
+    python -m benchmarks.plan --target h100 --model gpt --B 8 --set n_layer=24
+
+With no GPU the CUDA plugin (``pip install -e ".[plan]"``) compiles for a compile-only device
+described by ``benchmarks/targets/<target>.textproto``; on a machine with a GPU the real
+device is used. Per model it reports the planned peak memory against the card's, the kernels
+of the compiled program, matmul FLOPs against the analytic count, bytes accessed and a
+roofline estimate. ``plan()`` is the library entry point (one config, one dict).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from nanomoe.config import GPTConfig, ModernGPTConfig, MoeGPTConfig
+from nanomoe.flops import active_params
+from nanomoe_jax import model_class
+from nanomoe_jax import sharding as shd
+from nanomoe_jax.execution import describe, execution_options, options_kwargs
+from nanomoe_jax.train import jit_train_step, make_optimizer
+
+from . import hlo
+from .targets import GiB, Target, compile_devices, load_target
+
+# The original's 4090 configs (vocab padded to 50304 as its train.py does), B=16, T=1024.
+FINE_MOE = dict(n_experts=16, m_sub_experts=4, n_activated_experts=8, expert_dim=256)
+MODELS = {
+    "gpt": (GPTConfig, dict(vocab_size=50304)),
+    "moderngpt": (ModernGPTConfig, dict(vocab_size=50304, n_kv_head=1)),
+    "moegpt": (MoeGPTConfig, {}),
+    "moegpt-64": (MoeGPTConfig, FINE_MOE),
+}
+BOUNDS = dict(flops_ratio=1.10)  # and peak <= the target's budget, flash attention present
+
+
+def model_config(name: str, overrides: dict | None = None):
+    cls, fields = MODELS[name]
+    return cls(**{**fields, **(overrides or {})})
+
+
+def analytic_flops(config, B: int, T: int, flash: bool) -> float:
+    """6 N_active per token for the weights, plus the attention matmuls the kernel must do:
+    12 L C T (XLA computes the full masked T x T) or 6 L C T (a causal flash kernel skips the
+    masked half)."""
+    attention = (6 if flash else 12) * config.n_layer * config.n_embd * T
+    return float((6 * active_params(config) + attention) * B * T)
+
+
+def abstract_step_inputs(config, opts, mesh, B: int, T: int):
+    """The step train.py builds (same optimizer, shardings and jit), with abstract values."""
+    model = nnx.eval_shape(lambda: model_class(config)(config, rngs=nnx.Rngs(0),
+                                                       **options_kwargs(opts)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = make_optimizer(config, params)
+    replicated = NamedSharding(mesh, P())
+    param_sh = shd.tree_shardings(params, mesh, config)
+    opt_shape = jax.eval_shape(tx.init, params)
+    state_sh = (param_sh, shd.tree_shardings(opt_shape, mesh, config))
+    batch_sh = shd.batch_sharding(mesh)
+    step = jit_train_step(graphdef, tx, state_sh, batch_sh, replicated)
+
+    def sds(x, s):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+    state = jax.tree.map(sds, (params, opt_shape), state_sh)
+    lr_mult = jax.tree.map(lambda _: jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated),
+                           params)
+    batch = jax.ShapeDtypeStruct((1, 1, B, T), jnp.int32, sharding=batch_sh)  # (A, D, B, T)
+    lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
+    return step, (lr_mult, state, batch, batch, lr)
+
+
+def plan(model: str | Any, target: str | Target = "rtx4090", B: int = 16, T: int = 1024,
+         overrides: dict | None = None, options: dict | None = None) -> dict:
+    """Compile one train step and return its plan: memory, kernels, FLOPs, roofline.
+
+    ``model``: a name of :data:`MODELS` or a config; ``overrides``: config fields;
+    ``options``: execution-option overrides (e.g. ``{"attention_impl": "xla"}``)."""
+    target = load_target(target) if isinstance(target, str) else target
+    config = model_config(model, overrides) if isinstance(model, str) else model
+    name = model if isinstance(model, str) else type(config).__name__
+    devices, source = compile_devices(target)
+    opts = execution_options(devices[0], config, **(options or {}))
+    mesh = shd.make_mesh({"data": 1, "fsdp": 1, "expert": 1}, devices=devices)
+    t0 = time.perf_counter()
+    step, args = abstract_step_inputs(config, opts, mesh, B, T)
+    compiled = step.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    return summarize(compiled, config, name, target, source, opts, B, T, compile_s)
+
+
+def peak_bytes(compiled) -> dict:
+    m = compiled.memory_analysis()
+    parts = dict(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
+                 aliased=m.alias_size_in_bytes, temporaries=m.temp_size_in_bytes)
+    parts["peak"] = parts["arguments"] + parts["outputs"] - parts["aliased"] + parts["temporaries"]
+    return {k: int(v) for k, v in parts.items()}
+
+
+def xla_cost_flops(compiled) -> float | None:
+    """XLA's generic cost model on the GPU-optimised module (custom calls 0, loops once):
+    reported beside the plan's own count as a cross-check."""
+    try:
+        from jax._src.lib import _jax
+
+        cpu = jax.devices("cpu")[0].client
+        return float(_jax.hlo_module_cost_analysis(cpu, compiled.runtime_executable()
+                                                   .hlo_modules()[0]).get("flops", 0.0))
+    except Exception:  # noqa: BLE001 - a private API: absent in some jaxlib versions
+        return None
+
+
+def summarize(compiled, config, name, target: Target, source, opts, B, T, compile_s) -> dict:
+    stats = hlo.program_stats(compiled.as_text())
+    flash = stats.custom_calls.get("__cudnn$fmhaSoftmax", 0) > 0 or any(
+        "fmha" in k for k in stats.custom_calls)
+    analytic = analytic_flops(config, B, T, flash)
+    step_s = hlo.roofline_seconds(stats, target.peak_bf16, target.bandwidth)
+    mem = peak_bytes(compiled)
+    grouped = stats.flops_by_kind.get("grouped-gemm", 0) + stats.flops_by_kind.get("ragged-dot", 0)
+    return {
+        "model": name, "config": {k: v for k, v in vars(config).items()}, "B": B, "T": T,
+        "target": target.name, "device_kind": target.device_kind, "device": source,
+        "options": describe(opts), "compile_s": round(compile_s, 1),
+        "memory": mem, "budget_bytes": target.budget_bytes, "card_bytes": target.memory_bytes,
+        "flash_attention": flash,
+        "custom_calls": dict(stats.custom_calls), "gemm_backends": dict(stats.gemm_backends),
+        "grouped_gemm": grouped > 0, "fusions": stats.fusions,
+        "loops": [list(x) for x in stats.loops],
+        "compiled_flops": stats.flops, "flops_by_kind": dict(stats.flops_by_kind),
+        "analytic_flops": analytic, "flops_ratio": stats.flops / analytic,
+        "xla_cost_model_flops": xla_cost_flops(compiled),
+        "bytes_accessed": hlo.bytes_accessed(stats),
+        "estimate": {"step_s": step_s, "tokens_per_s": B * T / step_s,
+                     "mfu_bound": analytic / step_s / target.peak_bf16},
+    }
+
+
+def broken_bounds(row: dict) -> list[str]:
+    """One sentence per bound the plan breaks (the CI check)."""
+    out = []
+    if row["memory"]["peak"] > row["budget_bytes"]:
+        out.append(f"{row['model']}: planned peak {row['memory']['peak'] / GiB:.1f} GiB is over "
+                   f"the {row['budget_bytes'] / GiB:.0f} GiB budget of {row['device_kind']}")
+    if not row["flash_attention"]:
+        out.append(f"{row['model']}: no flash attention (__cudnn$fmha...) in the compiled step")
+    if row["flops_ratio"] > BOUNDS["flops_ratio"]:
+        out.append(f"{row['model']}: compiled/analytic FLOPs {row['flops_ratio']:.3f} > "
+                   f"{BOUNDS['flops_ratio']:.2f}")
+    return out
+
+
+if __name__ == "__main__":
+    from .plan_cli import main
+
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""How a model runs on a device: one function picks the execution :class:`Options`.
+
+``execution_options(device, config)`` is used by ``train.py``, the benchmark
+(``python -m benchmarks.bench``) and the GPU plan (``python -m benchmarks.plan``); keyword
+overrides (the command-line flags) win over what it picks. ``device`` may be a real
+``jax.Device`` or a compile-only one from ``jax.experimental.topologies`` (a GPU described by a
+target proto, no GPU present): only ``platform``, ``device_kind`` and, where the runtime has
+it, ``compute_capability`` are read.
+
+What it picks, and why:
+
+* ``dtype``: bf16 on GPUs and TPUs (tensor cores), fp32 on CPU (bf16 is emulated there).
+* ``attention_impl``: ``"cudnn"`` (flash attention through ``jax.nn.dot_product_attention``:
+  causal, never materialises the (B, heads, T, T) probabilities) on NVIDIA GPUs of compute
+  capability >= 8.0 when the compute dtype is bf16/fp16 and the head size is one cuDNN's flash
+  kernel accepts (a multiple of 8, at most 128); ``"xla"`` everywhere else (CPU, TPU, fp32,
+  older or non-NVIDIA GPUs, other head sizes). XLA's attention keeps the probabilities of
+  every layer for the backward pass: ~10 GB for GPT-2 124M at B=16, T=1024.
+* ``moe_dispatch``: ``"grouped"`` for MoeGPT on GPUs without an expert mesh (see
+  :func:`moe_dispatch`); the config's otherwise.
+* ``remat="none"``, ``scan_layers=True``, ``loss_chunk_tokens=8192``: the step fits the
+  original's configs on a 24 GB card with flash attention, so no recomputation is bought.
+* ``scan_layers=False`` on CPU up to ``CPU_UNROLL_MAX_LAYERS`` layers: XLA's CPU back end
+  runs a layer ``scan`` as a loop that zero-fills, slices and copies the stacked per-layer
+  residuals every step; at the quick-start sizes that was ~40 % of the step's kernel time and
+  the unrolled step ran 1.25-1.3x faster (benchmarks/NOTES.md, "CPU quick start"). Compile
+  time grows with the layer count, hence the cap.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax.numpy as jnp
+
+from .layers import Options
+
+# compute capability by device_kind, for devices that do not report it (compile-only devices
+# of a target topology); real CUDA devices carry ``compute_capability`` themselves
+KNOWN_CC = {
+    "H100": (9, 0), "H200": (9, 0), "H800": (9, 0), "GH200": (9, 0), "B200": (10, 0),
+    "A100": (8, 0), "A800": (8, 0), "A10": (8, 6), "A40": (8, 6), "RTX 3090": (8, 6),
+    "RTX 4090": (8, 9), "L40": (8, 9), "L4": (8, 9), "RTX 6000 Ada": (8, 9),
+    "V100": (7, 0), "T4": (7, 5), "P100": (6, 0),
+}
+FLASH_MIN_CC = (8, 0)
+FLASH_DTYPES = (jnp.bfloat16, jnp.float16)
+FLASH_MAX_HEAD_DIM = 128
+CPU_UNROLL_MAX_LAYERS = 12
+
+
+def compute_capability(device: Any) -> tuple[int, int] | None:
+    """(major, minor) of an NVIDIA GPU, None for anything else or an unknown card."""
+    if getattr(device, "platform", None) not in ("gpu", "cuda"):
+        return None
+    cc = str(getattr(device, "compute_capability", "") or "")
+    m = re.fullmatch(r"(\d+)\.(\d+)", cc)
+    if m:  # a real CUDA device ("8.9"); ROCm devices report "gfx90a" and fall through
+        return int(m.group(1)), int(m.group(2))
+    kind = str(getattr(device, "device_kind", "")).lower()
+    # longest name first: "A100" must not be read as "A10", "GH200" not as "H200"
+    for name in sorted(KNOWN_CC, key=len, reverse=True):
+        if name.lower() in kind:
+            return KNOWN_CC[name]
+    return None
+
+
+def head_dim(config: Any) -> int | None:
+    if config is None:
+        return None
+    return config.n_embd // config.n_head
+
+
+def flash_attention_ok(device: Any, dtype: Any, config: Any = None) -> bool:
+    """Whether cuDNN's flash attention compiles for this device, dtype and head size."""
+    cc = compute_capability(device)
+    if cc is None or cc < FLASH_MIN_CC:
+        return False
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in FLASH_DTYPES]:
+        return False
+    hd = head_dim(config)
+    return hd is None or (hd % 8 == 0 and hd <= FLASH_MAX_HEAD_DIM)
+
+
+def default_compute_dtype(device: Any):
+    return jnp.float32 if getattr(device, "platform", "cpu") == "cpu" else jnp.bfloat16
+
+
+def moe_dispatch(device: Any, config: Any, given: dict) -> str | None:
+    """On a GPU, MoeGPT's routed experts run as the ``grouped`` GEMM (padded tiles: about
+    1.02x the useful expert FLOPs, nothing dropped) instead of the config's ``capacity``
+    buffer (1.14x-1.27x on the 4090 plan). An expert-parallel mesh needs ``capacity`` (the
+    only back end partitioned over experts), and on CPU the config's choice stays (the tested
+    paths; no FLOP budget to meet there). None: the config decides."""
+    if getattr(config, "moe_dispatch", None) is None or given.get("expert_mesh") is not None:
+        return None
+    return "grouped" if getattr(device, "platform", "cpu") in ("gpu", "cuda") else None
+
+
+def execution_options(device: Any, config: Any = None, **overrides) -> Options:
+    """The :class:`Options` a model of ``config`` runs with on ``device`` (see the module
+    docstring). ``overrides``: any Options field; ``None`` values are ignored, so command-line
+    flags that default to None mean "let this function decide"."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(given) - {f.name for f in Options.__dataclass_fields__.values()})
+    if unknown:
+        raise TypeError(f"execution_options: unknown option(s) {unknown}")
+    dtype = jnp.dtype(given.pop("dtype", None) or default_compute_dtype(device))
+    attention = "cudnn" if flash_attention_ok(device, dtype, config) else "xla"
+    cpu = getattr(device, "platform", "cpu") == "cpu"
+    n_layer = getattr(config, "n_layer", CPU_UNROLL_MAX_LAYERS + 1)
+    chosen = dict(dtype=dtype, attention_impl=attention, remat="none",
+                  scan_layers=not (cpu and n_layer <= CPU_UNROLL_MAX_LAYERS),
+                  loss_chunk_tokens=8192, moe_dispatch=moe_dispatch(device, config, given))
+    chosen.update(given)
+    return Options(**chosen)
+
+
+def describe(opts: Options) -> str:
+    """One line for logs and reports."""
+    return (f"dtype={jnp.dtype(opts.dtype).name} attention={opts.attention_impl} "
+            f"remat={opts.remat} scan_layers={opts.scan_layers} "
+            f"loss_chunk_tokens={opts.loss_chunk_tokens}"
+            + (f" moe_dispatch={opts.moe_dispatch}" if opts.moe_dispatch else ""))
+
+
+def options_kwargs(opts: Options) -> dict:
+    """``opts`` as the keyword arguments the models take (no deep copy: a mesh stays itself)."""
+    return {name: getattr(opts, name) for name in Options.__dataclass_fields__}
+
+
+__all__ = ["execution_options", "options_kwargs", "flash_attention_ok", "compute_capability",
+           "describe"]

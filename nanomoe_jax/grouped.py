@@ -1,0 +1,86 @@
+"""A grouped matmul made of dense tiles: the rows of each expert padded to whole tiles of
+``tile`` rows, every tile multiplied by its own expert's weights in one batched matmul.
+
+XLA on NVIDIA has no grouped GEMM for ``jax.lax.ragged_dot`` (it becomes one dense matmul of
+every row with every expert); here the work is the padded groups only: at most
+``rows + groups * (tile - 1)`` rows, each times one expert. The price is bandwidth: each tile
+reads its expert's weights (a gather of (tiles, out, in)), which the backward pass gathers
+again instead of keeping (a ``custom_vjp`` saves only the inputs).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+f32 = jnp.float32
+# names the matmuls in the compiled program's metadata (op_name), so a plan can tell them apart
+SCOPE = "grouped_gemm"
+
+
+class TileLayout(NamedTuple):
+    """Where the expert-sorted rows go in the padded, tiled buffer of ``n_tiles * tile`` rows."""
+
+    dest_A: jax.Array         # padded row of each sorted row
+    src_P: jax.Array          # sorted row of each padded row (-1: padding)
+    tile_expert_n: jax.Array  # expert of each tile (empty tail tiles: the last expert, rows 0)
+
+
+def padded_rows(n_rows: int, n_groups: int, tile: int) -> int:
+    """Static size of the buffer: every group rounded up to whole tiles fits in it."""
+    return (n_rows + n_groups * (tile - 1)) // tile * tile
+
+
+def pick_tile(n_rows: int, n_groups: int) -> int:
+    """The largest tile (64..512 rows, a power of two) whose worst-case padding,
+    ``groups * (tile - 1)`` rows, stays within 1/16 of the rows: bigger tiles mean fewer
+    weight reads, smaller ones less padding."""
+    tile = 512
+    while tile > 64 and n_groups * (tile - 1) > n_rows / 16:
+        tile //= 2
+    return tile
+
+
+def tile_layout(counts_R: jax.Array, n_rows: int, tile: int) -> TileLayout:
+    """Layout of ``n_rows`` rows already sorted by group, ``counts_R`` rows per group."""
+    R = counts_R.shape[0]
+    P = padded_rows(n_rows, R, tile)
+    starts_R = jnp.cumsum(counts_R) - counts_R
+    padded_R = -(-counts_R // tile) * tile
+    pends_R = jnp.cumsum(padded_R)
+    pstarts_R = pends_R - padded_R
+    group_A = jnp.repeat(jnp.arange(R), counts_R, total_repeat_length=n_rows)
+    dest_A = pstarts_R[group_A] + jnp.arange(n_rows) - starts_R[group_A]
+    src_P = jnp.full((P,), -1, jnp.int32).at[dest_A].set(jnp.arange(n_rows, dtype=jnp.int32))
+    tile_start_n = jnp.arange(P // tile) * tile
+    tile_expert_n = jnp.minimum(jnp.searchsorted(pends_R, tile_start_n, side="right"), R - 1)
+    return TileLayout(dest_A, src_P, tile_expert_n)
+
+
+@jax.custom_vjp
+def tiled_matmul(x_nMI: jax.Array, w_GOI: jax.Array, group_n: jax.Array) -> jax.Array:
+    """``y[n] = x[n] @ w[group[n]]^T`` for every tile n; weights stored (group, out, in)."""
+    with jax.named_scope(SCOPE):
+        return jnp.einsum("nmi,noi->nmo", x_nMI, w_GOI[group_n])
+
+
+def _fwd(x_nMI, w_GOI, group_n):
+    return tiled_matmul(x_nMI, w_GOI, group_n), (x_nMI, w_GOI, group_n)
+
+
+def _bwd(res, dy_nMO):
+    x_nMI, w_GOI, group_n = res
+    with jax.named_scope(SCOPE):
+        return _grads(x_nMI, w_GOI, group_n, dy_nMO)
+
+
+def _grads(x_nMI, w_GOI, group_n, dy_nMO):
+    dx_nMI = jnp.einsum("nmo,noi->nmi", dy_nMO, w_GOI[group_n])
+    dw_nOI = jnp.einsum("nmo,nmi->noi", dy_nMO, x_nMI, preferred_element_type=f32)
+    dw_GOI = jnp.zeros(w_GOI.shape, f32).at[group_n].add(dw_nOI)
+    return dx_nMI, dw_GOI.astype(w_GOI.dtype), None
+
+
+tiled_matmul.defvjp(_fwd, _bwd)

@@ -1,4 +1,4 @@
-"""Train GPT, ModernGPT or MoeGPT: ``python train.py --framework jax --model moegpt``.
+"""Train GPT, ModernGPT, MoeGPT or nGPT: ``python train.py --framework jax --model moegpt``.
 
 ``python train.py --help`` lists every flag. With no flags on a machine without a GPU, trains
 a small MoE on the Python standard library's source for a few minutes (no download).

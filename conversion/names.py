@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from nanomoe.config import GPTConfig, ModelConfig, ModernGPTConfig, MoeGPTConfig
+from nanomoe.config import GPTConfig, ModelConfig, ModernGPTConfig, MoeGPTConfig, nGPTConfig
 from nanomoe.init import param_specs, tied_names
 
 # leaf renames per module kind: torch leaf -> (jax leaf, transpose?)
@@ -18,6 +18,7 @@ EMBED = {"weight": ("embedding", False)}
 LAYERNORM = {"weight": ("scale", False), "bias": ("bias", False)}
 RMSNORM = {"weight": ("scale", False)}
 EXPERTS = {n: (n, False) for n in ("fc_weight", "fc_bias", "proj_weight", "proj_bias")}
+NGPT_VECTORS = {n: (n, False) for n in ("attn_alpha", "mlp_alpha", "sqk", "suv")}
 
 # (torch module prefix, JAX module path, kind); "{i}" marks the layer index
 GPT_TABLE = [
@@ -56,6 +57,16 @@ MOE_TABLE = [
     ("blocks.{i}.mlp.impl", "blocks.mlp", EXPERTS),
     ("ln_f", "ln_f", RMSNORM),
 ]
+NGPT_TABLE = [
+    ("wte", "wte", EMBED),
+    ("blocks.{i}", "blocks", NGPT_VECTORS),
+    ("blocks.{i}.c_attn", "blocks.c_attn", LINEAR),
+    ("blocks.{i}.attn_out", "blocks.attn_out", LINEAR),
+    ("blocks.{i}.c_mlp", "blocks.c_mlp", LINEAR),
+    ("blocks.{i}.mlp_out", "blocks.mlp_out", LINEAR),
+    ("blocks.{i}.rms_att", "blocks.rms_att", RMSNORM),
+    ("blocks.{i}.rms_mlp", "blocks.rms_mlp", RMSNORM),
+]
 
 
 def table(config: ModelConfig) -> list[tuple[str, str, dict]]:
@@ -65,6 +76,8 @@ def table(config: ModelConfig) -> list[tuple[str, str, dict]]:
         return MODERN_TABLE
     if isinstance(config, MoeGPTConfig):
         return MOE_TABLE
+    if isinstance(config, nGPTConfig):
+        return NGPT_TABLE
     raise TypeError(f"not a model config: {type(config).__name__}")
 
 

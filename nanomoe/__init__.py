@@ -7,6 +7,7 @@ from .config import (
     ModernGPTConfig,
     MoeGPTConfig,
     config_from_dict,
+    nGPTConfig,
     config_to_dict,
     model_type_of,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "ModelConfig",
     "ModernGPTConfig",
     "MoeGPTConfig",
+    "nGPTConfig",
     "config_from_dict",
     "config_to_dict",
     "model_type_of",

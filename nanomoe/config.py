@@ -246,12 +246,45 @@ class MoeGPTConfig:
         return max(1, min(n_tokens, math.ceil(self.capacity_factor * n_tokens * k / routed)))
 
 
-ModelConfig = GPTConfig | ModernGPTConfig | MoeGPTConfig
+@dataclass(frozen=True)
+class nGPTConfig:  # noqa: N801 - the original's class name
+    """nGPT ("based on NVIDIA/ngpt"): unit-norm residual stream, learned eigen learning rates,
+    tied head. Its quirks (attention scale, half-split rotary map) are reproduced by default."""
+
+    block_size: int = 1024
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    # A constant, as in the original: 1/sqrt(768) whatever n_embd is (it sets the init std and
+    # the starting values of the scale vectors, never follows the width).
+    base_scale: float = 1.0 / math.sqrt(768)
+    # ours: True uses the nGPT paper's attention scale sqrt(hd) on the unit q, k; the original
+    # keeps SDPA's 1/sqrt(hd), which bounds every logit by 1/sqrt(hd).
+    paper_attn_scale: bool = False
+    # ours: True rotates with the seed's interleaved RoPE (a true rotation); the original's
+    # half-split map (not a rotation, output in halves) is the default.
+    standard_rope: bool = False
+
+    def __post_init__(self) -> None:
+        _positive_ints(self, "block_size", "vocab_size", "n_layer", "n_head", "n_embd")
+        _attention_checks(self, n_kv_head=self.n_head, rope=False)
+        head_dim = self.n_embd // self.n_head
+        _require(head_dim % 2 == 0, "n_embd",
+                 f"head size n_embd/n_head={head_dim} must be even for rotary embeddings")
+        _finite_floats(self)
+        _dropout_check(self)
+        _require(self.base_scale > 0, "base_scale", f"must be positive, got {self.base_scale}")
+
+
+ModelConfig = GPTConfig | ModernGPTConfig | MoeGPTConfig | nGPTConfig
 
 MODEL_CONFIGS: dict[str, type] = {
     "gpt": GPTConfig,
     "moderngpt": ModernGPTConfig,
     "moegpt": MoeGPTConfig,
+    "ngpt": nGPTConfig,
 }
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import GPTConfig, ModelConfig, ModernGPTConfig, MoeGPTConfig
+from .config import GPTConfig, ModelConfig, ModernGPTConfig, MoeGPTConfig, nGPTConfig
 
 STD = 0.02
 TIED = {"gpt": ("lm_head.weight", "transformer.wte.weight"), "other": ("lm_head.weight", "wte.weight")}
@@ -22,8 +22,9 @@ TIED = {"gpt": ("lm_head.weight", "transformer.wte.weight"), "other": ("lm_head.
 @dataclass(frozen=True)
 class ParamSpec:
     shape: tuple[int, ...]
-    init: str  # "normal", "zeros" or "ones"
+    init: str  # "normal", "zeros", "ones" or "constant"
     std: float = STD
+    value: float = 0.0  # the value of a "constant" tensor
 
 
 def _linear(specs: dict, name: str, n_in: int, n_out: int, bias: bool, std: float = STD) -> None:
@@ -94,6 +95,21 @@ def param_specs(config: ModelConfig) -> dict[str, ParamSpec]:
             # torch lists a module's own Parameters before its children's: gate_linear last
             _linear(s, f"{p}.mlp.impl.gate_linear", C, E, b)
         _norm(s, "ln_f", C)
+    elif isinstance(c, nGPTConfig):
+        std = c.base_scale  # every matrix N(0, base_scale^2), output projections too
+        s["wte.weight"] = ParamSpec((V, C), "normal", std)
+        for i in range(c.n_layer):
+            p = f"blocks.{i}"  # the block's own vectors come before its submodules'
+            s[f"{p}.attn_alpha"] = ParamSpec((C,), "constant", value=0.05 * std)
+            s[f"{p}.mlp_alpha"] = ParamSpec((C,), "constant", value=0.05 * std)
+            s[f"{p}.sqk"] = ParamSpec((C,), "constant", value=std)
+            s[f"{p}.suv"] = ParamSpec((8 * C,), "constant", value=std)
+            _linear(s, f"{p}.c_attn", C, 3 * C, False, std)
+            _linear(s, f"{p}.attn_out", C, C, False, std)
+            _linear(s, f"{p}.c_mlp", C, 8 * C, False, std)
+            _linear(s, f"{p}.mlp_out", 4 * C, C, False, std)
+            _norm(s, f"{p}.rms_att", C)
+            _norm(s, f"{p}.rms_mlp", C)
     else:
         raise TypeError(f"not a model config: {type(config).__name__}")
     tied, embedding = TIED["gpt" if isinstance(c, GPTConfig) else "other"]
@@ -123,6 +139,8 @@ def init_params(config: ModelConfig, seed: int) -> dict[str, np.ndarray]:
             arr *= np.float32(spec.std)
         elif spec.init == "zeros":
             arr = np.zeros(spec.shape, np.float32)
+        elif spec.init == "constant":
+            arr = np.full(spec.shape, spec.value, np.float32)
         else:
             arr = np.ones(spec.shape, np.float32)
         out[name] = arr

@@ -1,13 +1,14 @@
 """The thin PyTorch reference: the original's modules, names and math, for parity tests."""
 
-from nanomoe.config import GPTConfig, ModernGPTConfig, MoeGPTConfig
+from nanomoe.config import GPTConfig, ModernGPTConfig, MoeGPTConfig, nGPTConfig
 
 from .gpt import GPT
 from .modern_gpt import ModernGPT
 from .moe_gpt import MoeGPT
+from .ngpt import nGPT
 from .pretrained import load_arrays
 
-MODELS = {"gpt": GPT, "moderngpt": ModernGPT, "moegpt": MoeGPT}
+MODELS = {"gpt": GPT, "moderngpt": ModernGPT, "moegpt": MoeGPT, "ngpt": nGPT}
 
 
 def model_class(config):
@@ -23,5 +24,6 @@ def create_model(config, seed: int | None = None):
     return model_class(config).from_seed(config, seed)
 
 
-__all__ = ["GPT", "ModernGPT", "MoeGPT", "GPTConfig", "ModernGPTConfig", "MoeGPTConfig",
+__all__ = ["GPT", "ModernGPT", "MoeGPT", "nGPT", "GPTConfig", "ModernGPTConfig",
+           "MoeGPTConfig", "nGPTConfig",
            "MODELS", "model_class", "create_model", "load_arrays"]

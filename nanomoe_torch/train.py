@@ -19,6 +19,7 @@ from nanomoe.config import MoeGPTConfig, config_to_dict
 from nanomoe.errors import ConversionError, NonFiniteError
 
 from . import create_model
+from .ngpt import normalize_weights
 from .sample import generate
 
 CKPT = re.compile(r"model_(\d{6})\.pt$")
@@ -70,6 +71,8 @@ class TorchBackend:
         self.autocast = (torch.autocast(device_type=self.device, dtype=torch.bfloat16)
                          if dtype == "bfloat16" else nullcontext())
         self.model = create_model(config, args.seed).to(self.device)
+        # nGPT's --ngpt_normalize_weights: the paper's projection after every applied step
+        self.post_step = normalize_weights if getattr(args, "ngpt_normalize_weights", False) else None
         self.optimizer = make_optimizer(self.model, config, args.embedding_lr_mult,
                                         fused=self.has_accelerator)
         forward = torch.compile(self.model) if self.has_accelerator else self.model
@@ -127,6 +130,8 @@ class TorchBackend:
         ok = bool(torch.isfinite(sums["loss"]) & torch.isfinite(sums["grad_norm"]))
         if ok:
             self.optimizer.step()
+            if self.post_step is not None:
+                self.post_step(self.model)
         sums["skipped"] = torch.tensor(0.0 if ok else 1.0)
         return sums
 

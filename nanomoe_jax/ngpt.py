@@ -1,0 +1,157 @@
+"""nGPT in Flax NNX: the original's nGPT (see ``nanomoe_torch/ngpt.py``), quirks included.
+
+Mixed precision as under the original's autocast: the four matmuls and attention run in
+``dtype``; RMSNorms, the L2 normalisations, the rotary map, the scale vectors and the residual
+interpolation in fp32 (the residual stream stays fp32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nanomoe.config import nGPTConfig
+from nanomoe.rope import rope_table
+
+from .layers import (Decoding, KVCache, Options, apply_rope, check_sequence_length, embed,
+                     head_and_loss, linear, make_stack, rms_norm, run_stack)
+
+f32 = jnp.float32
+ROPE_BASE = 10000.0
+ALPHA_TARGET = 0.05
+SCALE_FLOOR = 1e-6
+
+
+def justnorm(x: jax.Array) -> jax.Array:
+    """x / (||x||_2 + 1e-8) over the last axis, in fp32."""
+    x = x.astype(f32)
+    return x / (jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True)) + 1e-8)
+
+
+def eff(p: jax.Array, c: float) -> jax.Array:
+    """``p * c / max|p|`` with the max floored at 1e-6 (ties share the max's gradient)."""
+    p = p.astype(f32)
+    return p * (c / jnp.maximum(jnp.max(jnp.abs(p)), SCALE_FLOOR))
+
+
+def half_split_rotary(x_BTNH: jax.Array, table_TH: jax.Array) -> jax.Array:
+    """The original's map: S, K = the halves of the table rows, e, o = the even and odd
+    features; concat(e*K - o*S, o*K + e*S) (not a rotation; output in halves)."""
+    h = x_BTNH.shape[-1] // 2
+    S_T1h, K_T1h = table_TH[:, None, :h], table_TH[:, None, h:]
+    x = x_BTNH.astype(f32)
+    e, o = x[..., 0::2], x[..., 1::2]
+    return jnp.concatenate([e * K_T1h - o * S_T1h, o * K_T1h + e * S_T1h], axis=-1)
+
+
+class Block(nnx.Module):
+    def __init__(self, c: nGPTConfig, opts: Options, rngs: nnx.Rngs):
+        C, s = c.n_embd, c.base_scale
+        self.config, self.dtype, self.attention_impl = c, opts.dtype, opts.attention_impl
+        self.n_head, self.head_dim = c.n_head, C // c.n_head
+        vector = lambda n, v: nnx.Param(jnp.full((n,), v, opts.param_dtype))  # noqa: E731
+        self.attn_alpha = vector(C, ALPHA_TARGET * s)
+        self.mlp_alpha = vector(C, ALPHA_TARGET * s)
+        self.sqk = vector(C, s)
+        self.suv = vector(8 * C, s)
+        self.c_attn = linear(C, 3 * C, opts, rngs, bias=False, std=s)
+        self.attn_out = linear(C, C, opts, rngs, bias=False, std=s)
+        self.c_mlp = linear(C, 8 * C, opts, rngs, bias=False, std=s)
+        self.mlp_out = linear(4 * C, C, opts, rngs, bias=False, std=s)
+        self.rms_att = rms_norm(C, opts, rngs)
+        self.rms_mlp = rms_norm(C, opts, rngs)
+
+    def rotate(self, x_BTNH, positions_T):
+        """Rotary map at absolute positions (rows of the block_size table)."""
+        c = self.config
+        if c.standard_rope:
+            return apply_rope(x_BTNH.astype(f32), ROPE_BASE, positions_T, c.block_size)
+        table = jnp.asarray(rope_table(c.block_size, self.head_dim, ROPE_BASE))
+        return half_split_rotary(x_BTNH, jnp.take(table, positions_T, axis=0))
+
+    def attention(self, a_BTC, cache: KVCache | None, pos):
+        B, T, C = a_BTC.shape
+        N, H = self.n_head, self.head_dim
+        qkv_BT3C = self.c_attn(a_BTC)
+        q_BTNH, k_BTNH, v_BTNH = (t.reshape(B, T, N, H) for t in jnp.split(qkv_BT3C, 3, -1))
+        positions_T = jnp.arange(T) if cache is None else pos + jnp.arange(T)
+        q_BTNH, k_BTNH = self.rotate(q_BTNH, positions_T), self.rotate(k_BTNH, positions_T)
+        s_qk_H = eff(self.sqk[...], 1.0)[:H]  # the first hd entries, shared by every head
+        q_BTNH = (justnorm(q_BTNH) * s_qk_H).astype(self.dtype)
+        k_BTNH = (justnorm(k_BTNH) * s_qk_H).astype(self.dtype)
+        v_BTNH = v_BTNH.astype(self.dtype)
+        scale = math.sqrt(H) if self.config.paper_attn_scale else 1.0 / math.sqrt(H)
+        if cache is None:
+            o_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, scale=scale,
+                                                  is_causal=True, implementation=self.attention_impl)
+        else:
+            cache = KVCache(
+                jax.lax.dynamic_update_slice_in_dim(cache.k_BSKH, k_BTNH.astype(cache.k_BSKH.dtype), pos, 1),
+                jax.lax.dynamic_update_slice_in_dim(cache.v_BSKH, v_BTNH.astype(cache.v_BSKH.dtype), pos, 1))
+            S = cache.k_BSKH.shape[1]
+            mask_11TS = (jnp.arange(S)[None, :] <= positions_T[:, None])[None, None]
+            o_BTNH = jax.nn.dot_product_attention(
+                q_BTNH, cache.k_BSKH.astype(self.dtype), cache.v_BSKH.astype(self.dtype),
+                mask=mask_11TS, scale=scale)
+        return self.attn_out(o_BTNH.reshape(B, T, C)), cache
+
+    def __call__(self, x_BTC, cache=None, pos=None):
+        C = x_BTC.shape[-1]
+        y_BTC, cache = self.attention(self.rms_att(x_BTC), cache, pos)
+        x_hat_BTC = justnorm(x_BTC)
+        alpha_A_C = eff(self.attn_alpha[...], ALPHA_TARGET)
+        h_att_BTC = x_hat_BTC + alpha_A_C * (justnorm(y_BTC) - x_hat_BTC)  # not renormalised
+        uv_BT8C = self.c_mlp(self.rms_mlp(h_att_BTC)).astype(f32) * eff(self.suv[...], 1.0)
+        u_BT4C, g_BT4C = uv_BT8C[..., : 4 * C], uv_BT8C[..., 4 * C:]
+        y2_BTC = self.mlp_out(u_BT4C * jax.nn.silu(g_BT4C))  # SiLU on the second half
+        alpha_M_C = eff(self.mlp_alpha[...], ALPHA_TARGET)
+        h_mlp_BTC = h_att_BTC + alpha_M_C * (justnorm(y2_BTC) - h_att_BTC)
+        return justnorm(h_mlp_BTC), None, cache
+
+
+class nGPT(Decoding, nnx.Module):  # noqa: N801 - the original's name
+    config_class = nGPTConfig
+    ignore_index = -1
+
+    def __init__(self, config: nGPTConfig, *, rngs: nnx.Rngs, **options):
+        self.config, self.opts = config, Options(**options)
+        opts, c = self.opts, config
+        self.wte = embed(c.vocab_size, c.n_embd, opts, rngs)
+        self.blocks = make_stack(lambda r: Block(c, opts, r), c.n_layer, rngs)
+
+    def hidden(self, idx_BT, cache=None, pos=None):
+        """Unit-norm hidden states of the last block (no final norm), per-layer aux (None),
+        updated cache, of the tokens at pos.."""
+        check_sequence_length(idx_BT.shape[1], self.config.block_size)
+        return run_stack(self.blocks, self.wte(idx_BT), self.opts, cache, pos)
+
+    def __call__(self, idx_BT: jax.Array, targets_BT: jax.Array | None = None):
+        """``(logits, {'loss': loss or None})``, as the original (logits of the tied head)."""
+        h_BTC, _, _ = self.hidden(idx_BT)
+        logits_BTV, loss = head_and_loss(self.wte, h_BTC, targets_BT, self.opts, self.ignore_index)
+        return logits_BTV, {"loss": loss}
+
+
+# The paper's weight projection (--ngpt_normalize_weights): parameter path -> the axis of the
+# JAX array that holds the embedding dimension (layer-stacked kernels are (L, in, out)).
+NORM_AXES = {("wte", "embedding"): -1, ("blocks", "c_attn", "kernel"): -2,
+             ("blocks", "c_mlp", "kernel"): -2, ("blocks", "attn_out", "kernel"): -1,
+             ("blocks", "mlp_out", "kernel"): -1}
+
+
+def normalize_weights(params):
+    """Every weight vector along the embedding axis to unit norm, as
+    ``nanomoe_torch.ngpt.normalize_weights`` does (same vectors, same numbers)."""
+    def one(path, p):
+        keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        keys = tuple(k for k in keys if k != "value")
+        axis = NORM_AXES.get(keys)
+        if axis is None:
+            return p
+        norm = jnp.sqrt(jnp.sum(p * p, axis=axis, keepdims=True))
+        return p / jnp.maximum(norm, 1e-12)
+
+    return jax.tree_util.tree_map_with_path(one, params)

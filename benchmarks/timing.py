@@ -63,6 +63,15 @@ def _free_memory(framework: str) -> None:
             torch.cuda.empty_cache()
 
 
+def _dispatch(config, spec: dict) -> str | None:
+    """The model table runs the back end train.py picks (None: execution_options decides);
+    the sweep and the HLO check run the one their config names, whatever the device."""
+    given = spec["jax_options"].get("moe_dispatch")
+    if given or spec.get("labels", {}).get("section") == "models":
+        return given
+    return getattr(config, "moe_dispatch", None)
+
+
 def jax_train_step(config, spec: dict):
     """(compiled step, lowering seconds, compile seconds, state, lr_mult, batch) of one config.
 
@@ -82,7 +91,7 @@ def jax_train_step(config, spec: dict):
                              scan_layers=o["scan_layers"], remat=o["remat"],
                              attention_impl=o["attention_impl"],
                              loss_chunk_tokens=o["loss_chunk_tokens"],
-                             moe_dispatch=o.get("moe_dispatch"))
+                             moe_dispatch=_dispatch(config, spec))
     spec["resolved_options"] = describe(opts)  # what the cell ran, decided or given
     model = create_model(config, spec.get("seed"), **options_kwargs(opts))
     graphdef, params = nnx.split(model, nnx.Param)

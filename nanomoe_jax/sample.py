@@ -26,34 +26,60 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, top_k: int | None,
 
 @partial(jax.jit, static_argnames=("graphdef", "n_prompt", "top_k", "temperature"))
 def _generate(graphdef, state, buf_BT, key, n_prompt, top_k, temperature):
-    """Prefill the prompt into a KV cache, then decode one token per step: one compiled loop."""
+    """Fill ``buf_BT`` (B, total) after its first ``n_prompt`` tokens, in one compiled call.
+
+    Up to block_size L: prefill the prompt into a KV cache, then one cached token per step.
+    Past L the window slides as nanoGPT's generate does: each next token is predicted from
+    exactly the last L tokens, re-prefilled from scratch. A cache cannot be rolled instead:
+    learned positions shift with the window, and every cached key and value was computed with
+    the dropped tokens in its context, so it differs from a forward on the cropped window."""
     model = nnx.merge(graphdef, state)
     B, total = buf_BT.shape
-    cache = model.init_cache(B, total)
+    L = model.config.block_size
+    cache = model.init_cache(B, min(total, L))
     logits_BPV, cache = model.decode(buf_BT[:, :n_prompt], cache, jnp.int32(0))
     key, sub = jax.random.split(key)
     token_B = sample_logits(logits_BPV[:, -1], sub, top_k, temperature)
 
-    def body(pos, carry):
+    def cached(pos, carry):  # token_B goes to pos; its logits give the one at pos + 1
         buf_BT, token_B, cache, key = carry
         buf_BT = buf_BT.at[:, pos].set(token_B.astype(buf_BT.dtype))
         logits_B1V, cache = model.decode(token_B[:, None].astype(buf_BT.dtype), cache, pos)
         key, sub = jax.random.split(key)
         return buf_BT, sample_logits(logits_B1V[:, 0], sub, top_k, temperature), cache, key
 
-    buf_BT, token_B, _, _ = jax.lax.fori_loop(n_prompt, total - 1, body,
-                                              (buf_BT, token_B, cache, key))
-    return buf_BT.at[:, total - 1].set(token_B.astype(buf_BT.dtype))
+    # the cached phase ends at the last position the window holds (min(total, L) - 1); a
+    # prompt that already fills the window leaves its first new token at n_prompt = L
+    last = max(n_prompt, min(total, L) - 1)
+    buf_BT, token_B, _, key = jax.lax.fori_loop(n_prompt, last, cached,
+                                                (buf_BT, token_B, cache, key))
+    buf_BT = buf_BT.at[:, last].set(token_B.astype(buf_BT.dtype))
+    if last + 1 >= total:
+        return buf_BT
+
+    def sliding(pos, carry):  # the token at pos from the L tokens before it
+        buf_BT, key = carry
+        window_BL = jax.lax.dynamic_slice_in_dim(buf_BT, pos - L, L, axis=1)
+        logits_BLV, _ = model.decode(window_BL, model.init_cache(B, L), jnp.int32(0))
+        key, sub = jax.random.split(key)
+        token_B = sample_logits(logits_BLV[:, -1], sub, top_k, temperature)
+        return buf_BT.at[:, pos].set(token_B.astype(buf_BT.dtype)), key
+
+    buf_BT, _ = jax.lax.fori_loop(last + 1, total, sliding, (buf_BT, key))
+    return buf_BT
 
 
 def generate(model: nnx.Module, prompt: list[int], n_tokens: int, *, top_k: int | None = 50,
              temperature: float = 1.0, seed: int = 0, batch: int = 1) -> list[int]:
-    """``n_tokens`` continuation tokens of ``prompt`` (fewer if block_size is reached)."""
+    """``n_tokens`` continuation tokens of ``prompt``, any number: past block_size each token
+    sees the last block_size tokens (a prompt longer than that is cropped the same way)."""
     block_size = model.config.block_size
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
+    if n_tokens <= 0:
+        return []
     prompt = prompt[-block_size:]
-    total = min(block_size, len(prompt) + n_tokens)
+    total = len(prompt) + n_tokens
     buf = jnp.zeros((batch, total), jnp.int32).at[:, : len(prompt)].set(jnp.asarray(prompt))
     graphdef, state = nnx.split(model)
     out = _generate(graphdef, state, buf, jax.random.key(seed), len(prompt), top_k, temperature)

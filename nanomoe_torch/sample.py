@@ -9,14 +9,15 @@ import torch.nn.functional as F
 @torch.no_grad()
 def generate(model, prompt: list[int], n_tokens: int, *, top_k: int | None = 50,
              temperature: float = 1.0, seed: int = 0) -> list[int]:
+    """``n_tokens`` continuation tokens of ``prompt``, any number: as nanoGPT's generate, each
+    token is predicted from (at most) the last block_size tokens, the window sliding on."""
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     block_size = model.config.block_size
     idx = torch.tensor([prompt[-block_size:]], device=device)
     start = idx.size(1)
-    total = min(block_size, start + n_tokens)
-    while idx.size(1) < total:
-        logits = model(idx)[0][:, -1, :].float()
+    for _ in range(max(n_tokens, 0)):
+        logits = model(idx[:, -block_size:])[0][:, -1, :].float()
         if temperature == 0:
             nxt = logits.argmax(-1, keepdim=True)
         else:

@@ -13,8 +13,13 @@ from .config import MODEL_CONFIGS, ModelConfig
 from .errors import ConfigError
 
 # The original overrides --max_lr per model unless given or --no_override_defaults.
-MAX_LR_OVERRIDES = {"moderngpt": 1e-3, "moegpt": 8e-4}
+MAX_LR_OVERRIDES = {"moderngpt": 1e-3, "moegpt": 8e-4, "ngpt": 1.5e-3}
 DEFAULT_MAX_LR = 6e-4
+
+# The original's sample prompt fits English web text; on the default corpus (the Python
+# standard library's source) a model learns code, so the sample starts the way code does.
+ORIGINAL_PROMPT = "Hello, I'm a language model,"
+DEFAULT_CORPUS_PROMPT = "def "
 
 # On a machine without an accelerator, with no size flag given: a model and batch that train
 # to a visibly falling loss in a few minutes on a laptop.
@@ -46,7 +51,7 @@ def _bool(text: str) -> bool:
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py",
-        description="Train GPT, ModernGPT or MoeGPT in JAX or PyTorch (build-nano-moe's recipe).",
+        description="Train GPT, ModernGPT, MoeGPT or nGPT in JAX or PyTorch (build-nano-moe's recipe).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("what to train")
@@ -82,6 +87,10 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--embedding_lr_mult", type=float, default=1.0,
                    help="MoeGPT's embedding lr multiplier; the original asks for 2 but its loop "
                         "resets it, so 1.0 is what it really trains with")
+    g.add_argument("--ngpt_normalize_weights", action="store_true",
+                   help="nGPT only: after every optimizer step renormalise each weight vector "
+                        "along the embedding axis to unit norm, as the nGPT paper (the "
+                        "original's loop does not)")
 
     g = p.add_argument_group("ours")
     g.add_argument("--seed", type=int, default=1337, help="initial weights (same in both frameworks)")
@@ -103,7 +112,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
     g.add_argument("--sample_every", type=int, default=0,
                    help="print a sample every N steps and at the end (0: only at the end on CPU preset)")
-    g.add_argument("--sample_prompt", default="Hello, I'm a language model,")
+    g.add_argument("--sample_prompt", default=None,
+                   help=f"default: {DEFAULT_CORPUS_PROMPT!r} on the default corpus (Python "
+                        f"source), else the original's {ORIGINAL_PROMPT!r}")
     g.add_argument("--sample_tokens", type=int, default=64)
     g.add_argument("--hellaswag_file", default=None,
                    help="HellaSwag validation jsonl; default: downloaded once to "
@@ -144,6 +155,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_lr is None:
         override = not args.no_override_defaults
         args.max_lr = MAX_LR_OVERRIDES.get(args.model, DEFAULT_MAX_LR) if override else DEFAULT_MAX_LR
+    if args.sample_prompt is None:
+        args.sample_prompt = DEFAULT_CORPUS_PROMPT if args.data is None else ORIGINAL_PROMPT
     return args
 
 
@@ -155,8 +168,13 @@ AT_LEAST = (("max_steps", 1), ("warmup_steps", 0), ("total_batch_size", 1), ("B"
             ("loss_chunk_tokens", 1), ("seed", 0))
 
 
+SEED_MAX = 2**32 - 1
+
+
 def check_ranges(args: argparse.Namespace) -> None:
     """Every numeric flag in its range, before anything is built or written."""
+    if args.seed > SEED_MAX:  # both frameworks seed 32-bit generators
+        raise ConfigError(f"--seed must be at most {SEED_MAX}, got {args.seed}")
     for name, low in AT_LEAST:
         value = getattr(args, name, None)
         if value is not None and value < low:
@@ -194,6 +212,9 @@ def apply_cpu_preset(args: argparse.Namespace, argv: list[str]) -> bool:
 def build_config(args: argparse.Namespace, vocab_size: int | None) -> ModelConfig:
     """The model config from its defaults, ``vocab_size`` (from the tokenizer) and the flags."""
     cls = MODEL_CONFIGS[args.model]
+    if getattr(args, "ngpt_normalize_weights", False) and args.model != "ngpt":
+        raise ConfigError(f"--ngpt_normalize_weights: nGPT's weight normalisation needs "
+                          f"--model ngpt, not {args.model}")
     known = {f.name for f in dataclasses.fields(cls)}
     given = given_config_fields(args)
     foreign = sorted(set(given) - known)

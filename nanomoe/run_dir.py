@@ -20,6 +20,7 @@ import shutil
 import tempfile
 
 from .errors import NanoMoeError
+from .files import is_special
 
 RUN_FILE = "run.json"
 # Everything a run writes into its folder (train_loop, both backends, metrics).
@@ -51,7 +52,24 @@ def compute_flags(args) -> dict:
     """The flags of ``args`` that fix what a run computes, as run.json records them."""
     flags = {k: getattr(args, k) for k in COMPUTE_FLAGS}
     flags["data"] = os.path.abspath(args.data) if args.data else None
+    if getattr(args, "ngpt_normalize_weights", False):  # recorded only when on (older runs)
+        flags["ngpt_normalize_weights"] = True
     return flags
+
+
+def _refuse_special_files(log_dir: str) -> None:
+    """A FIFO, socket or device among a run's files would block or never end the reader
+    (metrics.jsonl, run.json, a checkpoint's files): refuse before opening any of them."""
+    for name in artifacts(log_dir):
+        path = os.path.join(log_dir, name)
+        paths = [path]
+        if os.path.isdir(path) and not os.path.islink(path):
+            paths += [os.path.join(root, n) for root, dirs, files in os.walk(path)
+                      for n in dirs + files]
+        for p in paths:
+            if is_special(p):
+                raise RunDirError(f"{p} is not a regular file (a FIFO, socket or device); "
+                                  "move it away, then run the command again")
 
 
 def _read_run_file(log_dir: str) -> dict | None:
@@ -78,9 +96,13 @@ def _differences(old: dict, new: dict) -> list[str]:
 def check(args, run_info: dict) -> None:
     """May this command use ``args.log_dir`` as asked? Raises RunDirError naming why not."""
     log_dir = args.log_dir
+    if os.path.islink(log_dir) and not os.path.exists(log_dir):
+        raise RunDirError(f"--log_dir {log_dir} is a symbolic link to nothing; remove it or "
+                          "choose another --log_dir")
     if os.path.exists(log_dir) and not os.path.isdir(log_dir):
         raise RunDirError(f"--log_dir {log_dir} is a file, not a folder; choose another "
                           "--log_dir")
+    _refuse_special_files(log_dir)
     found = artifacts(log_dir)
     if not args.resume:
         if found and not args.overwrite:

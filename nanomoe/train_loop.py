@@ -77,6 +77,20 @@ def _open_data(args) -> tuple[Any, dict]:
         return None, datasets
 
 
+class LazyBatches:
+    """``n`` batches read from ``loader`` as they are iterated (``len`` known up front), so a
+    large --eval_steps never holds more than one batch."""
+
+    def __init__(self, loader: DataLoader, n: int):
+        self.loader, self.n = loader, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return (self.loader.next_batch() for _ in range(self.n))
+
+
 def model_vocab(tokenizer) -> int | None:
     """A byte or tokenizer.json vocabulary, padded to a multiple of 64; None: config default."""
     if tokenizer is None or tokenizer.name == "gpt2":
@@ -206,7 +220,7 @@ def _run(args, argv, backend: Backend, stop_signal: list[str], lock: run_dir.Loc
 
     def evaluate(step_done: int) -> None:
         val_loader.reset()
-        batches = [val_loader.next_batch() for _ in range(args.eval_steps)]
+        batches = LazyBatches(val_loader, args.eval_steps)  # one batch in memory at a time
         record = {"step": step_done, **{f"val_{k}": v for k, v in backend.evaluate(batches).items()}}
         line = f"step {step_done:5d} | val loss {record['val_loss']:.4f}"
         if hellaswag_file:

@@ -3,6 +3,7 @@ keeps what the run computes, every flag in range, and a failing disk or an early
 one sentence (issue 12)."""
 
 import errno
+import itertools
 import json
 import os
 import signal
@@ -307,3 +308,50 @@ def test_ctrl_c_before_the_first_step(text_file, tmp_path, capsys):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-n", "0"]))
+
+
+# more of the same classes (a review's findings) ---------------------------------------------
+
+def test_special_files_in_a_run_folder_are_refused_not_opened(text_file, tmp_path, capsys):
+    log = tmp_path / "log"
+    assert main(tiny("jax", text_file, log, "--stop_at", "3", steps=6),
+                lambda: _backend("jax")) == 0
+    capsys.readouterr()
+    meta = next(p for p in (log / "checkpoints").rglob("*") if p.is_file())
+    for victim in (log / "metrics.jsonl", log / "run.json", meta):
+        saved = victim.read_bytes()
+        victim.unlink()
+        os.mkfifo(victim)  # opening it for reading would block forever
+        code, err = run("jax", tiny("jax", text_file, log, "--resume", steps=6), capsys)
+        assert code == 2
+        one_sentence(err, str(victim), "not a regular file")
+        victim.unlink()
+        victim.write_bytes(saved)
+
+
+def test_broken_symlink_log_dir_and_huge_seed(text_file, tmp_path, capsys):
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")
+    code, err = run("jax", tiny("jax", text_file, link), capsys)
+    assert code == 2
+    one_sentence(err, "symbolic link to nothing")
+    code, err = run("jax", tiny("jax", text_file, tmp_path / "log", "--seed",
+                                "99999999999999999999"), capsys)
+    assert code == 2
+    one_sentence(err, "--seed must be at most")
+
+
+def test_eval_batches_are_read_one_at_a_time():
+    from nanomoe.train_loop import LazyBatches
+
+    reads = []
+
+    class Loader:
+        def next_batch(self):
+            reads.append(1)
+            return len(reads), len(reads)
+
+    batches = LazyBatches(Loader(), 10**9)  # a huge --eval_steps allocates nothing up front
+    assert len(batches) == 10**9 and reads == []
+    first_three = list(itertools.islice(batches, 3))
+    assert [x for x, _ in first_three] == [1, 2, 3] and len(reads) == 3

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from nanomoe.config import MODEL_CONFIGS, ModernGPTConfig, config_from_dict, config_to_dict
-from nanomoe.errors import ConversionError
+from nanomoe.errors import ConfigError, ConversionError
 from nanomoe.init import param_specs, tied_names
 from nanomoe.state_dict import strip_wrapper_prefixes
 
@@ -35,6 +35,8 @@ def model_type_from_keys(keys) -> str | None:
     keys = set(keys)
     if "transformer.wte.weight" in keys:
         return "gpt"
+    if any(k.startswith("blocks.") and k.endswith(".sqk") for k in keys):
+        return "ngpt"
     if any(k.startswith("blocks.") for k in keys):
         return "moegpt"
     if any(k.startswith("h.") for k in keys):
@@ -58,6 +60,8 @@ def infer_fields(sd: dict, model_type: str, n_head: int) -> dict[str, Any]:
                     n_layer=_n_layer(sd, "transformer.h.{}.ln_1.weight"))
     emb = "wte.weight"
     V, C = shape(emb)
+    if model_type == "ngpt":  # n_head: sqk has C entries whatever the head count
+        return dict(vocab_size=V, n_embd=C, n_layer=_n_layer(sd, "blocks.{}.rms_att.weight"))
     if model_type == "moegpt":
         E, H, _ = shape("blocks.0.mlp.impl.fc_weight")
         width = dict(ffn_factor=H // C) if H % C == 0 else dict(expert_dim=H)
@@ -97,7 +101,11 @@ def resolve_config(raw: Any, sd: dict, path: str, model: str | None = None,
         raise ConversionError(f"{path}: its 'config' is a {type(raw).__name__}, not a config")
     ours = isinstance(raw, dict) and "model_type" in raw
     model_type = fields.pop("model_type", None) or keys_type or model
-    if model_type not in MODEL_CONFIGS:
+    if not isinstance(model_type, str) or model_type not in MODEL_CONFIGS:
+        if isinstance(raw, dict) and "model_type" in raw:
+            raise ConversionError(f"{path}: its config's model_type is "
+                                  f"{str(raw['model_type'])[:40]!r}, not one of "
+                                  f"{sorted(MODEL_CONFIGS)}; pass --model")
         raise ConversionError(f"{path}: cannot tell the model type; pass --model")
     if keys_type and keys_type != model_type:
         raise ConversionError(f"{path}: its config says {model_type}, its weights are {keys_type}")
@@ -124,7 +132,10 @@ def resolve_config(raw: Any, sd: dict, path: str, model: str | None = None,
     stored = "double_attn_scale" in fields
     if model_type == "moderngpt" and not stored:
         fields["double_attn_scale"] = True
-    config = config_from_dict({**fields, **overrides}, model_type)
+    try:
+        config = config_from_dict({**fields, **overrides}, model_type)
+    except ConfigError as e:
+        raise ConversionError(f"{path}: its config does not work ({e})") from None
     note = f"{path}: {what}, model {model_type}"
     if isinstance(config, ModernGPTConfig):
         why = ("--set" if "double_attn_scale" in overrides else "as stored" if stored else
@@ -191,7 +202,8 @@ def is_pretrained_folder(path: str) -> bool:
         config = read_config_json(path) if os.path.isdir(path) else None
     except ConversionError:
         return False
-    return config is not None and config.get("model_type") in MODEL_CONFIGS
+    model_type = (config or {}).get("model_type")
+    return isinstance(model_type, str) and model_type in MODEL_CONFIGS
 
 
 def load_source(path: str, model: str | None = None, overrides: dict | None = None,
@@ -199,6 +211,9 @@ def load_source(path: str, model: str | None = None, overrides: dict | None = No
     """A JAX checkpoint (log folder / checkpoints folder / step folder), a .pt file, or a
     safetensors folder of ours, as a :class:`Source`."""
     if not os.path.exists(path):
+        if os.path.lexists(path):
+            raise ConversionError(f"{path}: a link to nothing (a broken symlink); give the "
+                                  "checkpoint it should point to")
         raise ConversionError(f"{path}: no such file or folder")
     if not os.path.isdir(path):  # a .pt file; a FIFO or device is refused before opening
         ckpt = load_checkpoint_file(path)
@@ -210,13 +225,19 @@ def load_source(path: str, model: str | None = None, overrides: dict | None = No
                                       model, overrides, log)
         arrays = check_arrays(config, {k: _numpy(v) for k, v in sd.items()}, path)
         meta = {} if ours or config.vocab_size <= 512 else {"tokenizer": "gpt2"}
-        return Source(config, arrays, int(ckpt.get("step") or 0) if has_model else 0, meta)
-    read_config_json(path)  # a config.json that is not JSON: say so, not "no checkpoint"
+        return Source(config, arrays, parse_step(ckpt.get("step"), path) if has_model else 0,
+                      meta)
+    config_json = read_config_json(path)  # not JSON: say so, not "no checkpoint"
+    if config_json is not None and not isinstance(config_json.get("model_type", ""), str):
+        raise ConversionError(f"{os.path.join(path, 'config.json')}: model_type must be a "
+                              f"string such as \"moegpt\", got a "
+                              f"{type(config_json['model_type']).__name__}; fix that field or "
+                              "export the model again")
     if is_pretrained_folder(path):
         from nanomoe_torch.pretrained import read_pretrained, read_pretrained_metadata
 
         config, state = read_pretrained(path)
-        step = int(read_pretrained_metadata(path).get("step", 0))
+        step = parse_step(read_pretrained_metadata(path).get("step"), path)
         source = Source(config, check_arrays(config, {k: _numpy(v) for k, v in state.items()},
                                              path), step)
     else:
@@ -226,13 +247,36 @@ def load_source(path: str, model: str | None = None, overrides: dict | None = No
 
         loaded, meta = load_model(path)
         extra = {k: meta[k] for k in ("tokenizer",) if k in meta}
-        source = Source(loaded.config, export_arrays(loaded), int(meta.get("step", 0)), extra)
+        source = Source(loaded.config, export_arrays(loaded), parse_step(meta.get("step"), path),
+                        extra)
         check_finite(source.arrays, path)
     _check_model(source.config, model, path)
     if overrides:  # e.g. --set double_attn_scale=true on one of our checkpoints
         fields = {**config_to_dict(source.config), **overrides}
-        source.config = config_from_dict(fields)
+        try:
+            source.config = config_from_dict(fields)
+        except ConfigError as e:
+            raise ConversionError(f"--set: {e}") from None
     return source
+
+
+MAX_STEP = 2**63 - 1
+
+
+def parse_step(value: Any, path: str) -> int:
+    """A checkpoint's recorded step: a non-negative int (or a string of one, as safetensors
+    metadata stores it); None is 0; anything else is one sentence."""
+    if value is None:
+        return 0
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_STEP:
+        return value
+    shown = repr(value) if isinstance(value, (int, float, str)) else f"a {type(value).__name__}"
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    raise ConversionError(f"{path}: its recorded step is {shown}, not a whole number "
+                          f"from 0 to 2**63-1; the file is damaged or was not written by a "
+                          "trainer")
 
 
 def _check_model(config, model: str | None, path: str) -> None:

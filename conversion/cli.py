@@ -19,9 +19,11 @@ from nanomoe.errors import ConversionError, NanoMoeError
 from .checkpoints import Log, from_torch, is_pretrained_folder, load_source, to_torch
 from .hf import from_hf, to_hf
 from .pt_files import read_config_json
+from .remote_code import check_remote_code, remote_model_of
 
-MODEL_TYPES = ("gpt", "moderngpt", "moegpt")
+MODEL_TYPES = ("gpt", "moderngpt", "moegpt", "ngpt")
 DEFAULT_PROMPT = "Hello, I'm a language model,"
+GREEDY_TOKENS = 50  # compare's default for a remote-code export
 
 
 # ---------------------------------------------------------------------------------------------
@@ -29,16 +31,20 @@ DEFAULT_PROMPT = "Hello, I'm a language model,"
 
 
 class Runner:
-    """A loaded model: ``logits(ids) -> (T, V) float64`` plus what it accepts."""
+    """A loaded model: ``logits(ids) -> (T, V) float64``, ``greedy(ids, n) -> n token ids``
+    (its own greedy decoding: the JAX sampler, nanomoe_torch's, or transformers' generate)
+    plus what it accepts."""
 
-    def __init__(self, name: str, logits: Callable, vocab_size: int, block_size: int):
-        self.name, self.logits = name, logits
-        self.vocab_size, self.block_size = vocab_size, block_size
+    def __init__(self, name: str, logits: Callable, vocab_size: int, block_size: int,
+                 greedy: Callable, remote: bool = False):
+        self.name, self.logits, self.greedy = name, logits, greedy
+        self.vocab_size, self.block_size, self.remote = vocab_size, block_size, remote
 
 
 def _hf_model_type(path: str) -> str | None:
     config = read_config_json(path) if os.path.isdir(path) else None  # refuses bad JSON
-    return (config or {}).get("model_type")
+    model_type = (config or {}).get("model_type")
+    return model_type if isinstance(model_type, str) else None
 
 
 def load_runner(path: str, log: Log = print) -> Runner:
@@ -47,11 +53,19 @@ def load_runner(path: str, log: Log = print) -> Runner:
     import torch
 
     if os.path.isdir(path) and _hf_model_type(path) and not is_pretrained_folder(path):
+        import copy
+
         from transformers import AutoModelForCausalLM
 
+        config_json = read_config_json(path)
+        # Remote code runs on loading: only a folder whose code is byte-identical to what
+        # to-hf writes now (checked first) is loaded with it; any other folder never is.
+        remote = remote_model_of(config_json) is not None
+        if remote:
+            check_remote_code(path, config_json)
         try:
             hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
-                                                      trust_remote_code=False).float().eval()
+                                                      trust_remote_code=remote).float().eval()
         except Exception as e:  # noqa: BLE001
             raise ConversionError(f"{path}: transformers could not load it "
                                   f"({type(e).__name__})") from None
@@ -62,8 +76,17 @@ def load_runner(path: str, log: Log = print) -> Runner:
             with torch.no_grad():
                 return hf(torch.tensor([ids])).logits[0].double().numpy()
 
+        def hf_greedy(ids, n):
+            gc = copy.deepcopy(hf.generation_config)  # no early stop at an end-of-text token
+            gc.update(eos_token_id=None, do_sample=False, max_new_tokens=n, max_length=None)
+            ids_t = torch.tensor([ids])
+            with torch.no_grad():
+                out = hf.generate(ids_t, attention_mask=torch.ones_like(ids_t),
+                                  generation_config=gc)
+            return out[0, len(ids):].tolist()
+
         return Runner(f"{path} ({type(hf).__name__}, transformers)", hf_logits, cfg.vocab_size,
-                      block)
+                      block, hf_greedy, remote)
     source = load_source(path, log=log)  # says how a .pt file's config was read
     c = source.config
     if os.path.isfile(path) or is_pretrained_folder(path):
@@ -76,8 +99,11 @@ def load_runner(path: str, log: Log = print) -> Runner:
             with torch.no_grad():
                 return tm(torch.tensor([ids]))[0][0].double().numpy()
 
+        from nanomoe_torch.sample import generate as torch_generate
+
         return Runner(f"{path} ({type(tm).__name__}, nanomoe_torch)", torch_logits,
-                      c.vocab_size, c.block_size)
+                      c.vocab_size, c.block_size,
+                      lambda ids, n: torch_generate(tm, ids, n, temperature=0))
     import dataclasses
 
     import jax.numpy as jnp
@@ -88,10 +114,13 @@ def load_runner(path: str, log: Log = print) -> Runner:
     if hasattr(c, "moe_dispatch"):  # every expert on every token: the original's math
         c = dataclasses.replace(c, moe_dispatch="dense")
     jm = jax_model(c, source.arrays, dtype=jnp.float32)
+    from nanomoe_jax.sample import generate as jax_generate
+
     forward = nnx.jit(lambda m, idx: m(idx)[0])
     return Runner(f"{path} ({type(jm).__name__}, JAX fp32)",
                   lambda ids: np.asarray(forward(jm, jnp.asarray([ids]))[0], np.float64),
-                  c.vocab_size, c.block_size)
+                  c.vocab_size, c.block_size,
+                  lambda ids, n: jax_generate(jm, ids, n, temperature=0))
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -100,8 +129,11 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def compare(a: str, b: str, tokens: list[int] | None = None, prompt: str | None = None,
-            tolerance: float = 1e-4, log: Log = print) -> dict:
-    """Run A and B on the same tokens; ``{'max_abs', 'rel', 'kl', 'top1', 'ok'}``."""
+            tolerance: float = 1e-4, log: Log = print, generate: int | None = None) -> dict:
+    """Run A and B on the same tokens; ``{'max_abs', 'rel', 'kl', 'top1', 'greedy', 'ok'}``.
+
+    ``generate`` greedy tokens (default 50 where a side is a remote-code export, else none)
+    are decoded by each side's own sampler and must be equal token for token."""
     ra, rb = load_runner(a, log), load_runner(b, log)
     if ra.vocab_size != rb.vocab_size:
         raise ConversionError(f"the vocabularies differ ({ra.vocab_size} vs {rb.vocab_size}): "
@@ -128,15 +160,27 @@ def compare(a: str, b: str, tokens: list[int] | None = None, prompt: str | None 
     pa, pb = _log_softmax(la), _log_softmax(lb)
     kl = float((np.exp(pa) * (pa - pb)).sum(-1).mean())
     top1 = float((la.argmax(-1) == lb.argmax(-1)).mean())
-    ok = rel <= tolerance
+    n = (GREEDY_TOKENS if ra.remote or rb.remote else 0) if generate is None else generate
+    n = min(n, block - len(tokens))
+    greedy = None
+    if n > 0:
+        ga, gb = ra.greedy(tokens, n), rb.greedy(tokens, n)
+        greedy = next((i for i, (x, y) in enumerate(zip(ga, gb)) if x != y),
+                      None if len(ga) == len(gb) else min(len(ga), len(gb)))
+    ok = rel <= tolerance and greedy is None
     log(f"A: {ra.name}\nB: {rb.name}\n{len(tokens)} tokens: {tokens[:12]}"
         f"{' ...' if len(tokens) > 12 else ''}\n"
         f"max |logit A - logit B| = {max_abs:.3e}, relative to max |logit| = {rel:.3e}\n"
         f"KL(A || B) = {kl:.3e} nats per position (fp64)\n"
         f"top-1 agreement = {top1:.1%}\n"
-        f"{'OK' if ok else 'MISMATCH'}: relative difference {rel:.3e} "
-        f"{'<=' if ok else '>'} tolerance {tolerance:g}")
-    return dict(max_abs=max_abs, rel=rel, kl=kl, top1=top1, ok=ok)
+        + ("" if n <= 0 else f"greedy decoding of {n} tokens: " + (
+            "identical\n" if greedy is None else f"differs from token {greedy} on "
+            f"(A {ga[greedy:greedy + 5]}..., B {gb[greedy:greedy + 5]}...)\n"))
+        + f"{'OK' if ok else 'MISMATCH'}: relative difference {rel:.3e} "
+        f"{'<=' if rel <= tolerance else '>'} tolerance {tolerance:g}"
+        + ("" if greedy is None else ", greedy tokens differ"))
+    return dict(max_abs=max_abs, rel=rel, kl=kl, top1=top1, ok=ok,
+                greedy=None if n <= 0 else greedy is None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +219,12 @@ def _tolerance(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def make_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -209,7 +259,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.set_defaults(run=lambda a: from_torch(a.pt, a.out, a.model, dict(a.overrides), a.force))
 
     s = sub.add_parser("to-hf", parents=[common, out, model],
-                       help="checkpoint -> Hugging Face folder (GPT-2 / Llama; MoeGPT: ours)")
+                       help="checkpoint -> Hugging Face folder (GPT-2 / Llama; MoeGPT and nGPT: remote "
+                            "code)")
     s.add_argument("ckpt", help=ckpt_help)
     s.set_defaults(run=lambda a: to_hf(a.ckpt, a.out, a.force, a.model))
 
@@ -229,8 +280,12 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokens", type=_tokens, help="explicit ids, e.g. 1,2,3")
     s.add_argument("--tolerance", type=_tolerance, default=1e-4,
                    help="largest accepted max|A-B| / max|logit|")
-    s.set_defaults(run=lambda a: 0 if compare(a.a, a.b, a.tokens, a.prompt,
-                                              a.tolerance)["ok"] else 1)
+    s.add_argument("--generate", type=_count, metavar="N",
+                   help=f"also decode N tokens greedily with each side's sampler; they must be "
+                        f"equal (default {GREEDY_TOKENS} when a side is a remote-code export "
+                        "from to-hf, else 0)")
+    s.set_defaults(run=lambda a: 0 if compare(a.a, a.b, a.tokens, a.prompt, a.tolerance,
+                                              generate=a.generate)["ok"] else 1)
     return p
 
 

@@ -5,7 +5,8 @@
 * ModernGPT -> ``LlamaForCausalLM``: q/k rows permuted per head from interleaved RoPE pairs
   (2i, 2i+1) to Llama's half-split pairs (i, i + hd/2); ``c_fc``'s halves a, b (a * silu(b))
   become ``up_proj``, ``gate_proj``; the original's doubled 1/sqrt(hd) is folded into q.
-* MoeGPT: no stock class fits; nanomoe's own folder (``nanomoe_torch.MoeGPT.from_pretrained``).
+* MoeGPT, nGPT: no stock class fits; remote code (``trust_remote_code=True``) generated from
+  ``nanomoe_torch`` by ``remote_code.py``, written by ``remote_export.py``.
 * GPT-2 weights (a folder, or a hub name when the hub is reachable) -> our GPT in JAX, as the
   original's ``GPT.from_pretrained`` does.
 """
@@ -18,13 +19,14 @@ import os
 
 import numpy as np
 
-from nanomoe.config import GPTConfig, ModernGPTConfig, MoeGPTConfig
+from nanomoe.config import GPTConfig, ModernGPTConfig
 from nanomoe.errors import ConversionError
 from nanomoe.init import param_specs
 
 from .checkpoints import (Log, Source, atomic_output, check_arrays, check_output, load_source,
                           save_jax)
 from .pt_files import read_config_json
+from .remote_export import has_remote_export, write_remote_folder
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -158,20 +160,18 @@ def llama_state_dict(arrays: dict[str, np.ndarray], c: ModernGPTConfig) -> dict[
 def to_hf(ckpt: str, out: str, force: bool = False, model: str | None = None,
           log: Log = print) -> str:
     """A checkpoint (JAX, .pt or ours) -> a folder ``AutoModelForCausalLM.from_pretrained``
-    loads (GPT, ModernGPT), or nanomoe's safetensors folder (MoeGPT)."""
+    loads (GPT, ModernGPT; MoeGPT and nGPT with ``trust_remote_code=True``)."""
     import torch
 
     check_output(out, force, [ckpt], "folder")
     source = load_source(ckpt, model, log=log)
     c = source.config
-    if isinstance(c, MoeGPTConfig):
-        from nanomoe_torch.pretrained import write_pretrained
-
+    if has_remote_export(c):  # MoeGPT, nGPT: their own code beside the weights (remote code)
         with atomic_output(out, force) as staging:
-            write_pretrained(staging, c, source.arrays, {"step": source.step})
-        log(f"wrote {out}: MoeGPT has no stock transformers class, so this is nanomoe's own "
-            f"format (model.safetensors + config.json); load it with "
-            f"nanomoe_torch.MoeGPT.from_pretrained({out!r})")
+            tokenizer = write_remote_folder(staging, source, log)
+        log(f"wrote {out}: {type(c).__name__[:-6]} with its modeling code and {tokenizer}; "
+            f"load it with transformers.AutoModelForCausalLM.from_pretrained({out!r}, "
+            "trust_remote_code=True) (that runs the folder's modeling_*.py)")
         return out
     if isinstance(c, GPTConfig):
         from transformers import GPT2LMHeadModel

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import stat
 import tempfile
+import zipfile
 from typing import Iterable
 
 from nanomoe.errors import ConversionError
@@ -21,20 +23,62 @@ KINDS = {
     "folder": "a folder holding config.json and model.safetensors",
     "jax": "a folder holding checkpoints/",
 }
+# the only entries an earlier output folder may hold: --force replaces nothing else
+_FOLDER_FILES = re.compile(
+    r"config\.json|model\.safetensors|model\.safetensors\.index\.json"
+    r"|model-\d+-of-\d+\.safetensors|generation_config\.json"
+    r"|configuration_\w+\.py|modeling_\w+\.py|tokenizer\.json|tokenizer_config\.json"
+    r"|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt")
 
 
-def _looks_like(out: str, kind: str) -> bool:
-    if kind == "pt":
-        if not os.path.isfile(out) or os.path.islink(out):
-            return False
+def _is_torch_zip(out: str) -> bool:
+    """A zip as torch.save writes it: every member under one top folder, which holds
+    ``data.pkl`` and a ``version`` (or ``byteorder``) record; any other zip (.docx, ...) is not."""
+    try:
         with open(out, "rb") as f:
-            return f.read(4) == b"PK\x03\x04"  # torch.save's zip format
-    if os.path.islink(out) or not os.path.isdir(out):
+            if f.read(4) != b"PK\x03\x04":
+                return False
+            f.seek(0)
+            with zipfile.ZipFile(f) as z:
+                names = z.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
         return False
-    if kind == "folder":
-        return all(os.path.isfile(os.path.join(out, n))
-                   for n in ("config.json", "model.safetensors"))
-    return os.path.isdir(os.path.join(out, "checkpoints"))
+    tops = {n.split("/", 1)[0] for n in names}
+    if len(tops) != 1 or any("/" not in n for n in names):
+        return False
+    top = tops.pop()
+    members = set(names)
+    return f"{top}/data.pkl" in members and bool(
+        {f"{top}/version", f"{top}/.data/version", f"{top}/byteorder"} & members)
+
+
+def _unexpected(out: str, kind: str) -> str | None:
+    """Why ``out`` is not an earlier output of ``kind`` (naming the first entry that does not
+    belong), or None where it is one."""
+    if kind == "pt":
+        if os.path.islink(out) or not os.path.isfile(out) or not _is_torch_zip(out):
+            return f"it is not {KINDS['pt']}"
+        return None
+    if os.path.islink(out) or not os.path.isdir(out):
+        return "it is not a folder"
+    try:
+        entries = sorted(os.listdir(out))
+    except OSError as e:
+        return f"it cannot be listed ({e.strerror or e})"
+    if "run.json" in entries:
+        return "it is a training run (it holds run.json)"
+    for name in entries:
+        path = os.path.join(out, name)
+        if kind == "jax":
+            ok = name == "checkpoints" and os.path.isdir(path) and not os.path.islink(path)
+        else:
+            ok = (_FOLDER_FILES.fullmatch(name) is not None and os.path.isfile(path)
+                  and not os.path.islink(path))
+        if not ok:
+            return f"it holds {name}, which this verb does not write"
+    if kind == "folder" and entries and "config.json" not in entries:
+        return "it holds no config.json"
+    return None
 
 
 def _within(inner: str, outer: str) -> bool:
@@ -57,12 +101,16 @@ def check_output(out: str, force: bool, inputs: Iterable[str] = (),
                                   "outside the input, which is never replaced")
     if not os.path.lexists(out):
         return
+    if not os.path.exists(out):
+        raise ConversionError(f"--out {out} is a link to nothing (a broken symlink): remove it "
+                              "or choose another --out")
     if not force:
         raise ConversionError(f"{out} already exists: choose another --out or pass --force")
-    if kind and not _looks_like(out, kind):
-        raise ConversionError(f"{out} exists but is not {KINDS[kind]} (an earlier output of "
-                              "this verb), so --force does not replace it: remove it yourself "
-                              "or choose another --out")
+    why = _unexpected(out, kind) if kind else None
+    if why:
+        raise ConversionError(f"{out} exists but {why}, so it is not {KINDS[kind]} (an earlier "
+                              "output of this verb) and --force does not replace it: remove it "
+                              "yourself or choose another --out")
 
 
 def _umask() -> int:

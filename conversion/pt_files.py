@@ -12,12 +12,14 @@ the pickle's opcodes are walked (decoded only, nothing built) to list the global
 
 from __future__ import annotations
 
-import io
+import collections
+import contextlib
 import json
 import os
 import pickle
 import pickletools
 import zipfile
+import zlib
 from typing import Any
 
 from nanomoe.errors import ConversionError
@@ -51,37 +53,78 @@ def _stand_in(qualified_name: str) -> type:
     return type(name, (_Unknown,), {"__module__": module, "__qualname__": name})
 
 
+MAX_PICKLE_BYTES = 16 * 2**20  # a state_dict's pickle: ~150 bytes a tensor; they are stored apart
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Bounded:
+    """A read-only stream that refuses to hand out more than ``limit`` bytes in all (a length
+    field of 2**60 in a pickle, a zip member inflating to GiBs) before reading them."""
+
+    def __init__(self, f, limit: int = MAX_PICKLE_BYTES):
+        self.f, self.left = f, limit
+
+    def read(self, n: int = -1) -> bytes:
+        if n is not None and n > self.left:
+            raise _TooLarge
+        data = self.f.read(self.left + 1 if n is None or n < 0 else n)
+        if len(data) > self.left:
+            raise _TooLarge
+        self.left -= len(data)
+        return data
+
+    def readline(self) -> bytes:
+        line = self.f.readline(self.left + 1)
+        if len(line) > self.left:
+            raise _TooLarge
+        self.left -= len(line)
+        return line
+
+
+def _too_large(path: str) -> ConversionError:
+    return ConversionError(f"{path}: its pickle is larger than {MAX_PICKLE_BYTES >> 20} MiB "
+                           "(a checkpoint's is a few MiB at most: its tensors are stored "
+                           "apart), so it was refused; the file is damaged or not a checkpoint")
+
+
 def _globals_in(stream) -> list[str]:
     """The dotted names the pickle at ``stream`` refers to (GLOBAL, INST, STACK_GLOBAL); the
-    opcodes are only decoded. A STACK_GLOBAL whose strings cannot be traced is listed as
+    opcodes are only decoded, one at a time, and only the last two pushed strings and the
+    memoised strings are kept. A STACK_GLOBAL whose strings cannot be traced is listed as
     ``'?.?'``, which no allow-list holds."""
-    found: list[str] = []
-    recent: list[str | None] = []  # what each pushing opcode left on top, strings only
-    memo: dict[int, str | None] = {}
+    found: dict[str, None] = {}
+    recent: collections.deque = collections.deque([None, None], maxlen=2)
+    memo: dict[int, str] = {}
     for op, arg, _ in pickletools.genops(stream):
         name = op.name
         if name in ("GLOBAL", "INST"):
-            found.append(str(arg).replace(" ", "."))
+            found[str(arg).replace(" ", ".")] = None
         elif name == "STACK_GLOBAL":
-            a, b = (recent[-2:] if len(recent) >= 2 else [None, None])
-            found.append(f"{a or '?'}.{b or '?'}")
-        if name == "MEMOIZE":
-            memo[len(memo)] = recent[-1] if recent else None
-        elif name in _PUT_OPS:
-            memo[arg] = recent[-1] if recent else None
+            a, b = recent
+            found[f"{a or '?'}.{b or '?'}"] = None
+        if name == "MEMOIZE" or name in _PUT_OPS:
+            key = len(memo) if name == "MEMOIZE" else arg
+            if recent[-1] is not None:
+                memo[key] = recent[-1]
+            else:
+                memo.pop(key, None)
         elif name in _GET_OPS:
             recent.append(memo.get(arg))
         elif name in _STRING_OPS:
             recent.append(arg if isinstance(arg, str) else None)
         elif name not in ("FRAME", "PROTO"):
             recent.append(None)
-    return found
+    return list(found)
 
 
 def pickle_globals(path: str) -> list[str]:
     """Every global named by the pickles in ``path``: the ``*.pkl`` members of a zip checkpoint,
     or the leading pickles of a legacy file (or of a raw pickle). Best effort: it serves the
-    messages; ``torch.load(weights_only=True)`` is what enforces safety."""
+    messages; ``torch.load(weights_only=True)`` is what enforces safety. A pickle larger than
+    MAX_PICKLE_BYTES is refused (one sentence) before torch.load would read it whole."""
     found: list[str] = []
     with open(path, "rb") as f:
         zipped = f.read(4) == b"PK\x03\x04"  # how torch itself tells the formats apart
@@ -89,16 +132,26 @@ def pickle_globals(path: str) -> list[str]:
         if zipped:
             try:
                 with zipfile.ZipFile(f) as z:
-                    for member in z.namelist():
-                        if member.endswith(".pkl"):
-                            found += _globals_in(io.BytesIO(z.read(member)))
-            except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError):
+                    for info in z.infolist():
+                        if info.filename.endswith(".pkl"):
+                            if info.file_size > MAX_PICKLE_BYTES:
+                                raise _TooLarge
+                            with z.open(info) as member:
+                                found += _globals_in(_Bounded(member))
+            except _TooLarge:
+                raise _too_large(path) from None
+            except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError,
+                    NotImplementedError, RuntimeError, zlib.error):
                 pass  # torch.load reports the damage
             return found
+        bounded = _Bounded(f)
         for _ in range(_LEGACY_PICKLES):
             try:
-                found += _globals_in(f)
-            except (ValueError, EOFError, KeyError, IndexError, UnicodeDecodeError):
+                found += _globals_in(bounded)
+            except _TooLarge:
+                raise _too_large(path) from None
+            except (ValueError, EOFError, KeyError, IndexError, UnicodeDecodeError,
+                    OverflowError, MemoryError):
                 break  # past the pickles: raw storage bytes, or damage torch.load reports
     return found
 
@@ -125,16 +178,41 @@ def _admit(path: str, names: list[str]) -> list[tuple[type, str]]:
     return [(cls, full) for full, cls in stand_ins.items()]
 
 
+_REUSED: dict | None = None  # within reuse_loads(): (path, mtime, size) -> what was loaded
+
+
+@contextlib.contextmanager
+def reuse_loads():
+    """Within the block, loading the same unchanged file again returns the first result (the
+    sampler checks a file through the conversion loader, then loads it its own way)."""
+    global _REUSED
+    _REUSED = {}
+    try:
+        yield
+    finally:
+        _REUSED = None
+
+
 def load_checkpoint_file(path: str) -> dict[str, Any] | Any:
     """The object inside a .pt file (``{'model', 'config', 'step'}`` or a bare state_dict);
     no code from the file runs (see the module doc)."""
+    check_regular_file(path, "checkpoint file", ConversionError)
+    if _REUSED is None:
+        return _load_checkpoint_file(path)
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    if key not in _REUSED:
+        _REUSED[key] = _load_checkpoint_file(path)
+    return _REUSED[key]
+
+
+def _load_checkpoint_file(path: str) -> dict[str, Any] | Any:
     import torch
 
-    check_regular_file(path, "checkpoint file", ConversionError)
     try:
         admitted = _admit(path, pickle_globals(path))
         with torch.serialization.safe_globals(admitted):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         why = next((line for line in lines if line.startswith(("Unsupported", "Trying"))),
@@ -147,6 +225,63 @@ def load_checkpoint_file(path: str) -> dict[str, Any] | Any:
             raise
         raise ConversionError(f"{path}: not a readable checkpoint ({e.__class__.__name__}); "
                               "the file may be truncated or of another format") from None
+    if isinstance(ckpt, dict):
+        model = ckpt.get("model") if isinstance(ckpt.get("model"), dict) else ckpt
+        check_tensors(model, path)
+    return ckpt
+
+
+FLOAT_DTYPES = ("torch.float16", "torch.bfloat16", "torch.float32", "torch.float64")
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (MemAvailable; the free pages where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return 1 << 62
+
+
+def check_tensors(state: dict, path: str) -> None:
+    """One sentence for what no model holds: a key that is not a string, weights that are not
+    floating point (float8, complex, integers), tensors claiming more memory than there is
+    (a stride-0 view repeats a few stored bytes into terabytes) or NaN/inf weights."""
+    import torch
+
+    total, largest = 0, None
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise ConversionError(f"{path}: its state_dict has a key {key!r} that is not a "
+                                  "string (a weight's name); the file is not a checkpoint")
+        if not torch.is_tensor(value):
+            continue
+        if str(value.dtype) not in FLOAT_DTYPES:
+            raise ConversionError(f"{path}: {key} is {str(value.dtype)[6:]}, but weights must "
+                                  "be float16, bfloat16, float32 or float64; convert them "
+                                  "with torch first")
+        size = value.numel() * max(value.element_size(), 4)  # read as fp32 (or fp64)
+        total += size
+        if largest is None or size > largest[1]:
+            largest = (key, size, tuple(value.shape))
+    free = available_memory()
+    if total > free:
+        key, _, shape = largest
+        raise ConversionError(f"{path}: its tensors need {total / 2**30:.1f} GiB (the largest, "
+                              f"{key}, has shape {shape}), more than the {free / 2**30:.1f} GiB "
+                              "of memory available; the file is damaged or crafted, or needs a "
+                              "larger machine")
+    for key, value in state.items():
+        if torch.is_tensor(value) and not bool(torch.isfinite(value).all()):
+            raise ConversionError(f"{path}: the weights hold non-finite values (first: {key}); "
+                                  "the file is damaged or its run diverged: use an earlier "
+                                  "checkpoint")
 
 
 def load_state_dict_file(path: str) -> dict[str, Any]:
@@ -169,6 +304,9 @@ def read_config_json(folder: str) -> dict | None:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
+    except RecursionError:
+        raise ConversionError(f"{path} nests its JSON too deeply to be a config: restore it "
+                              "from the model's source or export the model again") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path} is not valid JSON ({str(e)[:80]}): restore it from the "
                               "model's source or export the model again") from None

@@ -302,13 +302,51 @@ def config_to_dict(config: ModelConfig) -> dict[str, Any]:
 
 def config_from_dict(d: dict[str, Any], model_type: str | None = None) -> ModelConfig:
     """Inverse of :func:`config_to_dict`; unknown fields are an error, missing ones default."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"config: must be a mapping of fields, got a {type(d).__name__}")
     d = dict(d)
     model_type = d.pop("model_type", model_type)
-    if model_type not in MODEL_CONFIGS:
-        raise ConfigError(f"model_type: must be one of {sorted(MODEL_CONFIGS)}, got {model_type!r}")
+    if not isinstance(model_type, str) or model_type not in MODEL_CONFIGS:
+        raise ConfigError(f"model_type: must be one of {sorted(MODEL_CONFIGS)}, got {model_type!r}"[:300])
     cls = MODEL_CONFIGS[model_type]
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
+    unknown = sorted(str(k) for k in set(d) - known)
     if unknown:
-        raise ConfigError(f"{unknown[0]}: not a field of {cls.__name__} (unknown fields: {unknown})")
-    return cls(**d)
+        raise ConfigError(f"{unknown[0]}: not a field of {cls.__name__} (unknown fields: {unknown})"[:300])
+    return cls(**{k: _typed(cls, k, v) for k, v in d.items()})
+
+
+# config_from_dict's bounds: no model here comes near them; far past them a value is damage
+# (block_size=10**12 would ask for a 7 TiB RoPE table).
+_INT_LIMITS = {"block_size": 2**20, "seed": 2**32 - 1}
+_INT_LIMIT = 2**31 - 1
+
+
+def _typed(cls: type, name: str, value: Any) -> Any:
+    """``value`` as field ``name`` of ``cls`` declares it (bool a real bool; int not a bool;
+    float an int or float; str), else ConfigError naming the field."""
+    import typing
+
+    kind = typing.get_type_hints(cls)[name]
+    options = typing.get_args(kind) if typing.get_origin(kind) is not Literal else ()
+    if type(None) in options:
+        if value is None:
+            return None
+        kind = next(o for o in options if o is not type(None))
+    shown = repr(value) if isinstance(value, (bool, int, float, str, type(None))) else \
+        f"a {type(value).__name__}"
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    if kind is bool:
+        _require(isinstance(value, bool), name, f"must be true or false, got {shown}")
+    elif kind is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), name,
+                 f"must be an integer, got {shown}")
+        limit = _INT_LIMITS.get(name, _INT_LIMIT)
+        _require(value <= limit, name, f"must be at most {limit}, got {shown}")
+    elif kind is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool)
+                 and abs(value) < 1e300, name, f"must be a number, got {shown}")
+        value = float(value)
+    elif kind is str or typing.get_origin(kind) is Literal:
+        _require(isinstance(value, str), name, f"must be a string, got {shown}")
+    return value

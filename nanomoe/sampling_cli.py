@@ -26,6 +26,10 @@ def _number(kind: type, low: float, what: str) -> Callable[[str], float]:
     return parse
 
 
+GREEDY_BELOW = 1e-6  # logits / temperature overflow to inf below this: greedy instead
+MAX_SEED = 2**32 - 1  # what every framework's generator takes
+
+
 def make_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Sample text from a trained model.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -35,9 +39,10 @@ def make_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=_number(int, 0, "an integer >= 0"), default=100)
     p.add_argument("--top_k", type=_number(int, 1, "an integer >= 1"), default=50)
     p.add_argument("--temperature", type=_number(float, 0, "a finite number >= 0"),
-                   default=1.0, help="0: greedy")
+                   default=1.0, help=f"0 (or below {GREEDY_BELOW:g}): greedy")
     p.add_argument("--num_samples", type=_number(int, 1, "an integer >= 1"), default=1)
-    p.add_argument("--seed", type=_number(int, 0, "an integer >= 0"), default=0)
+    p.add_argument("--seed", type=_number(int, 0, "an integer >= 0"), default=0,
+                   help=f"samples use seed, seed+1, ...; at most {MAX_SEED} in all")
     p.add_argument("--tokenizer", default=None,
                    help="byte | gpt2 | PATH/tokenizer.json; default: the run's, else byte for "
                         "vocabularies up to 512, gpt2 otherwise")
@@ -51,13 +56,23 @@ def pick_tokenizer(name: str | None, meta: dict, vocab_size: int):
 
 def main(prog: str, load: Callable, generate: Callable, argv: list[str] | None = None) -> int:
     """``load(path) -> (model, meta)``; ``generate(model, ids, args, seed) -> new ids``."""
-    args = make_parser(prog).parse_args(argv)
+    parser = make_parser(prog)
+    args = parser.parse_args(argv)
+    if args.seed + args.num_samples - 1 > MAX_SEED:
+        parser.error(f"argument --seed: the samples' seeds (--seed + --num_samples - 1) must be "
+                     f"at most {MAX_SEED}, got {args.seed + args.num_samples - 1}")
+    if args.temperature < GREEDY_BELOW:
+        args.temperature = 0.0
     try:
-        model, meta = load(args.checkpoint)
+        model, meta = _load(load, args.checkpoint)
         tokenizer = pick_tokenizer(args.tokenizer, meta, model.config.vocab_size)
         prompt = list(tokenizer.encode(args.prompt))
         if not prompt:
             raise NanoMoeError("--prompt is empty: give some text to continue")
+        if max(prompt) >= model.config.vocab_size:
+            raise NanoMoeError(f"--prompt: the tokenizer gives id {max(prompt)}, but the model "
+                               f"knows ids below {model.config.vocab_size}: pass --tokenizer "
+                               "with the run's tokenizer")
         for i in range(args.num_samples):
             out = generate(model, prompt, args, args.seed + i)
             print(f"--- sample {i}\n{tokenizer.decode(prompt + out)}", flush=True)
@@ -67,3 +82,22 @@ def main(prog: str, load: Callable, generate: Callable, argv: list[str] | None =
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _load(load: Callable, path: str):
+    """``load(path)``, after a .pt file has passed the checks ``python -m conversion`` makes
+    (config fields, weights' names, shapes, dtypes and values), so that the sampler refuses
+    what conversion refuses, in the same sentence; the file is read once."""
+    import os
+
+    if not os.path.exists(path) and os.path.lexists(path):
+        raise NanoMoeError(f"--checkpoint {path}: a link to nothing (a broken symlink); give "
+                           "the checkpoint it should point to")
+    if os.path.isdir(path) or not os.path.exists(path):
+        return load(path)
+    from conversion.checkpoints import load_source
+    from conversion.pt_files import reuse_loads
+
+    with reuse_loads():
+        load_source(path, log=lambda *_: None)
+        return load(path)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanomoe.config import config_from_dict
-from nanomoe.errors import ConversionError
+from nanomoe.errors import ConfigError, ConversionError
 
 CHECKPOINTS = "checkpoints"
 
@@ -90,7 +90,11 @@ def load_model(path: str, **options) -> tuple[nnx.Module, dict]:
 
     folder, step = resolve(path)
     meta = read_meta(path)
-    config = config_from_dict(meta["config"])
+    try:
+        config = config_from_dict(meta["config"])
+    except ConfigError as e:
+        raise ConversionError(f"{folder}/{step}: its meta's config does not work ({e}); the "
+                              "folder is damaged") from None
     abstract = nnx.eval_shape(lambda: model_class(config)(config, rngs=nnx.Rngs(0), **options))
     graphdef, params_like = nnx.split(abstract, nnx.Param)
     mngr = manager(folder, async_save=False)

@@ -104,8 +104,16 @@ def read_pretrained(directory: str) -> tuple[object, dict[str, torch.Tensor]]:
     if missing:
         raise ConversionError(f"{missing[0]}: no such file (expected a folder written by "
                               "save_pretrained)")
-    config = config_from_dict(read_config_json(directory))
+    from conversion.pt_files import check_tensors
+    from nanomoe.errors import ConfigError
+
+    try:
+        config = config_from_dict(read_config_json(directory))
+    except ConfigError as e:
+        raise ConversionError(f"{paths[0]}: {e}; fix that field or export the model "
+                              "again") from None
     state = _safetensors(paths[1], load_file)
+    check_tensors(state, paths[1])
     lm_head, embedding = tied_names(config)
     if embedding in state:
         state[lm_head] = state[embedding]

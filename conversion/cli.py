@@ -259,8 +259,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.set_defaults(run=lambda a: from_torch(a.pt, a.out, a.model, dict(a.overrides), a.force))
 
     s = sub.add_parser("to-hf", parents=[common, out, model],
-                       help="checkpoint -> Hugging Face folder (GPT-2 / Llama; MoeGPT and nGPT: remote "
-                            "code)")
+                       help="checkpoint -> Hugging Face folder (GPT-2 / Llama; MoeGPT and nGPT: "
+                            "remote code)")
     s.add_argument("ckpt", help=ckpt_help)
     s.set_defaults(run=lambda a: to_hf(a.ckpt, a.out, a.force, a.model))
 

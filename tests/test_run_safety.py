@@ -15,16 +15,8 @@ import pytest
 
 from nanomoe import run_dir
 from nanomoe.train_loop import main
-from test_reliability import _backend, complete_checkpoints, snapshot, step_losses, tiny, train_cmd
-
-TEXT = "The quick brown fox jumps over the lazy dog. " * 200
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(TEXT)
-    return str(path)
+from test_reliability import (TEXT, _backend, complete_checkpoints, snapshot, step_losses,  # noqa: F401
+                              text_file, tiny, train_cmd)  # text_file: the shared fixture
 
 
 def one_sentence(err: str, *words: str) -> None:

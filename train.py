@@ -4,7 +4,17 @@
 a small MoE on the Python standard library's source for a few minutes (no download).
 """
 
+import signal
 import sys
+
+# Ctrl-C or SIGTERM during the imports (seconds for jax/torch) is noted here, not raised: a
+# KeyboardInterrupt inside a library callback would be swallowed and the run would go on.
+# The run stops before writing anything when it sees a noted signal.
+EARLY_SIGNALS: list[str] = []
+
+
+def _note(signum, frame) -> None:
+    EARLY_SIGNALS.append(signal.Signals(signum).name)
 
 
 def make_backend(argv: list[str]):
@@ -24,15 +34,12 @@ def make_backend(argv: list[str]):
 
 
 def _main(argv: list[str]) -> int:
-    from nanomoe.train_loop import main  # imported here so Ctrl-C during imports is caught
+    from nanomoe.train_loop import main
 
-    return main(argv, lambda: make_backend(argv))
+    return main(argv, lambda: make_backend(argv), early_signals=EARLY_SIGNALS)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(_main(sys.argv[1:]))
-    except KeyboardInterrupt:  # Ctrl-C before the run installed its own handlers
-        print("error: stopped by SIGINT before the first step; nothing was written",
-              file=sys.stderr)
-        sys.exit(130)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _note)
+    sys.exit(_main(sys.argv[1:]))

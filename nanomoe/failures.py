@@ -24,10 +24,12 @@ class Interrupted(NanoMoeError):
         self.signum = int(getattr(signal, signame))
 
 
-def catch_stop_signals() -> tuple[list[str], Any]:
+def catch_stop_signals(caught: list[str] | None = None) -> tuple[list[str], Any]:
     """SIGINT/SIGTERM only set a flag (handlers live in the main thread): before the log
-    folder is touched the run stops cleanly; after, the step in flight finishes and is saved."""
-    caught: list[str] = []
+    folder is touched the run stops cleanly; after, the step in flight finishes and is saved.
+    ``caught``: signals already noted by the caller (train.py notes them from its first line,
+    so one that lands during the imports is neither lost nor a traceback)."""
+    caught = [] if caught is None else caught
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):

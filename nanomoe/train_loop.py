@@ -98,9 +98,9 @@ def model_vocab(tokenizer) -> int | None:
     return -(-tokenizer.vocab_size // 64) * 64
 
 
-def run(argv: list[str], backend: Backend) -> dict:
+def run(argv: list[str], backend: Backend, early_signals: list[str] | None = None) -> dict:
     """Train as the flags say; returns a summary (final losses, paths) for tests and callers."""
-    stop_signal, restore_handlers = failures.catch_stop_signals()
+    stop_signal, restore_handlers = failures.catch_stop_signals(early_signals)
     lock = None
     try:
         args = parse_args(argv)
@@ -353,11 +353,12 @@ def _write_json(path: str, value: dict) -> None:
         json.dump(value, f, indent=1)
 
 
-def main(argv: list[str], make_backend) -> int:
+def main(argv: list[str], make_backend, early_signals: list[str] | None = None) -> int:
     """Entry point with the project's error handling (see failures.report): one sentence and
     exit 2 on bad input or a disk, permission or memory failure."""
     try:
-        run(argv, make_backend())
+        backend = make_backend()
+        run(argv, backend, early_signals)
     except Exception as e:  # noqa: BLE001 - report() re-raises what it cannot explain
         return failures.report(e, debug="--debug" in argv)
     return 0

@@ -11,6 +11,7 @@ import typing
 
 from .config import MODEL_CONFIGS, ModelConfig
 from .errors import ConfigError
+from .loader import DATA_ORDERS
 
 # The original overrides --max_lr per model unless given or --no_override_defaults.
 MAX_LR_OVERRIDES = {"moderngpt": 1e-3, "moegpt": 8e-4, "ngpt": 1.5e-3}
@@ -46,6 +47,15 @@ def _bool(text: str) -> bool:
     if text.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _eval_steps(text: str) -> int | str:
+    """An integer or "all"; anything else is kept as given and refused by check_ranges in
+    one sentence (argparse would print its whole usage first)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text.strip().lower()
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -84,6 +94,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="HellaSwag accuracy at each eval (needs --hellaswag_file offline)")
     g.add_argument("--no_override_defaults", action="store_true",
                    help="keep --max_lr at 6e-4 for every model")
+    g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--beta2", type=float, default=0.95,
+                   help="AdamW beta2 (nanoGPT's Shakespeare recipe uses 0.99)")
+    g.add_argument("--weight_decay", type=float, default=0.1,
+                   help="AdamW decoupled weight decay, on weights of ndim >= 2 only")
     g.add_argument("--embedding_lr_mult", type=float, default=1.0,
                    help="MoeGPT's embedding lr multiplier; the original asks for 2 but its loop "
                         "resets it, so 1.0 is what it really trains with")
@@ -97,7 +112,11 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="compute dtype; default bfloat16 on GPU, float32 on CPU")
     g.add_argument("--eval_interval", type=int, default=250)
-    g.add_argument("--eval_steps", type=int, default=20)
+    g.add_argument("--eval_steps", type=_eval_steps, default=20,
+                   help="val batches per eval, or 'all': every window of the val split once")
+    g.add_argument("--data_order", default="sequential",
+                   help="sequential: the original's in-order B*T+1 windows; random: nanoGPT's "
+                        "get_batch, every row a window at a random start (seeded by --seed)")
     g.add_argument("--ckpt_interval", type=int, default=5000)
     g.add_argument("--keep_checkpoints", type=int, default=3)
     g.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --log_dir")
@@ -173,21 +192,36 @@ SEED_MAX = 2**32 - 1
 
 def check_ranges(args: argparse.Namespace) -> None:
     """Every numeric flag in its range, before anything is built or written."""
+    _check_choices(args)
     if args.seed > SEED_MAX:  # both frameworks seed 32-bit generators
         raise ConfigError(f"--seed must be at most {SEED_MAX}, got {args.seed}")
     for name, low in AT_LEAST:
         value = getattr(args, name, None)
-        if value is not None and value < low:
-            hint = (" (the newest checkpoint is what --resume continues from)"
-                    if name == "keep_checkpoints" else "")
+        if value is not None and value != "all" and value < low:
+            hint = {"keep_checkpoints": " (the newest checkpoint is what --resume continues from)",
+                    "eval_steps": " (or all, for the whole val split)"}.get(name, "")
             raise ConfigError(f"--{name} must be at least {low}, got {value}{hint}")
-    for name in ("max_lr", "min_lr", "embedding_lr_mult"):
+    for name in ("max_lr", "min_lr", "embedding_lr_mult", "weight_decay"):
         value = getattr(args, name)
         if not math.isfinite(value) or value < 0:  # 0 is a legal "evaluate only" run
             raise ConfigError(f"--{name} must be a finite number >= 0, got {value}")
+    for name in ("beta1", "beta2"):
+        value = getattr(args, name)
+        if not 0 <= value < 1:  # NaN fails too; 1 would never forget the first gradients
+            raise ConfigError(f"--{name} must be in [0, 1), got {value}")
     if args.min_lr > args.max_lr:
         raise ConfigError(f"--min_lr {args.min_lr} is above --max_lr {args.max_lr}; the "
                           "schedule decays from max_lr to min_lr")
+
+
+def _check_choices(args: argparse.Namespace) -> None:
+    """The word-valued flags whose bad value argparse would bury under its usage text."""
+    if args.data_order not in DATA_ORDERS:
+        raise ConfigError(f"--data_order must be {' or '.join(DATA_ORDERS)}, got "
+                          f"{args.data_order!r}")
+    if isinstance(args.eval_steps, str) and args.eval_steps != "all":
+        raise ConfigError(f"--eval_steps must be a whole number of at least 1 or all, got "
+                          f"{args.eval_steps!r}")
 
 
 def given_config_fields(args: argparse.Namespace) -> dict:

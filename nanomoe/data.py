@@ -1,4 +1,4 @@
-"""Token data: shard formats, text, the embedded default corpus, the original's batch order.
+"""Token data: shard formats, text, the embedded default corpus (batches: nanomoe.loader).
 
 Every source ends up as a :class:`TokenSplit`: a list of 1-D integer arrays ("shards") read the
 same way afterwards. Binary shards are memory-mapped, never loaded whole.
@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import glob
 import os
-import queue
 import sysconfig
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import NanoMoeError
+from .errors import DataError
 from .files import check_regular_file
+# batches live in loader.py; these names stay importable from here
+from .loader import DataLoader, Prefetcher, check_token_range  # noqa: F401
 from .tokenizer import ByteTokenizer, Tokenizer, encode_array, get_tokenizer
 
 SPLITS = ("train", "val")
@@ -42,10 +42,6 @@ DEFAULT_CORPUS_BYTES = 8 * 2**20
 LLMC_MAGIC = 20240520
 LLMC_VERSION = 1
 LLMC_HEADER_INTS = 256
-
-
-class DataError(NanoMoeError, ValueError):
-    """Data that cannot be read or does not fit the run (names the file and the fix)."""
 
 
 @dataclass
@@ -307,201 +303,3 @@ def _open_files(data: str, tokenizer: Tokenizer | None, split: str) -> TokenSpli
         raise DataError(f"no {split} shard in {data} ({want}); found: {names}")
     reader = {"npy": read_npy, "nanogpt": read_nanogpt_bin, "llmc": read_llmc_bin}[kind]
     return TokenSplit([reader(p) for p in chosen], [str(p) for p in chosen], kind, data, split)
-
-
-def check_token_range(x: np.ndarray, vocab_size: int, source: str = "the data") -> None:
-    """Raise DataError if an id in ``x`` is negative or >= ``vocab_size``."""
-    if x.size == 0:
-        return
-    hi, lo = int(x.max()), int(x.min())
-    if hi >= vocab_size:
-        raise DataError(f"token id {hi} in {source} is >= vocab_size {vocab_size}: "
-                        "use a tokenizer/model that match")
-    if lo < 0:
-        raise DataError(f"token id {lo} in {source} is negative: the data is corrupt")
-
-
-# ---------------------------------------------------------------------------------------------
-# batches
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise DataError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-class DataLoader:
-    """The original's sequential batches: B*T+1 tokens a step, ranks interleaved.
-
-    Rank r starts at B*T*r of shard 0 and advances B*T*num_processes a step; when the next step
-    would run past the shard it moves to the next shard (wrapping) at B*T*r. As in the original,
-    the check uses the rank's own position, so ranks may change shard one step apart; their
-    windows never overlap. ``vocab_size`` (optional) checks every batch's ids.
-    """
-
-    def __init__(self, shards: Sequence[np.ndarray] | TokenSplit, B: int, T: int,
-                 process_rank: int = 0, num_processes: int = 1, vocab_size: int | None = None):
-        self.B, self.T = _positive_int("B", B), _positive_int("T", T)
-        self.num_processes = _positive_int("num_processes", num_processes)
-        if isinstance(process_rank, bool) or not isinstance(process_rank, (int, np.integer)) \
-                or not 0 <= process_rank < num_processes:
-            raise DataError(f"process_rank must be in [0, {num_processes}), got {process_rank!r}")
-        self.process_rank = int(process_rank)
-        self.shards = list(shards)
-        self.names = list(getattr(shards, "names", [f"shard {i}" for i in range(len(shards))]))
-        if not self.shards:
-            raise DataError("no shards to read batches from")
-        need = B * T * num_processes + 1
-        for name, tokens in zip(self.names, self.shards):
-            if len(tokens) < need:
-                raise DataError(
-                    f"{name} has {len(tokens)} tokens, fewer than one step needs "
-                    f"(B*T*num_processes+1 = {B}*{T}*{num_processes}+1 = {need}): "
-                    "use smaller --B/--T or more data")
-        self.vocab_size = vocab_size
-        self.reset()
-
-    def reset(self) -> None:
-        self.load_state_dict({"shard": 0, "position": self.B * self.T * self.process_rank})
-
-    def state_dict(self) -> dict:
-        return {"shard": self.current_shard, "position": self.current_position}
-
-    def load_state_dict(self, state: dict) -> None:
-        shard, pos = int(state["shard"]), int(state["position"])
-        if not 0 <= shard < len(self.shards) or not 0 <= pos <= len(self.shards[shard]) - (
-                self.B * self.T + 1):
-            raise DataError(f"data loader state {state} does not fit these shards "
-                            f"({len(self.shards)} shards): resume with the same data, B and T")
-        self.current_shard, self.current_position = shard, pos
-        self.tokens = self.shards[shard]
-
-    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        B, T, pos = self.B, self.T, self.current_position
-        buf = self.tokens[pos: pos + B * T + 1]
-        if self.vocab_size is not None:
-            check_token_range(buf, self.vocab_size,
-                              f"{self.names[self.current_shard]} at position {pos}")
-        # Copies as int32: nothing keeps the memmap alive, frameworks take int32 directly.
-        x = buf[:-1].astype(np.int32).reshape(B, T)
-        y = buf[1:].astype(np.int32).reshape(B, T)
-        self.current_position += B * T * self.num_processes
-        if self.current_position + (B * T * self.num_processes + 1) > len(self.tokens):
-            self.current_shard = (self.current_shard + 1) % len(self.shards)
-            self.tokens = self.shards[self.current_shard]
-            self.current_position = B * T * self.process_rank
-        return x, y
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return self.next_batch()
-
-
-@dataclass
-class _Failure:
-    error: BaseException
-
-
-@dataclass
-class _Worker:
-    queue: queue.Queue
-    stop: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
-
-
-def _prefetch(loader: DataLoader, w: _Worker) -> None:
-    def put(item) -> bool:  # wait for room, but give up when asked to stop
-        while not w.stop.is_set():
-            try:
-                w.queue.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    try:
-        while not w.stop.is_set():
-            x, y = loader.next_batch()
-            if not put((x, y, loader.state_dict())):
-                return
-    except BaseException as e:  # handed to the consumer, who re-raises it
-        put(_Failure(e))
-
-
-class Prefetcher:
-    """Reads the loader's next ``depth`` batches on a background thread.
-
-    Yields exactly the loader's sequence. ``state_dict()`` is the loader state after the batches
-    *consumed* so far (not what the thread read ahead), so a checkpoint taken after batch n
-    resumes at batch n+1. An exception in the thread is raised by the next ``next_batch()``.
-    ``close()`` stops the thread and rewinds the loader to the consumed position.
-    """
-
-    def __init__(self, loader: DataLoader, depth: int = 2):
-        self.loader, self.depth = loader, _positive_int("depth", depth)
-        self._state = loader.state_dict()
-        self._worker: _Worker | None = None
-        self._start()
-
-    def _start(self) -> None:
-        w = _Worker(queue.Queue(maxsize=self.depth))
-        # The thread holds the loader, not self, so a forgotten Prefetcher is still collected.
-        w.thread = threading.Thread(target=_prefetch, args=(self.loader, w), daemon=True,
-                                    name="nanomoe-prefetch")
-        self._worker = w
-        w.thread.start()
-
-    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._worker is None:
-            raise RuntimeError("the Prefetcher is closed")
-        item = self._worker.queue.get()
-        if isinstance(item, _Failure):
-            self._stop()
-            raise item.error
-        x, y, self._state = item
-        return x, y
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return self.next_batch()
-
-    def state_dict(self) -> dict:
-        return dict(self._state)
-
-    def _stop(self) -> None:
-        w, self._worker = self._worker, None
-        if w is not None:
-            w.stop.set()
-            w.thread.join()
-            self.loader.load_state_dict(self._state)  # forget what was read ahead
-
-    def load_state_dict(self, state: dict) -> None:
-        self._stop()
-        self.loader.load_state_dict(state)
-        self._state = self.loader.state_dict()
-        self._start()
-
-    def reset(self) -> None:
-        self._stop()
-        self.loader.reset()
-        self._state = self.loader.state_dict()
-        self._start()
-
-    def close(self) -> None:
-        self._stop()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        w = getattr(self, "_worker", None)
-        if w is not None:
-            w.stop.set()

@@ -19,3 +19,7 @@ class NonFiniteError(NanoMoeError, FloatingPointError):
 
 class CheckpointError(NanoMoeError, OSError):
     """A checkpoint that cannot be written or read."""
+
+
+class DataError(NanoMoeError, ValueError):
+    """Data that cannot be read or does not fit the run (names the file and the fix)."""

@@ -29,7 +29,10 @@ ARTIFACTS = re.compile(r"^(run\.json|metrics\.jsonl(\.tmp)?|loss\.png|checkpoint
 # Flags recorded in run.json that change the numbers a run computes; --resume must keep them.
 # (How it runs: mesh, scan/remat/attention, intervals, logging, sampling, stay free.)
 COMPUTE_FLAGS = ("max_lr", "min_lr", "warmup_steps", "max_steps", "total_batch_size", "B", "T",
-                 "dtype", "data", "seed", "embedding_lr_mult")
+                 "dtype", "data", "seed", "embedding_lr_mult", "beta1", "beta2", "weight_decay",
+                 "data_order")
+# Flags added after runs were first recorded: an older run.json without them ran with these.
+LATER_FLAGS = {"beta1": 0.9, "beta2": 0.95, "weight_decay": 0.1, "data_order": "sequential"}
 
 
 class RunDirError(NanoMoeError, ValueError):
@@ -126,7 +129,7 @@ def check(args, run_info: dict) -> None:
                           f"({'; '.join(changed)}); resume with the same flags or choose "
                           "another --log_dir")
     if "flags" in previous:  # runs written before flags were recorded are not checked
-        changed = _differences(previous["flags"], run_info["flags"])
+        changed = _differences({**LATER_FLAGS, **previous["flags"]}, run_info["flags"])
         if changed:
             raise RunDirError(f"--resume: {log_dir} was started with other flags that change "
                               f"what it computes ({'; '.join('--' + c for c in changed)}); "

@@ -20,8 +20,9 @@ from . import failures, run_dir
 from .atomic import atomic_write
 from .cli import apply_cpu_preset, build_config, check_ranges, parse_args
 from .config import ModelConfig, config_to_dict
-from .data import DataLoader, Prefetcher, data_format, default_tokenizer, open_dataset
-from . import hellaswag
+from .data import data_format, default_tokenizer, open_dataset
+from .loader import Prefetcher, eval_batches, make_loader
+from . import hellaswag, next_steps
 from .errors import CheckpointError, NanoMoeError, NonFiniteError
 from .flops import device_peak_flops, flops_per_token
 from .metrics import MetricsLogger
@@ -77,20 +78,6 @@ def _open_data(args) -> tuple[Any, dict]:
         return None, datasets
 
 
-class LazyBatches:
-    """``n`` batches read from ``loader`` as they are iterated (``len`` known up front), so a
-    large --eval_steps never holds more than one batch."""
-
-    def __init__(self, loader: DataLoader, n: int):
-        self.loader, self.n = loader, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        return (self.loader.next_batch() for _ in range(self.n))
-
-
 def model_vocab(tokenizer) -> int | None:
     """A byte or tokenizer.json vocabulary, padded to a multiple of 64; None: config default."""
     if tokenizer is None or tokenizer.name == "gpt2":
@@ -144,9 +131,11 @@ def _run(args, argv, backend: Backend, stop_signal: list[str], lock: run_dir.Loc
     # from rank offset process_index (the same tokens the original's per-rank loaders read).
     rank, n_proc, rows = backend.process_index, backend.process_count, args.B * per_process
 
-    def loader(split: str) -> DataLoader:
+    def loader(split: str):
         # every batch's ids are checked against the vocabulary (a cheap min/max on the host)
-        return DataLoader(datasets[split], rows, args.T, rank, n_proc, config.vocab_size)
+        order = args.data_order if split == "train" else "sequential"
+        return make_loader(order, datasets[split], rows, args.T, rank, n_proc, config.vocab_size,
+                           args.seed)
 
     train_loader, val_loader = loader("train"), loader("val")
     # Everything that can reject the input runs before the log folder is touched.
@@ -219,10 +208,11 @@ def _run(args, argv, backend: Backend, stop_signal: list[str], lock: run_dir.Loc
     prefetch = Prefetcher(train_loader, depth=2)
 
     def evaluate(step_done: int) -> None:
-        val_loader.reset()
-        batches = LazyBatches(val_loader, args.eval_steps)  # one batch in memory at a time
-        record = {"step": step_done, **{f"val_{k}": v for k, v in backend.evaluate(batches).items()}}
-        line = f"step {step_done:5d} | val loss {record['val_loss']:.4f}"
+        batches = eval_batches(val_loader, args.eval_steps)  # one batch in memory at a time
+        record = {"step": step_done, **{f"val_{k}": v for k, v in backend.evaluate(batches).items()},
+                  "val_tokens": len(batches) * tokens_per_micro}
+        line = (f"step {step_done:5d} | val loss {record['val_loss']:.4f} "
+                f"({record['val_tokens']:,} tokens)")
         if hellaswag_file:
             scores = hellaswag.evaluate(backend.logits, hellaswag_file, tokenizer,
                                         max_len=config.block_size, limit=args.hellaswag_limit)
@@ -344,6 +334,8 @@ def _run(args, argv, backend: Backend, stop_signal: list[str], lock: run_dir.Loc
         logger.plot()
     logger.close()
     backend.finish()
+    if leader:
+        print(next_steps.text(args, backend.name, run_info["tokenizer"]), flush=True)
     summary.update(config=config, log_dir=args.log_dir, records=logger.records)
     return summary
 

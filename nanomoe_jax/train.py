@@ -44,9 +44,11 @@ def is_embedding(path) -> bool:
     return any(getattr(k, "key", k) == "wte" for k in path)
 
 
-def make_optimizer(config, params, weight_decay=0.1) -> optax.GradientTransformation:
-    """Clip to 1.0, then AdamW (0.9, 0.95, eps 1e-8) with decay on ndim >= 2 only; MoeGPT's
-    embedding is not decayed (the original's param groups). The lr is applied in the step."""
+def make_optimizer(config, params, weight_decay=0.1, b1=0.9,
+                   b2=0.95) -> optax.GradientTransformation:
+    """Clip to 1.0, then AdamW (betas b1, b2: the original's 0.9, 0.95; eps 1e-8) with decay
+    on ndim >= 2 only; MoeGPT's embedding is not decayed (the original's param groups). The lr
+    is applied in the step."""
     def decay(path, p):
         if isinstance(config, MoeGPTConfig) and is_embedding(path):
             return False
@@ -56,7 +58,7 @@ def make_optimizer(config, params, weight_decay=0.1) -> optax.GradientTransforma
 
     mask = jax.tree_util.tree_map_with_path(decay, params)
     return optax.chain(clip_by_global_norm_like_torch(1.0),
-                       optax.scale_by_adam(b1=0.9, b2=0.95, eps=1e-8),
+                       optax.scale_by_adam(b1=b1, b2=b2, eps=1e-8),
                        optax.add_decayed_weights(weight_decay, mask))
 
 
@@ -182,7 +184,7 @@ class JaxBackend:
             expert_mesh=self.mesh if expert_parallel else None)
         model = create_model(config, args.seed, **options_kwargs(self.options))
         self.graphdef, params = nnx.split(model, nnx.Param)
-        self.tx = make_optimizer(config, params)
+        self.tx = make_optimizer(config, params, args.weight_decay, args.beta1, args.beta2)
         lr_mult = jax.tree_util.tree_map_with_path(
             lambda path, p: args.embedding_lr_mult if is_embedding(path) else 1.0, params)
         self.param_sharding = shd.tree_shardings(params, self.mesh, config)

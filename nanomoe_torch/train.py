@@ -25,8 +25,10 @@ from .sample import generate
 CKPT = re.compile(r"model_(\d{6})\.pt$")
 
 
-def make_optimizer(model, config, lr_mult_embedding: float, fused: bool):
-    """AdamW (0.9, 0.95, eps 1e-8), decay 0.1 on ndim >= 2; MoeGPT's embedding undecayed."""
+def make_optimizer(model, config, lr_mult_embedding: float, fused: bool,
+                   betas=(0.9, 0.95), weight_decay: float = 0.1):
+    """AdamW (the original's betas 0.9, 0.95, eps 1e-8, decay 0.1), decay on ndim >= 2 only;
+    MoeGPT's embedding undecayed."""
     decay, no_decay, embedding = [], [], []
     for name, p in model.named_parameters():
         if isinstance(config, MoeGPTConfig) and "wte" in name:
@@ -37,12 +39,12 @@ def make_optimizer(model, config, lr_mult_embedding: float, fused: bool):
             decay.append(p)
         else:
             no_decay.append(p)
-    groups = [{"params": decay, "weight_decay": 0.1, "lr_mult": 1.0},
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr_mult": 1.0},
               {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0}]
     if embedding:
-        wd = 0.0 if isinstance(config, MoeGPTConfig) else 0.1
+        wd = 0.0 if isinstance(config, MoeGPTConfig) else weight_decay
         groups.append({"params": embedding, "weight_decay": wd, "lr_mult": lr_mult_embedding})
-    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(betas), eps=1e-8, fused=fused)
 
 
 class TorchBackend:
@@ -74,7 +76,9 @@ class TorchBackend:
         # nGPT's --ngpt_normalize_weights: the paper's projection after every applied step
         self.post_step = normalize_weights if getattr(args, "ngpt_normalize_weights", False) else None
         self.optimizer = make_optimizer(self.model, config, args.embedding_lr_mult,
-                                        fused=self.has_accelerator)
+                                        fused=self.has_accelerator,
+                                        betas=(args.beta1, args.beta2),
+                                        weight_decay=args.weight_decay)
         forward = torch.compile(self.model) if self.has_accelerator else self.model
         if self.ddp:  # the original wraps the compiled model
             forward = DDP(forward, device_ids=[self.device] if self.has_accelerator else None)

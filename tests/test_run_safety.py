@@ -336,7 +336,7 @@ def test_broken_symlink_log_dir_and_huge_seed(text_file, tmp_path, capsys):
 
 
 def test_eval_batches_are_read_one_at_a_time():
-    from nanomoe.train_loop import LazyBatches
+    from nanomoe.loader import LazyBatches
 
     reads = []
 

@@ -70,7 +70,7 @@ def build_cells(args, preset: Preset) -> list[dict]:
     configs = model_configs(preset, args.shape)
     jax_options = dict(scan_layers=args.scan_layers, remat=args.remat,
                        attention_impl=args.attention_impl,
-                       loss_chunk_tokens=args.loss_chunk_tokens,
+                       loss_chunk_tokens=args.loss_chunk_tokens, row_groups=args.row_groups,
                        compiler_options=FAST_COMPILE if args.fast_compile else None)
     common = dict(B=args.B, T=args.T, steps=args.steps, warmup=args.warmup, dtype=args.dtype,
                   seed=args.seed, jax_options=jax_options, isolated=args.isolate)
@@ -133,7 +133,8 @@ def run(args) -> dict:
             "rounds": args.rounds,
             "jax_options": dict(scan_layers=args.scan_layers, remat=args.remat,
                                 attention_impl=args.attention_impl,
-                                loss_chunk_tokens=args.loss_chunk_tokens),
+                                loss_chunk_tokens=args.loss_chunk_tokens,
+                                row_groups=args.row_groups),
             "sweep": dict(mode=args.sweep_mode, experts=list(args.experts), shared=1,
                           capacity_factor=args.capacity_factor, backends=list(args.backends)),
             "env": env,
@@ -260,6 +261,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "attention on NVIDIA GPUs >= sm_80 in bf16, xla elsewhere)")
     g.add_argument("--loss-chunk-tokens", type=int, default=None,
                    help="tokens per cross-entropy chunk (default: execution_options', 8192)")
+    g.add_argument("--row-groups", type=int, default=None,
+                   help="independent row groups per micro-batch (default: execution_options', "
+                        "2 on CPU, else 1)")
     g.add_argument("--fast-compile", action="store_true",
                    help="skip XLA's LLVM optimisations (CPU smoke tests: faster compiles, "
                         "slower steps; never for real measurements)")

@@ -73,7 +73,8 @@ def compiled_moe_step(config: MoeGPTConfig, B: int, T: int, dtype: str,
     if key not in _COMPILED:
         spec = dict(B=B, T=T, dtype=dtype, seed=None,
                     jax_options=dict(scan_layers=False, remat="none", attention_impl=None,
-                                     loss_chunk_tokens=B * T, compiler_options=compiler_options))
+                                     loss_chunk_tokens=B * T, compiler_options=compiler_options,
+                                     row_groups=1))  # shapes are read against the whole B*T
         compiled, *_ = jax_train_step(config, spec)
         ca = compiled.cost_analysis()
         if isinstance(ca, (list, tuple)):  # older jax: one dict per program

@@ -91,6 +91,7 @@ def jax_train_step(config, spec: dict):
                              scan_layers=o["scan_layers"], remat=o["remat"],
                              attention_impl=o["attention_impl"],
                              loss_chunk_tokens=o["loss_chunk_tokens"],
+                             row_groups=o.get("row_groups"),
                              moe_dispatch=_dispatch(config, spec))
     spec["resolved_options"] = describe(opts)  # what the cell ran, decided or given
     model = create_model(config, spec.get("seed"), **options_kwargs(opts))

@@ -149,6 +149,10 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention_impl", choices=["xla", "cudnn"], default=None,
                    help="default: cudnn flash attention on NVIDIA GPUs >= sm_80 in bf16, else xla")
     g.add_argument("--loss_chunk_tokens", type=int, default=None)
+    g.add_argument("--row_groups", type=int, default=None,
+                   help="compute each micro-batch's loss as this many independent row groups "
+                        "(same numbers; default: 2 on CPU, where XLA then keeps both cores busy, "
+                        "else 1)")
     g.add_argument("--mesh", default=None,
                    help="device mesh, e.g. data=2,fsdp=4 or data=2,expert=4 (axes data, fsdp, "
                         "expert; data takes the devices the others leave); default: every "
@@ -184,7 +188,7 @@ AT_LEAST = (("max_steps", 1), ("warmup_steps", 0), ("total_batch_size", 1), ("B"
             ("eval_interval", 1), ("eval_steps", 1), ("ckpt_interval", 1),
             ("keep_checkpoints", 1), ("stop_at", 1), ("skip_nonfinite", 0),
             ("sample_every", 0), ("sample_tokens", 0), ("hellaswag_limit", 1),
-            ("loss_chunk_tokens", 1), ("seed", 0))
+            ("loss_chunk_tokens", 1), ("row_groups", 1), ("seed", 0))
 
 
 SEED_MAX = 2**32 - 1

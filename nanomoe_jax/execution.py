@@ -25,6 +25,10 @@ What it picks, and why:
   residuals every step; at the quick-start sizes that was ~40 % of the step's kernel time and
   the unrolled step ran 1.25-1.3x faster (benchmarks/NOTES.md, "CPU quick start"). Compile
   time grows with the layer count, hence the cap.
+* ``row_groups=2`` on CPU: the training loss of a micro-batch as two independent graphs of
+  half its rows, which XLA's CPU runtime runs side by side (1.12x faster at the nanoGPT
+  quick-start size on 2 cores; 3 and 4 groups were slower there). Same numbers
+  (``nanomoe_jax/row_groups.py``); on accelerators one op already fills the device.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ FLASH_MIN_CC = (8, 0)
 FLASH_DTYPES = (jnp.bfloat16, jnp.float16)
 FLASH_MAX_HEAD_DIM = 128
 CPU_UNROLL_MAX_LAYERS = 12
+CPU_ROW_GROUPS = 2
 
 
 def compute_capability(device: Any) -> tuple[int, int] | None:
@@ -112,7 +117,8 @@ def execution_options(device: Any, config: Any = None, **overrides) -> Options:
     n_layer = getattr(config, "n_layer", CPU_UNROLL_MAX_LAYERS + 1)
     chosen = dict(dtype=dtype, attention_impl=attention, remat="none",
                   scan_layers=not (cpu and n_layer <= CPU_UNROLL_MAX_LAYERS),
-                  loss_chunk_tokens=8192, moe_dispatch=moe_dispatch(device, config, given))
+                  loss_chunk_tokens=8192, moe_dispatch=moe_dispatch(device, config, given),
+                  row_groups=CPU_ROW_GROUPS if cpu else 1)
     chosen.update(given)
     return Options(**chosen)
 
@@ -122,7 +128,8 @@ def describe(opts: Options) -> str:
     return (f"dtype={jnp.dtype(opts.dtype).name} attention={opts.attention_impl} "
             f"remat={opts.remat} scan_layers={opts.scan_layers} "
             f"loss_chunk_tokens={opts.loss_chunk_tokens}"
-            + (f" moe_dispatch={opts.moe_dispatch}" if opts.moe_dispatch else ""))
+            + (f" moe_dispatch={opts.moe_dispatch}" if opts.moe_dispatch else "")
+            + (f" row_groups={opts.row_groups}" if opts.row_groups > 1 else ""))
 
 
 def options_kwargs(opts: Options) -> dict:

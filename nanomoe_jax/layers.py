@@ -50,6 +50,8 @@ class Options:
     expert_mesh: Any = None
     # MoE dispatch back end; None: the config's ``moe_dispatch`` (same numbers, see moe.py)
     moe_dispatch: str | None = None
+    # training loss on this many independent row groups of a micro-batch (row_groups.py)
+    row_groups: int = 1
 
     def __post_init__(self):
         if self.dtype is None:
@@ -61,6 +63,8 @@ class Options:
                              f"got {self.moe_dispatch!r}")
         if self.loss_chunk_tokens <= 0:
             raise ValueError(f"loss_chunk_tokens: must be positive, got {self.loss_chunk_tokens}")
+        if self.row_groups < 1:
+            raise ValueError(f"row_groups: must be at least 1, got {self.row_groups}")
 
 
 def normal(std: float = 0.02):

@@ -71,10 +71,12 @@ def _fwd(h_NC, w_VC, targets_N, ignore_index, chunk, dtype):
         h_MC, t_M = xs
         logits_MV, lse_M, valid_M, t_M, nll = _chunk_nll(h_MC, w_VC, t_M, ignore_index, dtype)
         # d(sum nll)/d logits = softmax - onehot(target), zero on ignored rows; / count here
-        # so the saved gradients are those of the mean
+        # so the saved gradients are those of the mean. With nothing counted the mean is 0/0
+        # (NaN, as torch) but the saved gradients stay 0, so a caller that masks this loss out
+        # (row_groups.py) gets no NaN through its zero cotangent.
         p_MV = jnp.exp(logits_MV - lse_M[:, None])
         g_MV = p_MV - jax.nn.one_hot(t_M, logits_MV.shape[-1], dtype=f32)
-        g_MV = (jnp.where(valid_M[:, None], g_MV, 0.0) / count).astype(dtype)
+        g_MV = (jnp.where(valid_M[:, None], g_MV, 0.0) / jnp.maximum(count, 1)).astype(dtype)
         dh_MC = jnp.einsum("mv,vc->mc", g_MV, w_c, preferred_element_type=f32)
         dw_VC = dw_VC + jnp.einsum("mv,mc->vc", g_MV, h_MC.astype(dtype),
                                    preferred_element_type=f32)

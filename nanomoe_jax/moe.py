@@ -39,7 +39,17 @@ class Routing(NamedTuple):
     top_idx_NK: jax.Array    # routed experts chosen per token, numbered 0..E-S-1
     top_gates_NK: jax.Array  # their renormalised gates (fp32)
     usage_E: jax.Array       # tokens per expert (the spec's usage_count)
+    score_sum_E: jax.Array   # router scores summed over the tokens
     balance_loss: jax.Array  # sum_e f_e * P_e
+
+
+def balance_loss(usage_E: jax.Array, score_sum_E: jax.Array, n_tokens: int,
+                 c: MoeGPTConfig) -> jax.Array:
+    """The original's balance loss from token sums (so row groups can add theirs first)."""
+    S, k, E = c.n_shared, c.n_activated_experts, c.n_total_experts
+    f_E = E / ((S + k) * n_tokens) * usage_E                                  # 7
+    P_E = score_sum_E / n_tokens
+    return jnp.sum(f_E * P_E)
 
 
 def route(logits_NE: jax.Array, c: MoeGPTConfig) -> Routing:
@@ -65,9 +75,8 @@ def route(logits_NE: jax.Array, c: MoeGPTConfig) -> Routing:
     shared_NS, top_gates_NK = shared_NS / denom_N1, top_vals_NK / denom_N1   # 4
     routed_NR = jnp.zeros((N, E - S), f32).at[jnp.arange(N)[:, None], top_idx_NK].set(top_gates_NK)
     gates_NE = jnp.concatenate([shared_NS, routed_NR], axis=-1)
-    f_E = E / ((S + k) * N) * usage_E                                         # 7
-    P_E = score_sum_E / N
-    return Routing(gates_NE, top_idx_NK, top_gates_NK, usage_E, jnp.sum(f_E * P_E))
+    return Routing(gates_NE, top_idx_NK, top_gates_NK, usage_E, score_sum_E,
+                   balance_loss(usage_E, score_sum_E, N, c))
 
 
 def expert_ffn(x_GMC, w1_GHC, b1_GH, w2_GCH, b2_GC):
@@ -137,7 +146,7 @@ class MoE(nnx.Module):
                 y_r, dropped = ragged_dispatch(x_NC, r, routed_w), jnp.zeros((), f32)
             y_NC = y_NC + y_r
         metrics = {"balance_loss": r.balance_loss, "tokens_per_expert": r.usage_E,
-                   "dropped_fraction": dropped / r.top_idx_NK.size}
+                   "score_sum": r.score_sum_E, "dropped_fraction": dropped / r.top_idx_NK.size}
         return y_NC.astype(x_BTC.dtype).reshape(T, B, C).transpose(1, 0, 2), metrics
 
 

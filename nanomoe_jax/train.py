@@ -27,6 +27,7 @@ from . import sharding as shd
 from . import create_model
 from .execution import execution_options, options_kwargs
 from .ngpt import normalize_weights
+from .row_groups import grouped_losses
 from .sample import generate
 
 
@@ -64,8 +65,7 @@ def make_optimizer(config, params, weight_decay=0.1, b1=0.9,
 
 def slice_loss(graphdef, params, x_BT, y_BT):
     """Loss and metrics of one device's slice of the batch (the original's forward)."""
-    out = nnx.merge(graphdef, params)(x_BT, y_BT)
-    losses = out[1]
+    losses = grouped_losses(nnx.merge(graphdef, params), x_BT, y_BT)
     metrics = {"loss": losses["loss"]}
     if "moe" in losses:
         metrics.update(ce_loss=losses["ce_loss"], moe_loss=losses["moe_loss"],
@@ -179,7 +179,7 @@ class JaxBackend:
         self.options = execution_options(
             jax.devices()[0], config, dtype=args.dtype, scan_layers=args.scan_layers,
             remat=args.remat, attention_impl=args.attention_impl,
-            loss_chunk_tokens=args.loss_chunk_tokens,
+            loss_chunk_tokens=args.loss_chunk_tokens, row_groups=args.row_groups,
             moe_dispatch=getattr(args, "moe_dispatch", None),
             expert_mesh=self.mesh if expert_parallel else None)
         model = create_model(config, args.seed, **options_kwargs(self.options))

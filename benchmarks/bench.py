@@ -256,9 +256,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="one lax.scan over the layers or a Python loop (default: scan)")
     g.add_argument("--remat", choices=("none", "full", "dots"), default=None,
                    help="rematerialisation policy per layer (default: execution_options')")
-    g.add_argument("--attention-impl", choices=("xla", "cudnn"), default=None,
-                   help="jax.nn.dot_product_attention implementation (default: cudnn flash "
-                        "attention on NVIDIA GPUs >= sm_80 in bf16, xla elsewhere)")
+    g.add_argument("--attention-impl", choices=("xla", "cudnn", "custom_vjp"), default=None,
+                   help="attention implementation (default: cudnn flash attention on NVIDIA "
+                        "GPUs >= sm_80 in bf16, custom_vjp on CPU, xla elsewhere)")
     g.add_argument("--loss-chunk-tokens", type=int, default=None,
                    help="tokens per cross-entropy chunk (default: execution_options', 8192)")
     g.add_argument("--row-groups", type=int, default=None,

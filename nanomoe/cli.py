@@ -146,8 +146,9 @@ def make_parser() -> argparse.ArgumentParser:
     # None = let nanomoe_jax.execution_options decide for the device (flags given win)
     g.add_argument("--scan_layers", type=_bool, default=None)
     g.add_argument("--remat", choices=["none", "full", "dots"], default=None)
-    g.add_argument("--attention_impl", choices=["xla", "cudnn"], default=None,
-                   help="default: cudnn flash attention on NVIDIA GPUs >= sm_80 in bf16, else xla")
+    g.add_argument("--attention_impl", choices=["xla", "cudnn", "custom_vjp"], default=None,
+                   help="default: cudnn flash attention on NVIDIA GPUs >= sm_80 in bf16, "
+                        "custom_vjp (a backward written for few passes) on CPU, else xla")
     g.add_argument("--loss_chunk_tokens", type=int, default=None)
     g.add_argument("--row_groups", type=int, default=None,
                    help="compute each micro-batch's loss as this many independent row groups "

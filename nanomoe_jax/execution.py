@@ -13,9 +13,11 @@ What it picks, and why:
 * ``attention_impl``: ``"cudnn"`` (flash attention through ``jax.nn.dot_product_attention``:
   causal, never materialises the (B, heads, T, T) probabilities) on NVIDIA GPUs of compute
   capability >= 8.0 when the compute dtype is bf16/fp16 and the head size is one cuDNN's flash
-  kernel accepts (a multiple of 8, at most 128); ``"xla"`` everywhere else (CPU, TPU, fp32,
-  older or non-NVIDIA GPUs, other head sizes). XLA's attention keeps the probabilities of
-  every layer for the backward pass: ~10 GB for GPT-2 124M at B=16, T=1024.
+  kernel accepts (a multiple of 8, at most 128); ``"custom_vjp"`` on CPU (``attention.py``:
+  the same math with a backward written for one pass over the probabilities, ~3x faster than
+  XLA's autodiff at T=256 on 2 cores); ``"xla"`` everywhere else (TPU, fp32, older or
+  non-NVIDIA GPUs, other head sizes). Both keep the probabilities of every layer for the
+  backward pass: ~10 GB for GPT-2 124M at B=16, T=1024.
 * ``moe_dispatch``: ``"grouped"`` for MoeGPT on GPUs without an expert mesh (see
   :func:`moe_dispatch`); the config's otherwise.
 * ``remat="none"``, ``scan_layers=True``, ``loss_chunk_tokens=8192``: the step fits the
@@ -112,8 +114,9 @@ def execution_options(device: Any, config: Any = None, **overrides) -> Options:
     if unknown:
         raise TypeError(f"execution_options: unknown option(s) {unknown}")
     dtype = jnp.dtype(given.pop("dtype", None) or default_compute_dtype(device))
-    attention = "cudnn" if flash_attention_ok(device, dtype, config) else "xla"
     cpu = getattr(device, "platform", "cpu") == "cpu"
+    attention = ("cudnn" if flash_attention_ok(device, dtype, config)
+                 else "custom_vjp" if cpu else "xla")
     n_layer = getattr(config, "n_layer", CPU_UNROLL_MAX_LAYERS + 1)
     chosen = dict(dtype=dtype, attention_impl=attention, remat="none",
                   scan_layers=not (cpu and n_layer <= CPU_UNROLL_MAX_LAYERS),

@@ -19,6 +19,7 @@ from flax import nnx
 from nanomoe.config import MOE_DISPATCH
 from nanomoe.rope import rope_table
 
+from .attention import causal_attention
 from .loss import tied_cross_entropy
 
 Dtype = Any
@@ -43,7 +44,8 @@ class Options:
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = True  # False: a Python loop over the same stacked parameters
     remat: str = "none"  # "none" | "full" | "dots"
-    attention_impl: str | None = None  # None (XLA; cuDNN picked by the caller) | "xla" | "cudnn"
+    # None/"xla"/"cudnn": jax.nn.dot_product_attention; "custom_vjp": attention.py (CPU)
+    attention_impl: str | None = None
     loss_chunk_tokens: int = 8192  # tokens per cross-entropy chunk (fp32 logits of one chunk)
     # A jax Mesh with an "expert" axis: MoE weights are sharded over it and tokens exchanged
     # with their experts (expert parallelism, see nanomoe_jax/sharding.py); None: one device.
@@ -172,8 +174,7 @@ class Attention(nnx.Module):
         q_BTNH, k_BTKH = q_BTNH.astype(self.dtype), k_BTKH.astype(self.dtype)
         v_BTKH = v_BTKH.astype(self.dtype)
         if cache is None:
-            y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, scale=self.scale,
-                                                  is_causal=True, implementation=self.attention_impl)
+            y_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, self.scale, self.attention_impl)
         else:
             cache = KVCache(
                 jax.lax.dynamic_update_slice_in_dim(cache.k_BSKH, k_BTKH.astype(cache.k_BSKH.dtype), pos, 1),

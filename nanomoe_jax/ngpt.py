@@ -16,6 +16,7 @@ from flax import nnx
 from nanomoe.config import nGPTConfig
 from nanomoe.rope import rope_table
 
+from .attention import causal_attention
 from .layers import (Decoding, KVCache, Options, apply_rope, check_sequence_length, embed,
                      head_and_loss, linear, make_stack, rms_norm, run_stack)
 
@@ -85,8 +86,7 @@ class Block(nnx.Module):
         v_BTNH = v_BTNH.astype(self.dtype)
         scale = math.sqrt(H) if self.config.paper_attn_scale else 1.0 / math.sqrt(H)
         if cache is None:
-            o_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, scale=scale,
-                                                  is_causal=True, implementation=self.attention_impl)
+            o_BTNH = causal_attention(q_BTNH, k_BTNH, v_BTNH, scale, self.attention_impl)
         else:
             cache = KVCache(
                 jax.lax.dynamic_update_slice_in_dim(cache.k_BSKH, k_BTNH.astype(cache.k_BSKH.dtype), pos, 1),

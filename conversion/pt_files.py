@@ -279,9 +279,28 @@ def check_tensors(state: dict, path: str) -> None:
                               "larger machine")
     for key, value in state.items():
         if torch.is_tensor(value) and not bool(torch.isfinite(value).all()):
-            raise ConversionError(f"{path}: the weights hold non-finite values (first: {key}); "
-                                  "the file is damaged or its run diverged: use an earlier "
-                                  "checkpoint")
+            raise non_finite_error(path, key)
+
+
+def non_finite_error(where: str, key: str) -> ConversionError:
+    """The one sentence for NaN/inf weights, the same for a .pt file, a safetensors folder and
+    a JAX checkpoint folder (``where``: the path as the user gave it; ``key``: the first
+    non-finite weight under the original's names)."""
+    return ConversionError(f"{where}: the weights hold non-finite values (first: {key}); the "
+                           "file is damaged or its run diverged: use an earlier checkpoint")
+
+
+def check_finite_arrays(arrays: dict, where: str) -> None:
+    """Refuse NaN/inf in ``arrays`` (NumPy-like, the original's keys in their order) with
+    :func:`non_finite_error` naming the first such key; non-float arrays are skipped
+    (bfloat16 is a float here, though NumPy does not count it as np.floating)."""
+    import numpy as np
+
+    for key, value in arrays.items():
+        value = np.asarray(value)
+        floating = np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"
+        if floating and not np.isfinite(value).all():
+            raise non_finite_error(where, key)
 
 
 def load_state_dict_file(path: str) -> dict[str, Any]:

@@ -104,7 +104,28 @@ def load_model(path: str, **options) -> tuple[nnx.Module, dict]:
         raise ConversionError(f"{folder}/{step}: could not restore the weights ({e})") from None
     finally:
         mngr.close()
-    return nnx.merge(graphdef, restored["params"]), meta
+    model = nnx.merge(graphdef, restored["params"])
+    check_finite(model, path)
+    return model, meta
+
+
+def check_finite(model: nnx.Module, where: str) -> None:
+    """Refuse NaN/inf weights where the checkpoint can be named (sampling, conversion,
+    --init_from), rather than sample noise from them or let training report a learning-rate
+    problem. One reduction over the arrays already loaded; only when it fails are the weights
+    exported under the original's keys, so the sentence is the one a .pt file gets (see
+    conversion.pt_files.non_finite_error), naming the same key python -m conversion would."""
+    leaves = [x for x in jax.tree.leaves(nnx.state(model, nnx.Param))
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves or bool(jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))):
+        return
+    from conversion.pt_files import check_finite_arrays, non_finite_error
+    from conversion.torch_jax import export_arrays
+
+    check_finite_arrays(export_arrays(model), where)
+    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):  # not exported (none is)
+        if not bool(jnp.isfinite(value.get_value()).all()):
+            raise non_finite_error(where, ".".join(map(str, path)))
 
 
 def save_model(model: nnx.Module, out: str, step: int = 0, meta: dict | None = None) -> str:
@@ -120,4 +141,5 @@ def save_model(model: nnx.Module, out: str, step: int = 0, meta: dict | None = N
     return os.path.join(out, CHECKPOINTS, str(step))
 
 
-__all__ = ["load_model", "save_model", "read_meta", "resolve", "manager", "save", "restore", "jnp"]
+__all__ = ["load_model", "save_model", "check_finite", "read_meta", "resolve", "manager", "save",
+           "restore", "jnp"]

@@ -27,8 +27,10 @@ DEFAULT_CORPUS_PROMPT = "def "
 CPU_PRESET = dict(n_layer=4, n_embd=128, n_head=4, block_size=256, B=8, T=256,
                   total_batch_size=8 * 256 * 2, max_steps=200, warmup_steps=20,
                   eval_interval=100, eval_steps=4, ckpt_interval=100, sample_every=200)
+# --max_steps is not among them: a shorter first run (python train.py --max_steps 20) keeps the
+# small model rather than switching to the original's 8x512 at 262k tokens a step.
 SIZE_FLAGS = ("n_layer", "n_embd", "n_head", "n_kv_head", "block_size", "B", "T",
-              "total_batch_size", "max_steps", "n_experts")
+              "total_batch_size", "n_experts")
 
 
 def _config_fields() -> dict[str, dataclasses.Field]:

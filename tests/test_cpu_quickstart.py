@@ -84,3 +84,16 @@ def test_default_prompt_fits_the_data():
     assert parse_args(["--data", "some.txt"]).sample_prompt == ORIGINAL_PROMPT
     assert parse_args(["--sample_prompt", "ROMEO:"]).sample_prompt == "ROMEO:"
     assert parse_args(["--data", "x.txt", "--sample_prompt", "import "]).sample_prompt == "import "
+
+
+def test_max_steps_alone_keeps_the_cpu_preset():
+    """A shorter first run must not switch to the original's 8x512 model at 262k tokens."""
+    from nanomoe.cli import apply_cpu_preset
+
+    argv = ["--max_steps", "20"]
+    args = parse_args(argv)
+    assert apply_cpu_preset(args, argv)
+    assert (args.max_steps, args.n_layer, args.B, args.T) == (20, CPU_PRESET["n_layer"],
+                                                              CPU_PRESET["B"], CPU_PRESET["T"])
+    argv = ["--n_layer", "2"]
+    assert not apply_cpu_preset(parse_args(argv), argv)  # a size flag: the user's sizes

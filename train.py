@@ -28,7 +28,7 @@ def make_backend(argv: list[str]):
         from nanomoe_torch.train import TorchBackend
 
         return TorchBackend()
-    from nanomoe_jax.train import JaxBackend
+    from nanomoe_jax.backend import JaxBackend
 
     return JaxBackend()
 

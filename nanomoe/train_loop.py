@@ -1,6 +1,6 @@
 """The training loop both frameworks share: data, schedule, eval, checkpoints, logging.
 
-A framework plugs in a backend (``nanomoe_jax.train.JaxBackend``,
+A framework plugs in a backend (``nanomoe_jax.backend.JaxBackend``,
 ``nanomoe_torch.train.TorchBackend``) that builds the model and optimizer and runs one
 optimizer step, evaluation, checkpointing, export and sampling. Everything a user sees or
 compares across frameworks (batch order, lr per step, metric names, file layout) lives here.

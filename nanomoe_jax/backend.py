@@ -1,0 +1,260 @@
+"""The JAX backend of nanomoe.train_loop: processes and the device mesh, the jitted step and
+evaluation (from train.py), orbax checkpoints, export to the original's .pt, sampling."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import conversion
+from nanomoe.atomic import (as_os_error, atomic_torch_save, check_free_space, describe,
+                            write_advice)
+from nanomoe.config import MoeGPTConfig, config_to_dict
+from nanomoe.errors import CheckpointError, ConfigError, NonFiniteError
+
+from . import checkpoint as ckpt
+from . import sharding as shd
+from . import create_model
+from .execution import execution_options, options_kwargs
+from .ngpt import normalize_weights
+from .sample import generate
+from .train import all_finite, is_embedding, jit_train_step, loss_and_metrics, make_optimizer
+
+
+def initialize_distributed() -> None:
+    """Multi-host: join the other processes when the environment says there are some
+    (JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID, or SLURM / Open MPI, which
+    jax.distributed detects itself). Must run before anything touches a device."""
+    env = os.environ
+    explicit = bool(env.get("JAX_COORDINATOR_ADDRESS"))
+    managed = int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    if not (explicit or managed):
+        return
+    # CPU processes exchange with gloo (GPUs use NCCL whatever this says)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"],
+                                   num_processes=int(env["JAX_NUM_PROCESSES"]),
+                                   process_id=int(env["JAX_PROCESS_ID"]))
+    else:  # jax.distributed detects SLURM and Open MPI itself
+        jax.distributed.initialize()
+
+
+class JaxBackend:
+    name = "jax"
+    async_dispatch = True
+
+    def __init__(self):
+        if not jax.distributed.is_initialized():
+            initialize_distributed()
+        device = jax.devices()[0]
+        self.has_accelerator = device.platform != "cpu"
+        self.device_name = getattr(device, "device_kind", device.platform)
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        self.devices_per_process = jax.local_device_count()  # each one a data-parallel rank
+        self.manager = None
+
+    def setup(self, config, args) -> None:
+        self.config, self.args = config, args
+        self.mesh = shd.make_mesh(shd.parse_mesh(args.mesh, jax.device_count()))
+        self.placement = (" ".join(f"{a}={n}" for a, n in self.mesh.shape.items())
+                          + f" over {jax.device_count()} device(s), {self.process_count} process(es)")
+        expert_parallel = self.mesh.shape["expert"] > 1
+        if expert_parallel and not isinstance(config, MoeGPTConfig):
+            raise ConfigError(f"--mesh {args.mesh}: an expert axis needs --model moegpt")
+        if expert_parallel and getattr(args, "moe_dispatch", None) in ("ragged", "grouped"):
+            raise ConfigError("--mesh with an expert axis needs --moe_dispatch capacity or "
+                              "dense (ragged and grouped have no expert-parallel partitioning)")
+        # execution_options decides per device; flags given on the command line win
+        self.options = execution_options(
+            jax.devices()[0], config, dtype=args.dtype, scan_layers=args.scan_layers,
+            remat=args.remat, attention_impl=args.attention_impl,
+            loss_chunk_tokens=args.loss_chunk_tokens, row_groups=args.row_groups,
+            moe_dispatch=getattr(args, "moe_dispatch", None),
+            expert_mesh=self.mesh if expert_parallel else None)
+        model = create_model(config, args.seed, **options_kwargs(self.options))
+        self.graphdef, params = nnx.split(model, nnx.Param)
+        self.tx = make_optimizer(config, params, args.weight_decay, args.beta1, args.beta2)
+        lr_mult = jax.tree_util.tree_map_with_path(
+            lambda path, p: args.embedding_lr_mult if is_embedding(path) else 1.0, params)
+        self.param_sharding = shd.tree_shardings(params, self.mesh, config)
+        opt_shape = jax.eval_shape(self.tx.init, params)
+        self.state_sharding = (self.param_sharding, shd.tree_shardings(opt_shape, self.mesh, config))
+        self.batch_sharding = shd.batch_sharding(self.mesh)
+        replicated = NamedSharding(self.mesh, P())
+        self.lr_mult = jax.device_put(lr_mult, jax.tree.map(lambda _: replicated, lr_mult))
+        self._init_state(params)
+        post_update = normalize_weights if getattr(args, "ngpt_normalize_weights", False) else None
+        self._step = jit_train_step(self.graphdef, self.tx, self.state_sharding,
+                                    self.batch_sharding, replicated, post_update)
+        self._eval = jax.jit(partial(loss_and_metrics, self.graphdef),
+                             in_shardings=(self.param_sharding, self.eval_sharding,
+                                           self.eval_sharding),
+                             out_shardings=replicated)
+        self._replicate = jax.jit(lambda p: p, out_shardings=jax.tree.map(
+            lambda _: replicated, self.param_sharding))  # compiled once, used per sample/export
+        self._logits = jax.jit(lambda params, idx: nnx.merge(self.graphdef, params)(idx)[0]
+                               .astype(jnp.float32), out_shardings=replicated)
+
+    @property
+    def eval_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P(shd.BATCH_AXES))
+
+    def _init_state(self, params) -> None:
+        """Parameters placed as the mesh says, AdamW state created in place (never whole on
+        one device)."""
+        params = jax.device_put(params, self.param_sharding)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding[1])(params)
+        self.state = (params, opt_state)
+
+    def _global(self, local: np.ndarray, sharding: NamedSharding, axis: int) -> jax.Array:
+        """This process's rows (..., L*B, T) as its L device slices of the global batch
+        (..., D, B, T); device slices follow the original's rank order."""
+        L = self.devices_per_process
+        shape = local.shape[:axis] + (L, local.shape[axis] // L) + local.shape[axis + 1:]
+        return jax.make_array_from_process_local_data(sharding, local.reshape(shape))
+
+    @property
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.state[0])
+
+    def replicated_model(self) -> nnx.Module:
+        """The model with every weight whole on every device (to export or sample); a
+        collective, so every process calls it."""
+        return nnx.merge(self.graphdef, self._replicate(self.state[0]))
+
+    def load_weights(self, path: str) -> None:
+        """--init_from: see conversion.checkpoints.init_arrays for what PATH may be."""
+        from conversion.checkpoints import init_arrays
+
+        model = conversion.load_torch_weights(self.model, init_arrays(path))
+        self._init_state(nnx.state(model, nnx.Param))
+
+    def train_step(self, x_ABT, y_ABT, lr):
+        x = self._global(x_ABT, self.batch_sharding, 1)
+        y = self._global(y_ABT, self.batch_sharding, 1)
+        self.state, metrics = self._step(self.lr_mult, self.state, x, y, jnp.float32(lr))
+        return metrics
+
+    def fetch(self, handle) -> dict[str, float]:
+        return {k: float(v) for k, v in jax.device_get(handle).items()}
+
+    def evaluate(self, batches) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for x, y in batches:
+            _, metrics = self._eval(self.state[0], self._global(x, self.eval_sharding, 0),
+                                    self._global(y, self.eval_sharding, 0))
+            for k, v in jax.device_get(metrics).items():
+                totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
+        totals.pop("dropped_fraction", None)
+        return totals
+
+    def logits(self, tokens_BT: np.ndarray) -> np.ndarray:
+        """fp32 logits; rows padded to a multiple of 64 so few lengths are compiled (causal:
+        the padding never changes earlier positions)."""
+        B, T = tokens_BT.shape
+        padded = min(self.config.block_size, -(-T // 64) * 64)
+        tokens = np.zeros((B, padded), np.int32)
+        tokens[:, :T] = tokens_BT
+        out = self._logits(self.state[0], jnp.asarray(tokens))
+        return np.asarray(out)[:, :T].astype(np.float32)
+
+    # checkpoints: orbax, atomic (a step folder appears only once complete), async
+    def _manager(self, log_dir: str):
+        if self.manager is None:
+            logging.getLogger("absl").addFilter(_QUIET)  # once; adding twice is a no-op
+            _quiet_closed_loops()
+            self.manager = ckpt.manager(os.path.join(log_dir, ckpt.CHECKPOINTS),
+                                        keep=self.args.keep_checkpoints)
+        return self.manager
+
+    def save(self, log_dir: str, step: int, meta: dict) -> None:
+        if not bool(jax.jit(all_finite)(self.state[0])):
+            raise NonFiniteError(f"the weights after step {step} are not finite; "
+                                 "not saving them")
+        state_bytes = sum(x.nbytes for x in jax.tree.leaves(self.state))
+        if self.process_index == 0:  # + the last async save, which may still be writing
+            check_free_space(log_dir, 2 * state_bytes + 2**20, f"the checkpoint of step {step}")
+        try:
+            ckpt.save(self._manager(log_dir), step, self.state[0], meta,
+                      opt_state=self.state[1])
+        except Exception as e:  # noqa: BLE001 - orbax re-raises a failed async write here
+            raise _checkpoint_error(e, f"a checkpoint in {log_dir}") from None
+
+    def latest_checkpoint(self, log_dir: str) -> int | None:
+        return self._manager(log_dir).latest_step()
+
+    def restore(self, log_dir: str, step: int) -> dict:
+        restored = ckpt.restore(self._manager(log_dir), step, *self.state)
+        self.state = (restored["params"], restored["opt_state"])
+        return restored["meta"]
+
+    def export_final(self, path: str, step: int) -> None:
+        """The original's checkpoint format, readable with torch.load(weights_only=True)."""
+        try:
+            import torch
+        except ImportError:
+            print(f"torch is not installed: skipped {path} (pip install torch to write it)")
+            return
+        model = self.replicated_model()
+        if self.process_index == 0:
+            payload = {"model": conversion.torch_state_dict(model),
+                       "config": config_to_dict(self.config), "step": step}
+            atomic_torch_save(payload, path)
+
+    def sample(self, prompt, n_tokens, top_k, temperature, seed):
+        return generate(self.replicated_model(), prompt, n_tokens, top_k=top_k, temperature=temperature,
+                        seed=seed)
+
+    def finish(self) -> None:
+        if self.manager is not None:
+            try:
+                self.manager.wait_until_finished()  # the last async save
+            except Exception as e:  # noqa: BLE001 - whatever the writer thread raised
+                raise _checkpoint_error(e, "the last checkpoint") from None
+            finally:
+                self.manager.close()
+                self.manager = None
+
+
+def _checkpoint_error(e: BaseException, what: str) -> CheckpointError:
+    cause = as_os_error(e)
+    return CheckpointError(f"could not write {what} ({describe(cause)}); {write_advice(cause)}; "
+                           "the previous checkpoint is intact")
+
+
+class _OrbaxThreadErrors(logging.Filter):
+    """Orbax logs a failed background write from each of its threads, with tracebacks; the
+    same error is re-raised to save()/finish(), which report it in one sentence."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or "orbax" not in record.pathname
+
+
+_QUIET = _OrbaxThreadErrors()
+
+
+def _quiet_closed_loops() -> None:
+    """After a failed async write, tensorstore's completion callbacks may still try to wake
+    orbax's closed event loop; the C++ thread reports each as an "unraisable" traceback. The
+    failure itself reaches save()/finish(): drop only these echoes."""
+    previous = sys.unraisablehook
+    if getattr(previous, "nanomoe_quiet", False):
+        return
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.nanomoe_quiet = True
+    sys.unraisablehook = hook

@@ -21,6 +21,7 @@ from nanomoe.config import MoeGPTConfig, config_to_dict
 from nanomoe.errors import CheckpointError, ConfigError, NonFiniteError
 
 from . import checkpoint as ckpt
+from . import compile_cache
 from . import sharding as shd
 from . import create_model
 from .execution import execution_options, options_kwargs
@@ -64,6 +65,7 @@ class JaxBackend:
 
     def setup(self, config, args) -> None:
         self.config, self.args = config, args
+        compile_cache.enable(getattr(args, "compile_cache", None))
         self.mesh = shd.make_mesh(shd.parse_mesh(args.mesh, jax.device_count()))
         self.placement = (" ".join(f"{a}={n}" for a, n in self.mesh.shape.items())
                           + f" over {jax.device_count()} device(s), {self.process_count} process(es)")

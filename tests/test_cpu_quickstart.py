@@ -4,6 +4,7 @@ execution options, and the default sample prompt. No timing is asserted."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -97,3 +98,22 @@ def test_max_steps_alone_keeps_the_cpu_preset():
                                                               CPU_PRESET["B"], CPU_PRESET["T"])
     argv = ["--n_layer", "2"]
     assert not apply_cpu_preset(parse_args(argv), argv)  # a size flag: the user's sizes
+
+
+def test_compile_cache_folder(tmp_path, monkeypatch):
+    """train.py keeps compiled programs in --compile_cache (off disables it; the environment's
+    JAX_COMPILATION_CACHE_DIR, which this test session sets, wins)."""
+    from nanomoe_jax import compile_cache
+
+    assert compile_cache.enable(str(tmp_path / "c")) == os.environ["JAX_COMPILATION_CACHE_DIR"]
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        assert compile_cache.enable("off") is None
+        assert compile_cache.enable(str(tmp_path / "c")) == str(tmp_path / "c")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
+        blocked = tmp_path / "file"
+        blocked.write_text("not a folder")
+        assert compile_cache.enable(str(blocked / "c")) is None  # no cache, no failure
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

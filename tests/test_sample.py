@@ -114,3 +114,14 @@ def test_sampled_generation_past_block_size():
     assert out == generate(model, [1, 2], 50, top_k=10, temperature=1.0, seed=3)
     assert generate(model, [1, 2], 50, top_k=1, seed=3) == generate(model, [1, 2], 50,
                                                                       temperature=0.0)
+
+
+def test_500_tokens_past_block_size_in_both_frameworks():
+    """The issue's length: 500 greedy tokens from a block of 8 (62 slides), token for token
+    (every model slides, above, over 29 tokens)."""
+    config = SLIDING["gpt"]
+    tm = random_torch_model(config, seed=18)
+    model = jax_twin(tm, dtype=jnp.float32)
+    ours = generate(model, [7, 7, 2], 500, temperature=0.0)
+    assert ours == torch_generate(tm, [7, 7, 2], 500, temperature=0.0)
+    assert len(ours) == 500

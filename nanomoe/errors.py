@@ -23,3 +23,7 @@ class CheckpointError(NanoMoeError, OSError):
 
 class DataError(NanoMoeError, ValueError):
     """Data that cannot be read or does not fit the run (names the file and the fix)."""
+
+
+class TrainError(NanoMoeError, ValueError):
+    """A training setup that cannot work (bad flags, a log folder of another run, ...)."""

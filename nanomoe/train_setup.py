@@ -1,0 +1,149 @@
+"""Before the first step of nanomoe.train_loop: flags, data, batch layout, the run folder,
+resume. Everything that can reject the input runs before the log folder is touched."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from . import failures, hellaswag, run_dir
+from .atomic import atomic_write
+from .cli import apply_cpu_preset, check_ranges
+from .data import data_format, default_tokenizer, open_dataset
+from .errors import CheckpointError, NanoMoeError, TrainError
+from .loader import make_loader
+from .tokenizer import TokenizerError, get_tokenizer
+
+RUN_FILE = run_dir.RUN_FILE  # model type, config, framework, tokenizer, flags
+
+
+def apply_defaults(args, argv: list[str], backend) -> None:
+    """The CPU preset where there is no accelerator, range checks, the default dtype."""
+    preset = not backend.has_accelerator and apply_cpu_preset(args, argv)
+    check_ranges(args)
+    args.dtype = args.dtype or ("bfloat16" if backend.has_accelerator else "float32")
+    if preset:
+        print(f"No accelerator found ({backend.device_name}): using the CPU preset "
+              f"(n_layer={args.n_layer} n_embd={args.n_embd} n_head={args.n_head} B={args.B} "
+              f"T={args.T} max_steps={args.max_steps}); pass any size flag to choose your own.",
+              flush=True)
+
+
+def open_data(args) -> tuple[Any, dict]:
+    """(tokenizer or None, {'train', 'val'}): data errors first; token shards need no tokenizer
+    to train, so when the default GPT-2 one cannot load (offline) samples show token ids."""
+    name = args.tokenizer or default_tokenizer(args.data)
+    if data_format(args.data) in ("embedded", "text"):
+        tokenizer = get_tokenizer(name)
+        return tokenizer, {s: open_dataset(args.data, tokenizer, s) for s in ("train", "val")}
+    datasets = {s: open_dataset(args.data, None, s) for s in ("train", "val")}
+    try:
+        return get_tokenizer(name), datasets
+    except TokenizerError as e:
+        if args.tokenizer:
+            raise
+        print(f"note: samples will show token ids ({e})", flush=True)
+        return None, datasets
+
+
+def model_vocab(tokenizer) -> int | None:
+    """A byte or tokenizer.json vocabulary, padded to a multiple of 64; None: config default."""
+    if tokenizer is None or tokenizer.name == "gpt2":
+        return None
+    return -(-tokenizer.vocab_size // 64) * 64
+
+
+def batch_layout(args, config, backend) -> tuple[int, int, int]:
+    """(world, tokens per micro-batch, gradient accumulation steps), checked against the flags."""
+    if args.T > config.block_size:
+        raise TrainError(f"--T {args.T} is longer than block_size={config.block_size}; "
+                         f"use --T <= {config.block_size} or a larger --block_size")
+    # world = data-parallel ranks: processes x devices each (JAX drives all local devices)
+    world = backend.process_count * getattr(backend, "devices_per_process", 1)
+    tokens_per_micro = args.B * args.T * world
+    if args.total_batch_size % tokens_per_micro:
+        raise TrainError(f"--total_batch_size {args.total_batch_size} is not divisible by "
+                         f"B*T*world_size = {args.B}*{args.T}*{world} = {tokens_per_micro}; "
+                         "choose a multiple")
+    return world, tokens_per_micro, args.total_batch_size // tokens_per_micro
+
+
+def make_loaders(args, datasets: dict, config, backend) -> tuple[Any, Any]:
+    """(train, val) loaders of this process; the first batch of each split is read once here,
+    so bad data is reported before anything is written."""
+    # A process reads the rows of its consecutive ranks as one window: B*per_process rows
+    # from rank offset process_index (the same tokens the original's per-rank loaders read).
+    rank, n_proc = backend.process_index, backend.process_count
+    rows = args.B * getattr(backend, "devices_per_process", 1)
+
+    def loader(split: str):
+        # every batch's ids are checked against the vocabulary (a cheap min/max on the host)
+        order = args.data_order if split == "train" else "sequential"
+        return make_loader(order, datasets[split], rows, args.T, rank, n_proc, config.vocab_size,
+                           args.seed)
+
+    train_loader, val_loader = loader("train"), loader("val")
+    for split in ("train", "val"):  # the first batch of each split, read ahead
+        loader(split).next_batch()
+    return train_loader, val_loader
+
+
+def check_run_folder(args, run_info: dict, lock: run_dir.Lock, leader: bool, config,
+                     backend) -> None:
+    """The log folder fits this run and is writable; the host has memory for the model."""
+    if leader and os.path.isdir(args.log_dir):  # a run in progress there: say so first
+        lock.acquire()
+    run_dir.check(args, run_info)
+    if leader:
+        run_dir.check_writable(args.log_dir)
+    if not backend.has_accelerator:
+        failures.check_host_memory(config)
+
+
+def find_hellaswag(args, tokenizer) -> str | None:
+    if not args.do_hellaswag:
+        return None
+    if tokenizer is None:
+        raise TrainError("--do_hellaswag needs the data's tokenizer: pass --tokenizer")
+    return hellaswag.find_or_download(args.hellaswag_file, os.path.expanduser("~/.cache/nanomoe"))
+
+
+def load_start(args, backend, train_loader) -> int:
+    """The step to start from: --resume's latest checkpoint (weights, optimizer, data order),
+    or 0 with --init_from's weights or the backend's fresh ones."""
+    if not args.resume:
+        if args.init_from:
+            backend.load_weights(args.init_from)
+        return 0
+    latest = backend.latest_checkpoint(args.log_dir)
+    if latest is None:
+        raise TrainError(f"--resume: no complete checkpoint in {args.log_dir}; start it "
+                         "again with --overwrite")
+    try:
+        meta = backend.restore(args.log_dir, latest)
+    except NanoMoeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint fails in many ways
+        raise CheckpointError(f"--resume: the checkpoint of step {latest} in {args.log_dir} "
+                              f"cannot be read ({type(e).__name__}); move it away to resume "
+                              "from the one before") from None
+    start_step = meta["step"]
+    train_loader.load_state_dict(meta["data"])
+    print(f"Resumed {args.log_dir} at step {start_step}", flush=True)
+    return start_step
+
+
+def start_log_dir(args, run_info: dict) -> None:
+    """--overwrite removes the previous run's files; run.json records this one (the leader)."""
+    if args.overwrite and not args.resume:
+        removed = run_dir.clear_previous_run(args.log_dir)
+        if removed:
+            print(f"--overwrite: removed the previous run in {args.log_dir} "
+                  f"({', '.join(removed)})", flush=True)
+    atomic_write(os.path.join(args.log_dir, RUN_FILE), lambda tmp: _write_json(tmp, run_info))
+
+
+def _write_json(path: str, value: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)

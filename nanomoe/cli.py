@@ -156,10 +156,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="compute each micro-batch's loss as this many independent row groups "
                         "(same numbers; default: 2 on CPU, where XLA then keeps both cores busy, "
                         "else 1)")
-    g.add_argument("--compile_cache", default="~/.cache/nanomoe/jax",
+    g.add_argument("--compile_cache", default="off",
                    help="folder of compiled programs kept between runs (a second run with the "
-                        "same model and shapes skips most compiling), or off; "
-                        "JAX_COMPILATION_CACHE_DIR wins")
+                        "same model and shapes skips most compiling), e.g. ~/.cache/nanomoe/jax; "
+                        "JAX_COMPILATION_CACHE_DIR works too")
     g.add_argument("--mesh", default=None,
                    help="device mesh, e.g. data=2,fsdp=4 or data=2,expert=4 (axes data, fsdp, "
                         "expert; data takes the devices the others leave); default: every "

@@ -173,6 +173,7 @@ class JaxBackend:
     def _manager(self, log_dir: str):
         if self.manager is None:
             logging.getLogger("absl").addFilter(_QUIET)  # once; adding twice is a no-op
+            logging.getLogger("asyncio").addFilter(_QUIET_ASYNCIO)
             _quiet_closed_loops()
             self.manager = ckpt.manager(os.path.join(log_dir, ckpt.CHECKPOINTS),
                                         keep=self.args.keep_checkpoints)
@@ -242,6 +243,21 @@ class _OrbaxThreadErrors(logging.Filter):
 
 
 _QUIET = _OrbaxThreadErrors()
+
+
+class _UnretrievedWriteErrors(logging.Filter):
+    """asyncio logs each of orbax's failed write futures ("Future exception was never
+    retrieved") when it is collected, with a traceback; save()/finish() report the failure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None:  # asyncio passes the future in the message's context instead
+            error = getattr(record, "exception", None)
+        text = f"{record.getMessage()} {error!r}"
+        return not ("exception was never retrieved" in text and "Error writing" in text)
+
+
+_QUIET_ASYNCIO = _UnretrievedWriteErrors()
 
 
 def _quiet_closed_loops() -> None:

@@ -1,9 +1,11 @@
-"""The persistent compilation cache train.py turns on: a run whose programs were compiled
-before (same model, shapes, options, jax version) loads them from disk instead.
+"""The persistent compilation cache behind train.py's ``--compile_cache DIR``: a run whose
+programs were compiled before (same model, shapes, options, jax version) loads them from disk.
 
 On the CPU preset the first step fell from ~14-19 s to 3.6 s and a 20-step run from ~32-47 s to
 22 s (benchmarks/NOTES.md, "Compile cache"). Programs that compile in under a second are not
-written (jax's own threshold), so the cache holds the train, eval and sample steps only.
+written (jax's own threshold). Off by default: jax 0.10 writes an entry in place, so a full disk
+or quota can leave a truncated one, which every later run warns about (and recompiles) until
+the folder is deleted; a run's own files never depend on it.
 """
 
 from __future__ import annotations
@@ -11,9 +13,6 @@ from __future__ import annotations
 import os
 
 import jax
-
-DEFAULT_DIR = os.path.join("~", ".cache", "nanomoe", "jax")
-
 
 def enable(directory: str | None) -> str | None:
     """Use ``directory`` (``~`` expanded) as the cache; ``off`` disables it. An environment's

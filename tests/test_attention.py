@@ -48,6 +48,27 @@ def test_equals_dot_product_attention(N, K, dtype, tol):
         assert rel_err(a.astype(jnp.float32), b.astype(jnp.float32)) <= tol, name
 
 
+@pytest.mark.parametrize("T, block, max_blocks", [(24, 7, 8), (50, 8, 8), (40, 4, 3), (256, 64, 8)],
+                         ids=["4-even", "7-ragged", "capped-at-3", "default-256"])
+@pytest.mark.parametrize("N, K", [(4, 4), (4, 1)], ids=["mha", "mqa"])
+def test_query_blocks_equal_one_block(monkeypatch, T, block, max_blocks, N, K):
+    """Blocks of queries over their key prefixes: the same outputs and gradients as the
+    reference (fp32, 1e-5), for even, ragged and capped block layouts."""
+    import nanomoe_jax.attention as attention
+
+    monkeypatch.setattr(attention, "QUERY_BLOCK", block)
+    monkeypatch.setattr(attention, "MAX_BLOCKS", max_blocks)
+    ends = attention.query_block_ends(T)
+    assert len(ends) == min(max_blocks, -(-T // block)) > 1 and ends[-1] == T
+    assert all(b > a for a, b in zip([0] + ends, ends))
+    q, k, v, w = qkv(2, T, N, K, 8, jnp.float32, seed=T)
+    ref_out, ref_grads = value_and_grads("xla", q, k, v, w, 0.3)
+    out, grads = value_and_grads("custom_vjp", q, k, v, w, 0.3)
+    assert rel_err(out, ref_out) <= 1e-5
+    for a, b, name in zip(grads, ref_grads, "qkv"):
+        assert rel_err(a, b) <= 1e-5, name
+
+
 def test_causal_first_query_sees_only_itself():
     q, k, v, _ = qkv(1, 8, 2, 2, 8, jnp.float32)
     out = causal_attention(q, k, v, 1.0, "custom_vjp")
@@ -61,7 +82,10 @@ NGPT = nGPTConfig(n_layer=2, n_embd=32, n_head=4, block_size=32, vocab_size=96)
 
 
 @pytest.mark.parametrize("name", ["gpt", "gqa-gated", "mha-nobias-double", "moe-default", "ngpt"])
-def test_models_train_the_same_with_it(name):
+def test_models_train_the_same_with_it(monkeypatch, name):
+    import nanomoe_jax.attention as attention
+
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 5)  # T=16: blocks of 4, 4, 4, 4
     config = NGPT if name == "ngpt" else no_drop(ALL_CONFIGS[name])
     ref = random_torch_model(config, seed=2)
     g = np.random.default_rng(0)

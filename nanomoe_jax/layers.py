@@ -19,6 +19,7 @@ from flax import nnx
 from nanomoe.config import MOE_DISPATCH
 from nanomoe.rope import rope_table
 
+from .activations import gelu_tanh
 from .attention import causal_attention
 from .loss import tied_cross_entropy
 
@@ -195,7 +196,7 @@ class GeluMLP(nnx.Module):
         self.c_proj = linear(hidden, n_embd, opts, rngs, std=out_std)
 
     def __call__(self, x):
-        return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))
+        return self.c_proj(gelu_tanh(self.c_fc(x)))
 
 
 class GluMLP(nnx.Module):

@@ -14,8 +14,10 @@ What one *cell* measures (one model x one framework, in this process, on device 
 * ``torch`` / ``torch-compile``: the original's step (autocast bf16, backward, clip, AdamW;
   fused AdamW on CUDA), the model eager or wrapped in ``torch.compile`` as the original does.
 
-Batches are random tokens already on the device, so host input is not measured. Each step is
-followed by a device synchronisation; tokens/s is B*T over the median of the timed steps.
+Batches are random tokens already on the device, so host input is not measured. Steps run as
+train.py runs them: each is dispatched before the previous step's result is waited for (one
+step in flight; JAX and torch on CUDA overlap the host's dispatch with the device's work,
+torch on CPU runs in place); tokens/s is B*T over the median of the timed steps.
 MFU uses ``nanomoe.flops.flops_per_token`` (6 N_active + 12 L C T) against two peaks: a square
 matmul in the compute dtype measured in the same run (8192^3 bf16 on a GPU), and the bf16
 datasheet value where the device is known (``nanomoe.flops.PEAK_BF16``). Peak memory: JAX's

@@ -48,6 +48,24 @@ def timed_steps(step, sync, n_warmup: int, n_steps: int) -> list[float]:
     return times
 
 
+def pipelined_steps(step, wait, n_steps: int) -> list[float]:
+    """Step times as train.py runs its loop: each step is dispatched before the previous
+    step's result is waited for (its metrics are read one step late), so the host's dispatch
+    overlaps the device's work where a framework allows it (JAX; torch on CUDA). Time i is the
+    dispatch of step i plus the wait for step i-1, i.e. the steady-state period; one step
+    before the first is dispatched untimed and the last is waited for untimed."""
+    times = []
+    prev = step()
+    for _ in range(n_steps):
+        t0 = time.perf_counter()
+        cur = step()
+        wait(prev)
+        times.append(time.perf_counter() - t0)
+        prev = cur
+    wait(prev)
+    return times
+
+
 def measure_matmul_peak(n: int, dtype: str, frameworks: tuple[str, ...], reps: int = 10) -> dict:
     """FLOP/s of a square (n x n) @ (n x n) matmul in the run's compute dtype (bf16 on a GPU),
     in each framework: what this device reaches on the friendliest possible kernel, an MFU

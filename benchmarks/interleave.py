@@ -18,7 +18,7 @@ from nanomoe.config import config_from_dict
 from nanomoe.flops import active_params, flops_per_token
 
 from .configs import total_params
-from .env import timed_steps
+from .env import pipelined_steps, timed_steps
 from .timing import _free_memory, _is_oom, prepare_jax, prepare_torch
 
 
@@ -52,7 +52,7 @@ def run_interleaved(specs: list[dict], rounds: int) -> list[dict]:
             if "error" in cell["out"]:
                 continue
             try:
-                t = timed_steps(cell["step"], cell["sync"], 0, cell["spec"]["steps"])
+                t = pipelined_steps(cell["step"], cell["sync"], cell["spec"]["steps"])
             except Exception as e:  # noqa: BLE001
                 _error(cell["out"], e)
                 continue

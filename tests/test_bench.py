@@ -151,3 +151,20 @@ ENTRY %main (p0: f32[4,8]) -> (f32[4,8], s32[]) {
     shapes = hlo.hlo_shapes(hlo_text)
     assert shapes[("f32", (4, 8))] == 2 and shapes[("bf16", (2, 4, 8))] == 1
     assert shapes[("s32", ())] == 1
+
+
+def test_pipelined_steps_keep_one_step_in_flight():
+    """As train.py runs: step i is dispatched before step i-1 is waited for, every step is
+    waited for exactly once, and one time is returned per timed step."""
+    from benchmarks.env import pipelined_steps
+
+    log = []
+
+    def step():
+        log.append(("dispatch", sum(e[0] == "dispatch" for e in log)))
+        return log[-1][1]
+
+    times = pipelined_steps(step, lambda i: log.append(("wait", i)), 3)
+    assert len(times) == 3 and all(t >= 0 for t in times)
+    assert log == [("dispatch", 0), ("dispatch", 1), ("wait", 0), ("dispatch", 2), ("wait", 1),
+                   ("dispatch", 3), ("wait", 2), ("wait", 3)]

@@ -19,6 +19,7 @@ from flax import nnx
 from nanomoe.config import MOE_DISPATCH
 from nanomoe.rope import rope_table
 
+from . import norms
 from .activations import gelu_tanh
 from .attention import causal_attention
 from .loss import tied_cross_entropy
@@ -84,13 +85,13 @@ def linear(n_in: int, n_out: int, opts: Options, rngs: nnx.Rngs, *, bias: bool =
 
 # Norms compute and return fp32 (the next matmul casts to ``dtype``), as under autocast.
 def rms_norm(dim: int, opts: Options, rngs: nnx.Rngs) -> nnx.RMSNorm:
-    return nnx.RMSNorm(dim, epsilon=1e-5, dtype=jnp.float32, param_dtype=opts.param_dtype,
-                       rngs=rngs)
+    return norms.RMSNorm(dim, epsilon=1e-5, dtype=jnp.float32, param_dtype=opts.param_dtype,
+                           rngs=rngs)
 
 
 def layer_norm(dim: int, opts: Options, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(dim, epsilon=1e-5, dtype=jnp.float32, param_dtype=opts.param_dtype,
-                         rngs=rngs)
+    return norms.LayerNorm(dim, epsilon=1e-5, dtype=jnp.float32, param_dtype=opts.param_dtype,
+                           rngs=rngs)
 
 
 def embed(n: int, dim: int, opts: Options, rngs: nnx.Rngs) -> nnx.Embed:

@@ -1,11 +1,12 @@
-"""GPT-2's tanh GELU with a one-pass backward.
+"""GPT-2's tanh GELU and the experts' relu^2, each with a one-pass backward.
 
 ``jax.nn.gelu(x, approximate=True)`` under autodiff saves ``tanh(...)`` beside ``x`` and
 spends two more elementwise passes on the backward; here only ``x`` is saved and the
 derivative is one fused pass that recomputes the tanh (cheaper than reading a saved array on
 a CPU, where these passes are memory-bound): the GPT CPU quick-start step ran ~4 % faster
-(benchmarks/NOTES.md). Same function as torch's ``F.gelu(x, approximate="tanh")``, which also computes bf16 inputs
-in fp32.
+(benchmarks/NOTES.md). Same function as torch's ``F.gelu(x, approximate="tanh")``, which
+also computes bf16 inputs in fp32. ``relu_squared`` saves relu(x) only (the MoE plan's peak
+fell 0.3-0.4 GiB).
 """
 
 from __future__ import annotations
@@ -43,3 +44,22 @@ def _backward(x, g):
 
 
 gelu_tanh.defvjp(_forward, _backward)
+
+
+@jax.custom_vjp
+def relu_squared(x: jax.Array) -> jax.Array:
+    """relu(x)^2, the experts' activation. Saves relu(x) only; the backward 2 relu(x) g is one
+    pass (relu(x) is 0 exactly where the derivative is)."""
+    return jnp.square(jax.nn.relu(x))
+
+
+def _relu2_forward(x):
+    r = jax.nn.relu(x)
+    return jnp.square(r), r
+
+
+def _relu2_backward(r, g):
+    return ((2.0 * r * g).astype(r.dtype),)
+
+
+relu_squared.defvjp(_relu2_forward, _relu2_backward)

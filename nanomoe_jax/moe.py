@@ -28,6 +28,7 @@ from flax import nnx
 
 from nanomoe.config import MoeGPTConfig
 
+from .activations import relu_squared
 from .grouped import pick_tile, tile_layout, tiled_matmul
 from .layers import Options, linear, normal
 
@@ -81,7 +82,7 @@ def route(logits_NE: jax.Array, c: MoeGPTConfig) -> Routing:
 
 def expert_ffn(x_GMC, w1_GHC, b1_GH, w2_GCH, b2_GC):
     """G experts on their own rows: ``relu(x W1^T + b1)^2 W2^T + b2`` (compute dtype)."""
-    h_GMH = jax.nn.relu(jnp.einsum("gmc,ghc->gmh", x_GMC, w1_GHC) + b1_GH[:, None]) ** 2
+    h_GMH = relu_squared(jnp.einsum("gmc,ghc->gmh", x_GMC, w1_GHC) + b1_GH[:, None])
     return jnp.einsum("gmh,gch->gmc", h_GMH, w2_GCH) + b2_GC[:, None]
 
 
@@ -163,7 +164,7 @@ def shared_experts(x_NC, gates_NS, w) -> jax.Array:
     w1_SHC, b1_SH, w2_SCH, b2_SC = w
     if w1_SHC.shape[0] == 0:
         return jnp.zeros(x_NC.shape, f32)
-    h_NSH = jax.nn.relu(jnp.einsum("nc,shc->nsh", x_NC, w1_SHC) + b1_SH) ** 2
+    h_NSH = relu_squared(jnp.einsum("nc,shc->nsh", x_NC, w1_SHC) + b1_SH)
     hg_NSH = (h_NSH.astype(f32) * gates_NS[..., None]).astype(x_NC.dtype)
     return (jnp.einsum("nsh,sch->nc", hg_NSH, w2_SCH).astype(f32)
             + gates_NS @ b2_SC.astype(f32))
@@ -227,7 +228,7 @@ def ragged_dispatch(x_NC, r: Routing, w) -> jax.Array:
     s = sort_assignments(r.top_idx_NK, w1_RHC.shape[0])
     x_AC = x_NC[s.token_sorted_A]
     h_AH = jax.lax.ragged_dot(x_AC, w1_RHC.transpose(0, 2, 1), s.counts_R) + b1_RH[s.expert_sorted_A]
-    h_AH = jax.nn.relu(h_AH) ** 2
+    h_AH = relu_squared(h_AH)
     y_AC = jax.lax.ragged_dot(h_AH, w2_RCH.transpose(0, 2, 1), s.counts_R) + b2_RC[s.expert_sorted_A]
     y_NKC = y_AC[s.rank_A].astype(f32).reshape(N, K, -1)
     return jnp.einsum("nk,nkc->nc", r.top_gates_NK, y_NKC)
@@ -246,7 +247,7 @@ def grouped_dispatch(x_NC, r: Routing, w, tile: int | None = None) -> jax.Array:
     x_PC = jnp.where(filled_P[:, None], x_NC[s.token_sorted_A[jnp.maximum(lay.src_P, 0)]], 0)
     x_nMC = x_PC.reshape(-1, tile, C).astype(x_NC.dtype)
     g_n = lay.tile_expert_n
-    h_nMH = jax.nn.relu(tiled_matmul(x_nMC, w1_RHC, g_n) + b1_RH[g_n][:, None]) ** 2
+    h_nMH = relu_squared(tiled_matmul(x_nMC, w1_RHC, g_n) + b1_RH[g_n][:, None])
     y_nMC = tiled_matmul(h_nMH, w2_RCH, g_n) + b2_RC[g_n][:, None]
     y_AC = y_nMC.reshape(-1, C)[lay.dest_A]                 # back to the sorted order
     y_NKC = y_AC[s.rank_A].astype(f32).reshape(N, K, C)

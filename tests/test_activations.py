@@ -1,6 +1,7 @@
 """gelu_tanh (nanomoe_jax/activations.py): value and gradient equal torch's
 F.gelu(approximate="tanh") in fp32 and bf16 (where both compute in fp32), and
-jax.nn.gelu(approximate=True) in fp32, on random inputs that reach both tails."""
+jax.nn.gelu(approximate=True) in fp32, on random inputs that reach both tails; relu_squared
+equals torch's F.relu(x) ** 2."""
 
 from __future__ import annotations
 
@@ -47,3 +48,23 @@ def test_equals_torch_and_jax(dtype, tol):
         close(dx, dx_ref)
     close(y, yt.detach().float().numpy())
     close(dx, xt.grad.numpy())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_relu_squared_equals_torch(dtype):
+    """relu(x)^2 and its gradient 2 relu(x) g, exactly as torch computes them (zero at and
+    below 0, the experts' activation)."""
+    from nanomoe_jax.activations import relu_squared
+
+    x, w = inputs(dtype)
+    y = jax.jit(relu_squared)(x)
+    dx = jax.jit(jax.grad(lambda x: jnp.sum(relu_squared(x).astype(jnp.float32) * w)))(x)
+    assert y.dtype == dx.dtype == x.dtype
+    tdtype = torch.bfloat16 if dtype == jnp.bfloat16 else torch.float32
+    xt = torch.tensor(np.asarray(x, np.float32)).to(tdtype).requires_grad_()
+    yt = F.relu(xt) ** 2
+    (yt.float() * torch.tensor(np.asarray(w))).sum().backward()
+    np.testing.assert_array_equal(np.asarray(y, np.float32), yt.detach().float().numpy())
+    np.testing.assert_allclose(np.asarray(dx, np.float32), xt.grad.float().numpy(),
+                               rtol=1e-6 if dtype == jnp.float32 else 8e-3, atol=0)
+    assert np.all(np.asarray(dx, np.float32)[np.asarray(x, np.float32) <= 0] == 0)

@@ -15,8 +15,9 @@ is the same math with a VJP written for few passes over the (B, heads, T, T) sco
 
 XLA's autodiff of the reference makes about four such passes each way plus layout copies: on 2
 CPU cores the attention's forward and backward ran ~3x faster at T=256 and ~1.5x at T=64
-(benchmarks/NOTES.md, "Attention with its own VJP"). Memory is the reference's (one (T, T)
-array per layer saved). Grouped-query attention: query head j reads key/value head j // G.
+(benchmarks/NOTES.md, "Attention with its own VJP"). Memory: the blocks' probabilities are
+saved, at most one (T, T) array per layer. Grouped-query attention: query head j reads
+key/value head j // G.
 """
 
 from __future__ import annotations

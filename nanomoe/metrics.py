@@ -6,7 +6,6 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Any
 
 
@@ -42,7 +41,6 @@ class MetricsLogger:
         self.path = os.path.join(log_dir, "metrics.jsonl")
         self.plot_path = os.path.join(log_dir, "loss.png")
         self.max_steps, self.start_step = max_steps, start_step
-        self.t_start = time.time()
         self.records: list[dict] = []
         self.wandb = None
         if not enabled:
@@ -74,22 +72,25 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
-    def progress(self, record: dict[str, Any]) -> None:
-        """One line per step: step, loss, lr, tokens/s, MFU, ETA."""
+    def progress(self, record: dict[str, Any], eta: float | None = None,
+                 first: str | None = None) -> None:
+        """One line per step: step, loss, lr, then time, tokens/s, MFU (with a known device
+        peak) and ETA; ``first`` instead names what the first step's time includes
+        ("compiling"), shown once, since a rate or ETA extrapolated from it is wrong by 100x."""
         if not self.enabled:
             return
-        step = record["step"]
-        done = step + 1 - self.start_step
-        elapsed = time.time() - self.t_start
-        eta = elapsed / max(done, 1) * (self.max_steps - step - 1)
-        parts = [f"step {step:5d}/{self.max_steps}", f"loss {record['loss']:.4f}"]
+        parts = [f"step {record['step']:5d}/{self.max_steps}", f"loss {record['loss']:.4f}"]
         if "moe_loss" in record:
             parts.append(f"(ce {record['ce_loss']:.4f} moe {record['moe_loss']:.3f})")
-        parts += [f"lr {record['lr']:.2e}", f"norm {record['grad_norm']:.3f}",
-                  f"{record['dt_ms']:.0f} ms", f"{record['tokens_per_sec']:,.0f} tok/s"]
-        if record.get("mfu") is not None:
-            parts.append(f"mfu {100 * record['mfu']:.1f}%")
-        parts.append(f"eta {_fmt_time(eta)}")
+        parts += [f"lr {record['lr']:.2e}", f"norm {record['grad_norm']:.3f}"]
+        if first:
+            parts.append(f"{first}: {record['dt_ms'] / 1000:.1f} s")
+        else:
+            parts += [f"{record['dt_ms']:.0f} ms", f"{record['tokens_per_sec']:,.0f} tok/s"]
+            if record.get("mfu") is not None:
+                parts.append(f"mfu {100 * record['mfu']:.1f}%")
+            if eta is not None:
+                parts.append(f"eta {_fmt_time(eta)}")
         print(" | ".join(parts), flush=True)
 
     def plot(self) -> None:

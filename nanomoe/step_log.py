@@ -1,6 +1,12 @@
 """Each training step's metrics, read one step late (the device already runs the next step),
 logged with time, throughput and MFU; steps the backend refused as non-finite are counted and
-stop the run past --skip_nonfinite."""
+stop the run past --skip_nonfinite.
+
+The first step a process runs also pays for compiling (JAX: the step and the first eval, tens
+of seconds on a CPU) and the first eval; extrapolated, it predicted hours for a 3-minute run.
+So its progress line says so and shows that time once, and the ETA comes only from the steps
+after it (StepTimer). Tests drive it with a fake clock through CLOCK.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,41 @@ from typing import Any
 
 from .errors import NonFiniteError
 
+# What StepLog reads the time from; a test replaces it with a fake clock.
+CLOCK = time.monotonic
+
+
+class StepTimer:
+    """Step times, and an ETA from the steps after the first one this process ran.
+
+    The ETA is the mean time per step since the end of that first step, times the steps left:
+    a mean (not the last step's time) so the periodic evals and checkpoints, which land inside
+    some steps' times, count in proportion once one has been seen. It counts down to the last
+    step; the final eval, export and sample come after it.
+    """
+
+    def __init__(self, clock=None):
+        self.clock = clock or CLOCK
+        self.t_last = self.clock()
+        self.t_first_done: float | None = None  # when the first step's metrics were read
+        self.after_first = 0  # steps timed since then
+
+    def tick(self) -> tuple[float, bool]:
+        """Seconds since the previous step was read, and whether this was the first step."""
+        now = self.clock()
+        dt, self.t_last = now - self.t_last, now
+        if self.t_first_done is None:
+            self.t_first_done = now
+            return dt, True
+        self.after_first += 1
+        return dt, False
+
+    def eta(self, steps_left: int) -> float | None:
+        """Seconds left for steps_left more steps; None until a step after the first is timed."""
+        if not self.after_first:
+            return None
+        return (self.t_last - self.t_first_done) / self.after_first * steps_left
+
 
 class StepLog:
     def __init__(self, args, backend, logger, losses: dict, start_step: int,
@@ -16,7 +57,11 @@ class StepLog:
         self.args, self.backend, self.logger, self.losses = args, backend, logger, losses
         self.flops_per_step, self.peak = flops_per_step, peak
         self.pending: tuple[int, Any, float] | None = None  # (step, handle, lr) not yet read
-        self.t_last = time.time()
+        self.timer = StepTimer()
+        # jax compiles the step at its first call; torch on CPU runs eagerly (the first step
+        # only warms caches), on CUDA through torch.compile
+        compiles = backend.name == "jax" or getattr(backend, "has_accelerator", False)
+        self.first_label = "compiling" if compiles else "first step"
         self.skipped = 0
         self.last_good = f"step {start_step} in {args.log_dir}" if start_step else None
 
@@ -40,13 +85,12 @@ class StepLog:
             print(f"step {step}: non-finite loss or gradient, step skipped "
                   f"({self.skipped}/{args.skip_nonfinite})", flush=True)
         metrics["skipped_steps"] = self.skipped
-        now = time.time()
-        dt = now - self.t_last
-        self.t_last = now
+        dt, first = self.timer.tick()
         record = {"step": step, **metrics, "lr": lr, "dt_ms": 1000 * dt,
                   "tokens_per_sec": args.total_batch_size / dt}
         if self.peak:
             record["mfu"] = self.flops_per_step / dt / self.peak
         self.losses[step] = metrics["loss"]
         self.logger.log(record)
-        self.logger.progress(record)
+        self.logger.progress(record, eta=self.timer.eta(args.max_steps - step - 1),
+                             first=self.first_label if first else None)

@@ -1,0 +1,150 @@
+"""What a newcomer sees in the first hour (issue 25): progress lines that do not extrapolate
+the first step's compile time, the end-of-run hints and messages."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from nanomoe import metrics, step_log, train_loop
+
+TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400))
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeBackend:
+    """Times like JAX on a CPU, on a fake clock: the first train_step and the first eval
+    compile, steps run asynchronously (dispatch returns, fetch waits for the device)."""
+
+    name, has_accelerator, async_dispatch = "jax", False, True
+    device_name, process_index, process_count = "cpu", 0, 1
+
+    def __init__(self, clock, compile_s=90.0, step_s=0.5, eval_s=3.0, eval_compile_s=8.0):
+        self.clock, self.compile_s, self.step_s = clock, compile_s, step_s
+        self.eval_s, self.eval_compile_s = eval_s, eval_compile_s
+        self.device_free = 0.0  # when the fake device finishes what it was given
+        self.steps = self.evals = 0
+
+    def setup(self, config, args):
+        self.vocab = config.vocab_size
+
+    def train_step(self, x, y, lr):
+        if self.steps == 0:
+            self.clock.now += self.compile_s  # tracing and compiling block the caller
+        self.steps += 1
+        self.device_free = max(self.device_free, self.clock.now) + self.step_s
+        return self.device_free
+
+    def fetch(self, done_at):
+        self.clock.now = max(self.clock.now, done_at)
+        return {"loss": 3.0, "ce_loss": 3.0, "grad_norm": 1.0}
+
+    def evaluate(self, batches):
+        self.clock.now = max(self.clock.now, self.device_free)
+        self.clock.now += self.eval_s + (self.eval_compile_s if self.evals == 0 else 0)
+        self.evals += 1
+        return {"loss": 3.0, "tokens": 1}
+
+    def sample(self, prompt, n_tokens, top_k, temperature, seed):
+        return [65] * n_tokens
+
+    def latest_checkpoint(self, log_dir):
+        return None
+
+    def save(self, log_dir, step, meta):
+        self.clock.now += 0.2
+
+    def export_final(self, path, step):
+        pass
+
+    def finish(self):
+        pass
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return str(path)
+
+
+def run_with_fake_clock(monkeypatch, text_file, log_dir, steps, **timing):
+    clock = FakeClock()
+    monkeypatch.setattr(step_log, "CLOCK", clock)
+    shown = []  # (clock at the print, step, eta, first) per progress line
+    progress = metrics.MetricsLogger.progress
+
+    def spy(self, record, eta=None, first=None):
+        shown.append((clock.now, record["step"], eta, first))
+        progress(self, record, eta=eta, first=first)
+
+    monkeypatch.setattr(metrics.MetricsLogger, "progress", spy)
+    argv = ["--framework", "jax", "--model", "gpt", "--n_layer", "1", "--n_embd", "32",
+            "--n_head", "2", "--block_size", "32", "--data", text_file, "--log_dir", str(log_dir),
+            "--B", "2", "--T", "16", "--total_batch_size", "64", "--max_steps", str(steps),
+            "--warmup_steps", "1", "--eval_interval", "25", "--eval_steps", "1",
+            "--ckpt_interval", "50", "--sample_tokens", "2"]
+    train_loop.run(argv, FakeBackend(clock, **timing))
+    return shown
+
+
+@pytest.mark.parametrize("steps,timing", [
+    (200, {}),                                   # the CPU preset: compiling >> a step
+    (10, {"compile_s": 20.0, "step_s": 0.4}),     # a short run ("eta 16:21 for 10 steps")
+    (120, {"step_s": 0.05, "eval_s": 0.6}),       # evals a third of the time
+])
+def test_eta_is_within_2x_of_the_time_left_from_step_2(monkeypatch, tmp_path, text_file, capsys,
+                                                       steps, timing):
+    shown = run_with_fake_clock(monkeypatch, text_file, tmp_path / "log", steps, **timing)
+    out = capsys.readouterr().out
+    lines = [x for x in out.splitlines() if re.match(r"step +\d+/", x)]
+    assert [s for _, s, _, _ in shown] == list(range(steps)) and len(lines) == steps
+    # the first line names the compile and its time, once, and extrapolates nothing
+    assert re.search(r"\| compiling: \d+\.\d s$", lines[0]), lines[0]
+    assert "tok/s" not in lines[0] and "eta" not in lines[0] and " ms" not in lines[0]
+    assert sum("compiling" in x for x in lines) == 1
+    assert all("tok/s" in x and "eta" in x for x in lines[1:])
+    # the ETA counts down to the last step's metrics (the final eval and sample follow); it
+    # learns what evals cost from the steps that contain one, so it holds while evals take
+    # less time than the steps (not when they dominate: then it is low until the first)
+    end = shown[-1][0]
+    for now, step, eta, _ in shown[2:]:
+        left = end - now
+        assert left / 2 - 1e-9 <= eta <= 2 * left + 1e-9, (step, eta, left)
+
+
+def test_a_torch_cpu_run_calls_its_first_step_no_compile(monkeypatch, tmp_path, text_file, capsys):
+    class EagerBackend(FakeBackend):
+        name = "torch"
+
+    clock = FakeClock()
+    monkeypatch.setattr(step_log, "CLOCK", clock)
+    train_loop.run(["--framework", "torch", "--model", "gpt", "--n_layer", "1", "--n_embd", "32",
+                    "--n_head", "2", "--block_size", "32", "--data", text_file, "--log_dir",
+                    str(tmp_path / "log"), "--B", "2", "--T", "16", "--total_batch_size", "64",
+                    "--max_steps", "3", "--eval_steps", "1", "--sample_tokens", "2"],
+                   EagerBackend(clock, compile_s=0.0))
+    out = capsys.readouterr().out
+    assert "first step: " in out and "compiling" not in out
+
+
+def test_timer_without_later_steps_gives_no_eta():
+    clock = FakeClock()
+    timer = step_log.StepTimer(clock)
+    clock.now += 50
+    assert timer.tick() == (50, True) and timer.eta(10) is None
+    clock.now += 2
+    assert timer.tick() == (2, False) and timer.eta(10) == 20
+    clock.now += 4
+    timer.tick()
+    assert timer.eta(3) == pytest.approx(9)  # the mean of 2 and 4, not the first step's 50
+    assert np.isclose(timer.eta(0), 0)

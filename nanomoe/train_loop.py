@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from . import failures, run_dir
+from . import data_fingerprint, failures, run_dir
 from .cli import build_config, parse_args
 from .config import ModelConfig, config_to_dict
 from .errors import TrainError  # noqa: F401 - re-exported: its home was this module
@@ -83,7 +83,8 @@ def _run(args, argv, backend: Backend, stop_signal: list[str], lock: run_dir.Loc
     run_info = {"model_type": args.model, "config": config_to_dict(config),
                 "framework": backend.name,
                 "tokenizer": tokenizer.name if tokenizer else args.tokenizer or "gpt2",
-                "flags": run_dir.compute_flags(args)}
+                "flags": run_dir.compute_flags(args),
+                "data_files": data_fingerprint.fingerprints(args.data)}
     leader = backend.process_index == 0
     setup.check_run_folder(args, run_info, lock, leader, config, backend)
     hellaswag_file = setup.find_hellaswag(args, tokenizer)
@@ -120,6 +121,7 @@ def _train(r: Run, train_loader, start_step: int, grad_accum: int,
     summary: dict[str, Any] = {"losses": {}, "interrupted": None}
     steps = StepLog(args, backend, r.logger, summary["losses"], start_step, flops_per_step, peak)
     nan_step = int(os.environ.get(NAN_HOOK, -1))
+    done = start_step  # steps done (the step printed last is done - 1)
     try:
         for step in range(start_step, args.max_steps):
             if step % args.eval_interval == 0:
@@ -148,11 +150,13 @@ def _train(r: Run, train_loader, start_step: int, grad_accum: int,
     finally:
         prefetch.close()
     if summary["interrupted"]:
-        print(f"Stopped by {summary['interrupted']} after step {done}; the checkpoint is saved. "
+        print(f"Stopped by {summary['interrupted']} after {done} steps (the last printed: step "
+              f"{done - 1}); the checkpoint is saved. "
               f"Continue with the same command plus --resume.", flush=True)
         return close_run(r, summary)
     if args.stop_at is not None and args.stop_at < args.max_steps:
-        print(f"Stopped after step {args.stop_at} as asked; continue with the same flags and "
+        print(f"Stopped after {done} steps as asked (the last printed: step {done - 1}); "
+              "continue with the same flags and "
               "--resume.", flush=True)
         return close_run(r, summary)
     return finish_run(r, summary, start_step)

@@ -148,3 +148,17 @@ def test_timer_without_later_steps_gives_no_eta():
     timer.tick()
     assert timer.eta(3) == pytest.approx(9)  # the mean of 2 and 4, not the first step's 50
     assert np.isclose(timer.eta(0), 0)
+
+
+def test_stop_at_names_the_last_step_printed(monkeypatch, tmp_path, text_file, capsys):
+    clock = FakeClock()
+    monkeypatch.setattr(step_log, "CLOCK", clock)
+    train_loop.run(["--framework", "jax", "--model", "gpt", "--n_layer", "1", "--n_embd", "32",
+                    "--n_head", "2", "--block_size", "32", "--data", text_file, "--log_dir",
+                    str(tmp_path / "stop"), "--B", "2", "--T", "16", "--total_batch_size", "64",
+                    "--max_steps", "10", "--stop_at", "5", "--eval_steps", "1"],
+                   FakeBackend(clock, compile_s=1.0))
+    out = capsys.readouterr().out.splitlines()
+    printed = [x for x in out if re.match(r"step +\d+/", x)]
+    assert printed[-1].startswith("step     4/10")
+    assert "Stopped after 5 steps as asked (the last printed: step 4)" in out[-1]

@@ -18,6 +18,7 @@ from nanomoe.errors import ConversionError, NanoMoeError
 
 from .checkpoints import Log, from_torch, is_pretrained_folder, load_source, to_torch
 from .hf import from_hf, to_hf
+from .hf_folder import verified_copy
 from .pt_files import read_config_json
 from .remote_code import check_remote_code, remote_model_of
 
@@ -53,22 +54,24 @@ def load_runner(path: str, log: Log = print) -> Runner:
     import torch
 
     if os.path.isdir(path) and _hf_model_type(path) and not is_pretrained_folder(path):
-        import copy
-
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, GenerationConfig
 
         config_json = read_config_json(path)
         # Remote code runs on loading: only a folder whose code is byte-identical to what
-        # to-hf writes now (checked first) is loaded with it; any other folder never is.
-        remote = remote_model_of(config_json) is not None
-        if remote:
+        # to-hf writes now (checked first) is loaded with it, and transformers sees only a
+        # verified copy holding config, code and weights (no custom_generate, adapters, ...)
+        spec = remote_model_of(config_json)
+        if spec is not None:
             check_remote_code(path, config_json)
-        try:
-            hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
-                                                      trust_remote_code=remote).float().eval()
-        except Exception as e:  # noqa: BLE001
-            raise ConversionError(f"{path}: transformers could not load it "
-                                  f"({type(e).__name__})") from None
+        with verified_copy(path, spec) as copy:
+            try:
+                hf = AutoModelForCausalLM.from_pretrained(
+                    copy, local_files_only=True, trust_remote_code=spec is not None
+                ).float().eval()
+            except Exception as e:  # noqa: BLE001
+                raise ConversionError(f"{path}: transformers could not load it "
+                                      f"({type(e).__name__})") from None
+        remote = spec is not None
         cfg = hf.config
         block = getattr(cfg, "n_positions", None) or cfg.max_position_embeddings
 
@@ -77,8 +80,10 @@ def load_runner(path: str, log: Log = print) -> Runner:
                 return hf(torch.tensor([ids])).logits[0].double().numpy()
 
         def hf_greedy(ids, n):
-            gc = copy.deepcopy(hf.generation_config)  # no early stop at an end-of-text token
-            gc.update(eos_token_id=None, do_sample=False, max_new_tokens=n, max_length=None)
+            # a fresh config, not the folder's: greedy, no early stop at an end-of-text
+            # token, nothing a generation_config.json could add (a decoding mode on the hub)
+            gc = GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None,
+                                  pad_token_id=hf.generation_config.pad_token_id)
             ids_t = torch.tensor([ids])
             with torch.no_grad():
                 out = hf.generate(ids_t, attention_mask=torch.ones_like(ids_t),

@@ -25,7 +25,9 @@ from nanomoe.init import param_specs
 
 from .checkpoints import (Log, Source, atomic_output, check_arrays, check_output, load_source,
                           save_jax)
+from .hf_folder import verified_copy
 from .pt_files import read_config_json
+from .remote_code import remote_model_of
 from .remote_export import has_remote_export, write_remote_folder
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -190,46 +192,76 @@ def to_hf(ckpt: str, out: str, force: bool = False, model: str | None = None,
     return out
 
 
-def from_hf(name_or_dir: str, out: str, force: bool = False, log: Log = print) -> str:
-    """Hugging Face GPT-2 weights (a local folder, or a hub name when the hub is reachable)
-    -> a JAX checkpoint of our GPT (vocab and block_size from the GPT-2 config)."""
-    import torch
-    from transformers import AutoConfig, GPT2LMHeadModel
+def _download(name: str) -> str:
+    """A hub model's config.json and safetensors weights (nothing else: no code, no pickles)
+    in the hub's cache; the folder they are in."""
+    from huggingface_hub import snapshot_download
 
-    check_output(out, force, [name_or_dir], "jax")
-    local = os.path.exists(name_or_dir)
-    if local and read_config_json(name_or_dir) is None:  # also: config.json that is not JSON
-        raise ConversionError(f"{name_or_dir}: not a Hugging Face model folder (no config.json)")
     try:
-        hf_config = AutoConfig.from_pretrained(name_or_dir, local_files_only=local,
-                                               trust_remote_code=False)  # no code from a folder
-    except Exception as e:  # noqa: BLE001 - offline, unknown name, bad config: one message
-        if local:
-            detail = (str(e).splitlines() or [""])[0][:160]
-            raise ConversionError(f"{name_or_dir}/config.json: transformers could not read it "
-                                  f"({type(e).__name__}: {detail})") from None
-        raise ConversionError(f"could not get {name_or_dir!r} ({type(e).__name__}): it is not a "
+        return snapshot_download(name, allow_patterns=list(HUB_FILES))
+    except Exception as e:  # noqa: BLE001 - offline, unknown name, bad name: one message
+        raise ConversionError(f"could not get {name!r} ({type(e).__name__}): it is not a "
                               "local folder and the Hugging Face hub did not provide it; "
                               "pass a folder holding config.json and the weights") from None
-    if hf_config.model_type != "gpt2":
-        raise ConversionError(f"{name_or_dir} holds a {hf_config.model_type!r} model; from-hf "
-                              "imports GPT-2 (GPT2LMHeadModel) weights only")
-    bad = gpt2_unsupported(hf_config)
-    if bad:
-        raise ConversionError(f"{name_or_dir}: our GPT cannot express this GPT-2 config "
-                              f"({', '.join(bad)})")
-    try:
-        hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir, local_files_only=local,
-                                                   trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001
-        raise ConversionError(f"could not load the weights of {name_or_dir!r} "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+HUB_FILES = ("config.json", "model.safetensors", "model-*.safetensors",
+             "model.safetensors.index.json")
+
+
+def from_hf(name_or_dir: str, out: str, force: bool = False, log: Log = print) -> str:
+    """Hugging Face GPT-2 weights (a local folder, or a hub name when the hub is reachable)
+    -> a JAX checkpoint of our GPT (vocab and block_size from the GPT-2 config).
+
+    transformers reads only a verified copy of the folder (see hf_folder.py): nothing in the
+    folder can run code."""
+    check_output(out, force, [name_or_dir], "jax")
+    local = os.path.lexists(name_or_dir)
+    folder = name_or_dir if local else _download(name_or_dir)
+    config_json = read_config_json(folder)  # also: config.json that is not JSON
+    if config_json is None:
+        raise ConversionError(f"{name_or_dir}: not a Hugging Face model folder (no config.json)")
+    if remote_model_of(config_json):  # one of our remote-code exports: say what it is
+        raise ConversionError(f"{name_or_dir} holds a {config_json['model_type']!r} model; "
+                              "from-hf imports GPT-2 (GPT2LMHeadModel) weights only")
+    with verified_copy(folder) as copy:
+        hf_config, hf_model = _load_gpt2(copy, name_or_dir)
     c = GPTConfig(block_size=hf_config.n_positions, vocab_size=hf_config.vocab_size,
                   n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd)
-    state = {k: v.detach().to(torch.float32).numpy() for k, v in hf_model.state_dict().items()}
+    state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
     arrays = gpt2_state_dict({k: state[k] for k in param_specs(c) if k in state})
     source = Source(c, check_arrays(c, arrays, name_or_dir), 0,
                     {"tokenizer": "gpt2"} if _eot(c.vocab_size) else {})
     step_folder = save_jax(source, out, force, {"source": name_or_dir})
     log(f"wrote {step_folder}: GPT {c}")
     return out
+
+
+def _load_gpt2(copy: str, name: str):
+    """(GPT2Config, GPT2LMHeadModel) from the verified ``copy`` of ``name``; never remote
+    code, never a hub kernel (eager attention: only the weights are taken)."""
+    from transformers import AutoConfig, GPT2LMHeadModel
+
+    try:
+        hf_config = AutoConfig.from_pretrained(copy, local_files_only=True,
+                                               trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - a config transformers rejects: one message
+        detail = (str(e).splitlines() or [""])[0][:160].replace(copy, name)
+        raise ConversionError(f"{name}/config.json: transformers could not read it "
+                              f"({type(e).__name__}: {detail})") from None
+    if hf_config.model_type != "gpt2":
+        raise ConversionError(f"{name} holds a {hf_config.model_type!r} model; from-hf "
+                              "imports GPT-2 (GPT2LMHeadModel) weights only")
+    bad = gpt2_unsupported(hf_config)
+    if bad:
+        raise ConversionError(f"{name}: our GPT cannot express this GPT-2 config "
+                              f"({', '.join(bad)})")
+    try:
+        hf_model = GPT2LMHeadModel.from_pretrained(copy, local_files_only=True,
+                                                   trust_remote_code=False,
+                                                   attn_implementation="eager")
+    except Exception as e:  # noqa: BLE001
+        detail = (str(e).splitlines() or [""])[0][:200].replace(copy, name)
+        raise ConversionError(f"could not load the weights of {name!r} "
+                              f"({type(e).__name__}: {detail})") from None
+    return hf_config, hf_model

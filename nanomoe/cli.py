@@ -10,6 +10,7 @@ import types
 import typing
 
 from .config import MODEL_CONFIGS, ModelConfig
+from .config_checks import check_config
 from .errors import ConfigError
 from .loader import DATA_ORDERS
 
@@ -272,4 +273,6 @@ def build_config(args: argparse.Namespace, vocab_size: int | None) -> ModelConfi
     fields.update(given)
     if "seed" in known:
         fields["seed"] = args.seed
-    return cls(**fields)
+    config = cls(**fields)
+    check_config(config)  # the sizes and scales this project can build, by flag name
+    return config

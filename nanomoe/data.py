@@ -16,12 +16,12 @@ same way afterwards. Binary shards are memory-mapped, never loaded whole.
 * nothing (``data=None``): the Python standard library's own source as text, so that training
   works on any CPython without a download.
 
-``data`` may be a folder, a single file or a glob pattern (``"fineweb10B/fineweb_train_*.bin"``).
+``data`` is a folder or a single file, taken literally (``[``, ``*`` and ``?`` are characters of
+the name, not a pattern); for modded-nanogpt's ``fineweb_train_*.bin`` give their folder.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import sysconfig
 from dataclasses import dataclass, field
@@ -207,15 +207,14 @@ def _regular(files: list[Path]) -> list[Path]:
 
 
 def _candidate_files(data: str) -> list[Path]:
-    if any(c in data for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(data) if not os.path.isdir(p))
-        if not files:
-            raise DataError(f"no file matches {data}: check the pattern")
-        return _regular(files)
+    # A path is read as written, never expanded as a pattern: --data 'book[1].txt' must not
+    # train on book1.txt (and run.json records the path it was given).
     path = Path(data)
     if not path.exists():
-        raise DataError(f"data path {data} does not exist: give a folder of token shards, a "
-                        "text file, or no --data for the built-in corpus")
+        pattern = " (paths are not expanded as patterns)" if any(c in data for c in "*?[") \
+            else ""
+        raise DataError(f"data path {data} does not exist{pattern}: give a folder of token "
+                        "shards, a text file, or no --data for the built-in corpus")
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if not p.is_dir())
         if not files:

@@ -1,18 +1,16 @@
-"""How a run meets failure: signals before the first step, memory that cannot suffice, and
+"""How a run meets failure: signals before the first step, memory that runs out, and
 the one sentence (exit 2, no traceback) that every explainable error becomes."""
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
 from typing import Any
 
-import numpy as np
-
 from .atomic import describe, write_advice
 from .errors import NanoMoeError
-from .init import param_specs
 
 
 class Interrupted(NanoMoeError):
@@ -43,26 +41,23 @@ def catch_stop_signals(caught: list[str] | None = None) -> tuple[list[str], Any]
     return caught, restore
 
 
-def check_host_memory(config) -> None:
-    """On a CPU host, refuse a model whose weights and AdamW state alone exceed the memory
-    that is free, before allocating any of it (the OS would otherwise kill the run)."""
-    need = 20 * sum(int(np.prod(s.shape)) for s in param_specs(config).values())
-    free = available_memory()
-    if free is not None and need > free:  # init copy, weights, 2 moments, gradients: fp32
-        raise NanoMoeError(f"the model needs about {need / 2**30:.1f} GiB for its weights and "
-                           f"optimizer state, more than the {free / 2**30:.1f} GiB of memory "
-                           "free; use a smaller model (--n_layer, --n_embd, --n_experts)")
-
-
-def available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def nonfinite_message(step: int, metrics: dict, lr: float, last_good: str | None) -> str:
+    """Why a step was refused, blaming what was really not finite (a finite loss and
+    gradient mean the update overflowed: the learning rate), and advising --resume only
+    when a checkpoint exists."""
+    loss, norm = metrics.get("loss", float("nan")), metrics.get("grad_norm", float("nan"))
+    if math.isfinite(loss) and math.isfinite(norm):
+        what = (f"the loss {loss:.4g} and gradient norm {norm:.4g} are finite but the update "
+                f"at learning rate {lr:.4g} is not, so the step was not applied")
+        fix = "a lower --max_lr"
+    else:
+        what = (f"the loss is {loss:.4g} and the gradient norm {norm:.4g}, so the step was not "
+                "applied")
+        fix = "a lower --max_lr, or allow bad steps with --skip_nonfinite N"
+    if last_good:
+        return (f"step {step}: {what}; the last good checkpoint is {last_good}: continue from "
+                f"it with --resume, perhaps with {fix}")
+    return f"step {step}: {what}; no checkpoint was written yet: start again with {fix}"
 
 
 def _out_of_memory(e: BaseException) -> bool:

@@ -31,7 +31,7 @@ def iterate_examples(path: str | Path, limit: int | None = None) -> Iterator[dic
     """Yield the examples of a HellaSwag jsonl file (``ctx``, 4 ``endings``, ``label``)."""
     n = 0
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, line in _lines(f, path):
             if limit is not None and n >= limit:
                 return
             if not line.strip():
@@ -47,8 +47,36 @@ def iterate_examples(path: str | Path, limit: int | None = None) -> Iterator[dic
                 raise HellaSwagError(f"{path} line {lineno} is not a HellaSwag example (a JSON "
                                      "object with a string 'ctx', 4 string 'endings' and a "
                                      "'label' in 0..3): check the file")
+            try:  # valid JSON may hold a lone surrogate ("\ud800"), which no tokenizer encodes
+                "".join([ex["ctx"], *ex["endings"]]).encode("utf-8")
+            except UnicodeEncodeError:
+                raise HellaSwagError(f"{path} line {lineno} holds a lone surrogate (such as "
+                                     "\\ud800), which is not text: fix or remove that "
+                                     "line") from None
             yield ex
             n += 1
+
+
+def _lines(f, path):
+    """(line number, line) of an open text file; bytes that are not UTF-8 are one sentence."""
+    lineno = 0
+    try:
+        for lineno, line in enumerate(f, 1):
+            yield lineno, line
+    except UnicodeDecodeError:
+        raise HellaSwagError(f"{path} line {lineno + 1} is not UTF-8 text: check the "
+                             "file") from None
+
+
+def check_file(path: str | Path, tokenizer, max_len: int, limit: int | None = None) -> None:
+    """Read and render every example that evaluation will score, before training starts,
+    so a bad line is reported before anything is written rather than at the first eval."""
+    n = 0
+    for ex in iterate_examples(path, limit):
+        render_example(ex, tokenizer, max_len)
+        n += 1
+    if n == 0:
+        raise HellaSwagError(f"{path} holds no HellaSwag examples: check the file")
 
 
 def render_example(example: dict, tokenizer, max_len: int) -> tuple[np.ndarray, np.ndarray, int]:

@@ -100,7 +100,13 @@ class DataLoader(_Shards):
         if not {"shard", "position"} <= set(state):
             raise DataError(f"data loader state {state} is not one of --data_order sequential: "
                             "resume with the run's --data_order")
-        shard, pos = int(state["shard"]), int(state["position"])
+        shard, pos = state["shard"], state["position"]
+        for name, value in (("shard", shard), ("position", pos)):  # "4" or 4.5 is damage
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise DataError(f"data loader state {name} must be a whole number, got "
+                                f"{value!r}: the checkpoint is damaged; move it away to "
+                                "resume from the one before")
+        shard, pos = int(shard), int(pos)
         if not 0 <= shard < len(self.shards) or not 0 <= pos <= len(self.shards[shard]) - (
                 self.B * self.T + 1):
             raise DataError(f"data loader state {state} does not fit these shards "

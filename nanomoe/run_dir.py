@@ -19,8 +19,8 @@ import re
 import shutil
 import tempfile
 
+from . import data_fingerprint, run_files
 from .errors import NanoMoeError
-from .files import is_special
 
 RUN_FILE = "run.json"
 # Everything a run writes into its folder (train_loop, both backends, metrics).
@@ -60,19 +60,17 @@ def compute_flags(args) -> dict:
     return flags
 
 
-def _refuse_special_files(log_dir: str) -> None:
+def _refuse_special_files(log_dir: str, resume: bool) -> None:
     """A FIFO, socket or device among a run's files would block or never end the reader
-    (metrics.jsonl, run.json, a checkpoint's files): refuse before opening any of them."""
-    for name in artifacts(log_dir):
-        path = os.path.join(log_dir, name)
-        paths = [path]
-        if os.path.isdir(path) and not os.path.islink(path):
-            paths += [os.path.join(root, n) for root, dirs, files in os.walk(path)
-                      for n in dirs + files]
-        for p in paths:
-            if is_special(p):
-                raise RunDirError(f"{p} is not a regular file (a FIFO, socket or device); "
-                                  "move it away, then run the command again")
+    (metrics.jsonl, run.json, a checkpoint's files): refuse before opening any of them,
+    looking into symlinked folders too."""
+    run_files.check_kinds(log_dir, [n for n in artifacts(log_dir) if not n.endswith(".tmp")],
+                          shapes=resume)
+
+
+def overwrite_advice(log_dir: str) -> str:
+    """--overwrite, with what it would delete: advice never points at files unseen."""
+    return f"--overwrite (which deletes {', '.join(artifacts(log_dir))})"
 
 
 def _read_run_file(log_dir: str) -> dict | None:
@@ -84,10 +82,11 @@ def _read_run_file(log_dir: str) -> dict | None:
             previous = json.load(f)
     except (OSError, ValueError):
         raise RunDirError(f"{path} is not readable JSON; move the folder away or pass "
-                          "--overwrite to start afresh") from None
+                          f"{overwrite_advice(log_dir)} to start afresh") from None
     if not isinstance(previous, dict):
         raise RunDirError(f"{path} is not a run description; move the folder away or pass "
-                          "--overwrite to start afresh")
+                          f"{overwrite_advice(log_dir)} to start afresh")
+    run_files.check_run_json(path, previous)
     return previous
 
 
@@ -105,19 +104,21 @@ def check(args, run_info: dict) -> None:
     if os.path.exists(log_dir) and not os.path.isdir(log_dir):
         raise RunDirError(f"--log_dir {log_dir} is a file, not a folder; choose another "
                           "--log_dir")
-    _refuse_special_files(log_dir)
+    _refuse_special_files(log_dir, args.resume)
     found = artifacts(log_dir)
     if not args.resume:
         if found and not args.overwrite:
             what = ("a run that stopped before its first checkpoint"
                     if not has_checkpoint(log_dir) else "a run")
             raise RunDirError(f"{log_dir} already holds {what}; pass --resume to continue it, "
-                              "--overwrite to start afresh, or choose another --log_dir")
+                              f"{overwrite_advice(log_dir)} to start afresh, or choose another "
+                              "--log_dir")
         return
     previous = _read_run_file(log_dir)
     if previous is None:
         raise RunDirError(f"--resume: {log_dir} holds no run to resume; drop --resume to start "
                           "a new one")
+    run_files.check_metrics(os.path.join(log_dir, "metrics.jsonl"))
     for key in ("model_type", "framework", "tokenizer"):
         if previous.get(key) != run_info[key]:
             raise RunDirError(f"--resume: {log_dir} holds a run with another {key} "
@@ -134,6 +135,10 @@ def check(args, run_info: dict) -> None:
             raise RunDirError(f"--resume: {log_dir} was started with other flags that change "
                               f"what it computes ({'; '.join('--' + c for c in changed)}); "
                               "resume with the run's flags or choose another --log_dir")
+    note = data_fingerprint.compare(previous.get("data_files"), run_info.get("data_files"),
+                                    log_dir)
+    if note:
+        print(note, flush=True)
 
 
 def check_writable(log_dir: str) -> None:

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from .errors import NonFiniteError
+from .failures import nonfinite_message
 
 # What StepLog reads the time from; a test replaces it with a fake clock.
 CLOCK = time.monotonic
@@ -76,12 +77,7 @@ class StepLog:
         if metrics.get("skipped"):
             self.skipped += 1
             if self.skipped > args.skip_nonfinite:
-                raise NonFiniteError(
-                    f"step {step}: the loss is {metrics['loss']:.4g} and the gradient norm "
-                    f"{metrics['grad_norm']:.4g}, so the step was not applied; the last good "
-                    f"checkpoint is {self.last_good or 'none (no checkpoint yet)'}: continue "
-                    "from it with --resume, perhaps with a lower --max_lr, or allow bad steps "
-                    "with --skip_nonfinite N")
+                raise NonFiniteError(nonfinite_message(step, metrics, lr, self.last_good))
             print(f"step {step}: non-finite loss or gradient, step skipped "
                   f"({self.skipped}/{args.skip_nonfinite})", flush=True)
         metrics["skipped_steps"] = self.skipped

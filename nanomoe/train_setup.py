@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-from . import failures, hellaswag, run_dir
+from . import config_checks, flag_checks, hellaswag, run_dir, run_files
 from .atomic import atomic_write
 from .cli import apply_cpu_preset, check_ranges
 from .data import data_format, default_tokenizer, open_dataset
@@ -22,6 +22,7 @@ def apply_defaults(args, argv: list[str], backend) -> None:
     """The CPU preset where there is no accelerator, range checks, the default dtype."""
     preset = not backend.has_accelerator and apply_cpu_preset(args, argv)
     check_ranges(args)
+    flag_checks.check_flags(args)
     args.dtype = args.dtype or ("bfloat16" if backend.has_accelerator else "float32")
     if preset:
         print(f"No accelerator found ({backend.device_name}): using the CPU preset "
@@ -95,18 +96,37 @@ def check_run_folder(args, run_info: dict, lock: run_dir.Lock, leader: bool, con
     if leader and os.path.isdir(args.log_dir):  # a run in progress there: say so first
         lock.acquire()
     run_dir.check(args, run_info)
+    flag_checks.check_init_from_survives(args)
     if leader:
         run_dir.check_writable(args.log_dir)
-    if not backend.has_accelerator:
-        failures.check_host_memory(config)
+    check_memory(args, config, backend)
 
 
-def find_hellaswag(args, tokenizer) -> str | None:
+def check_memory(args, config, backend) -> None:
+    """The run fits the memory it will use: the host's, or the device's when the backend
+    can say (a device that cannot is left to report out-of-memory itself)."""
+    world = backend.process_count * getattr(backend, "devices_per_process", 1)
+    if backend.has_accelerator:
+        device_memory = getattr(backend, "device_memory", None)
+        free = device_memory() if device_memory else None
+        where = f"on {backend.device_name}"
+    else:
+        free, where = config_checks.available_memory(), "on this host"
+    config_checks.check_memory(config, args, free, where, world,
+                               device=backend.has_accelerator)
+
+
+def find_hellaswag(args, tokenizer, config) -> str | None:
+    """The HellaSwag file, every example it will score read once now (a bad line is an
+    error before training, not at the first eval)."""
     if not args.do_hellaswag:
         return None
     if tokenizer is None:
         raise TrainError("--do_hellaswag needs the data's tokenizer: pass --tokenizer")
-    return hellaswag.find_or_download(args.hellaswag_file, os.path.expanduser("~/.cache/nanomoe"))
+    path = hellaswag.find_or_download(args.hellaswag_file,
+                                      os.path.expanduser("~/.cache/nanomoe"))
+    hellaswag.check_file(path, tokenizer, config.block_size, args.hellaswag_limit)
+    return path
 
 
 def load_start(args, backend, train_loader) -> int:
@@ -118,20 +138,30 @@ def load_start(args, backend, train_loader) -> int:
         return 0
     latest = backend.latest_checkpoint(args.log_dir)
     if latest is None:
-        raise TrainError(f"--resume: no complete checkpoint in {args.log_dir}; start it "
-                         "again with --overwrite")
+        raise TrainError(no_checkpoint(args.log_dir))
+    where = f"--resume: the checkpoint of step {latest} in {args.log_dir}"
     try:
         meta = backend.restore(args.log_dir, latest)
     except NanoMoeError:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged checkpoint fails in many ways
-        raise CheckpointError(f"--resume: the checkpoint of step {latest} in {args.log_dir} "
-                              f"cannot be read ({type(e).__name__}); move it away to resume "
-                              "from the one before") from None
-    start_step = meta["step"]
+        raise CheckpointError(f"{where} cannot be read ({type(e).__name__}); move it away to "
+                              "resume from the one before") from None
+    start_step = run_files.check_meta(meta, where, latest, args.max_steps)["step"]
     train_loader.load_state_dict(meta["data"])
     print(f"Resumed {args.log_dir} at step {start_step}", flush=True)
     return start_step
+
+
+def no_checkpoint(log_dir: str) -> str:
+    """--resume found no complete checkpoint: advise --overwrite only when what it would
+    delete has been seen and holds no checkpoint at all (not one of another framework)."""
+    if run_dir.has_checkpoint(log_dir):
+        return (f"--resume: {log_dir} holds checkpoint files, but none that this --framework "
+                "can resume (another framework's, or unfinished); resume with the run's "
+                "--framework, or choose another --log_dir")
+    return (f"--resume: no complete checkpoint in {log_dir} (the run stopped before its first "
+            f"one); start it again with {run_dir.overwrite_advice(log_dir)}")
 
 
 def start_log_dir(args, run_info: dict) -> None:

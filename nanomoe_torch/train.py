@@ -3,7 +3,6 @@ fused AdamW on CUDA, gradient accumulation, clipping, .pt checkpoints."""
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 from contextlib import nullcontext
@@ -22,7 +21,7 @@ from . import create_model
 from .ngpt import normalize_weights
 from .sample import generate
 
-CKPT = re.compile(r"model_(\d{6})\.pt$")
+CKPT = re.compile(r"model_(\d{6})\.pt")
 
 
 def make_optimizer(model, config, lr_mult_embedding: float, fused: bool,
@@ -66,6 +65,10 @@ class TorchBackend:
                 torch.cuda.set_device(self.device)
         self.device_name = torch.cuda.get_device_name() if self.has_accelerator else "cpu"
         self.placement = f"DDP over {self.process_count} processes" if self.ddp else ""
+
+    def device_memory(self) -> int | None:
+        """Bytes the GPU holds (for the size check before setup)."""
+        return torch.cuda.mem_get_info(self.device)[1] if self.has_accelerator else None
 
     def setup(self, config, args) -> None:
         self.config, self.args = config, args
@@ -177,8 +180,9 @@ class TorchBackend:
 
     @staticmethod
     def _checkpoints(log_dir: str) -> list[int]:
-        steps = [int(m.group(1)) for p in glob.glob(os.path.join(log_dir, "model_*.pt"))
-                 if (m := CKPT.search(p))]
+        # the folder is listed, never globbed: a --log_dir such as run[1] is a name
+        names = os.listdir(log_dir) if os.path.isdir(log_dir) else []
+        steps = [int(m.group(1)) for n in names if (m := CKPT.fullmatch(n))]
         return sorted(steps)
 
     def latest_checkpoint(self, log_dir: str) -> int | None:

@@ -68,9 +68,17 @@ def test_llmc_bin_reads_back(tmp_path):
     np.testing.assert_array_equal(train[1], shards["fineweb_train_000002.bin"])
     np.testing.assert_array_equal(_concat(open_dataset(str(tmp_path), split="val")),
                                   shards["fineweb_val_000000.bin"])
-    # modded-nanogpt passes glob patterns
-    pattern = open_dataset(str(tmp_path / "fineweb_train_*.bin"), split="train")
-    np.testing.assert_array_equal(_concat(pattern), _concat(train))
+    # modded-nanogpt's glob patterns are not expanded: its folder is what to give
+    with pytest.raises(DataError, match="not expanded as patterns"):
+        open_dataset(str(tmp_path / "fineweb_train_*.bin"), split="train")
+
+
+def test_a_path_with_pattern_characters_is_read_as_written(tmp_path):
+    """--data 'book[1].txt' reads that file, never book1.txt, which the pattern matches."""
+    (tmp_path / "book1.txt").write_text("wrong " * 200)
+    (tmp_path / "book[1].txt").write_text("right " * 200)
+    tokens = _concat(open_dataset(str(tmp_path / "book[1].txt"), "byte", "train"))
+    assert bytes(tokens[:6].astype(np.uint8)) == b"right "
 
 
 def test_text_file_and_folder_with_byte_tokenizer(tmp_path):

@@ -36,7 +36,9 @@ moments) and the router's (N, E) arrays; it also prints XLA's FLOP count
 (``compiled.cost_analysis()``) per back end and E. This checks "FLOPs grow with k, not E"
 without a GPU.
 
-Results go to ``<out>/<device>-<date>.json``, ``.md`` and ``.png`` (tokens/s against E).
+Results go to ``<out>/<device>-<date>.json``, ``.md`` and ``.png`` (tokens/s against E);
+``--out`` defaults to ~/.cache/nanomoe/results (benchmarks/results_dir.py), so a run never
+replaces a committed result unless told ``--out benchmarks/results``.
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ from .moe_sweep import sweep_cells
 from .env import environment, has_cuda, measure_matmul_peak
 from .hlo_check import cost_table, hlo_growth_check
 from .report import merge_reports, render_markdown, write_report
+from .results_dir import default_out, where_note
 from .interleave import run_interleaved
 from .timing import run_cell, run_isolated
 
@@ -290,8 +293,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="back ends of the FLOP table (default: all three)")
     p.add_argument("--list", action="store_true",
                    help="print the cells this command would time (sizes, FLOPs) and exit")
-    p.add_argument("--out", default="benchmarks/results",
-                   help="folder for .json/.md/.png (default: benchmarks/results)")
+    p.add_argument("--out", default=None,
+                   help="folder for .json/.md/.png (default: $NANOMOE_RESULTS or "
+                        "~/.cache/nanomoe/results; --out benchmarks/results adds to the "
+                        "committed results)")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="write one report from earlier runs' JSON files and exit")
     p.add_argument("--_cell", help=argparse.SUPPRESS)
@@ -338,10 +343,12 @@ def main(argv: list[str] | None = None) -> dict:
         report = run(args)
         if args.list:
             return report
-    paths = write_report(report, Path(args.out))
+    out = Path(args.out) if args.out else default_out()
+    paths = write_report(report, out)
     print()
     print(render_markdown(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    print(where_note(out, chosen=args.out is not None))
     report["paths"] = {k: str(v) for k, v in paths.items()}
     return report
 

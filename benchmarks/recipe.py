@@ -9,7 +9,8 @@ the project's GPT at that size with nanoGPT's recipe (AdamW beta2 0.99, random w
 they are: GPT-2's biases (nanoGPT trains without) and a 256-byte vocabulary (65 characters).
 
 Runs go to a new folder under ``--log_root`` (nothing is replaced); the table, curves and
-commands go to ``--out``/nanogpt-shakespeare.{json,md,png}.
+commands go to ``--out``/nanogpt-shakespeare.{json,md,png}: by default a folder in the user's
+cache (benchmarks/results_dir.py), since ``--out benchmarks/results`` replaces the committed one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .results_dir import default_out, where_note
 
 NANOGPT_VAL_LOSS = 1.886  # nanoGPT at this size, same text and steps (issue 15's measurement)
 SIZE = ["--model", "gpt", "--tokenizer", "byte", "--n_layer", "4", "--n_head", "4",
@@ -91,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma list among {', '.join(RUNS)}")
     p.add_argument("--log_root", default=None, help="where the runs' folders go (default: a new "
                    "temporary folder)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out", default=None, help="folder for nanogpt-shakespeare.{json,md,png} "
+                   "(default: $NANOMOE_RESULTS or ~/.cache/nanomoe/results; --out "
+                   "benchmarks/results replaces the committed result)")
     args = p.parse_args(argv)
     runs = [r for r in args.runs.split(",") if r]
     if not os.path.isfile(args.data) or any(r not in RUNS for r in runs) or args.steps < 1:
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return rc
         results.append(summarise(run, cmd, log_dir))
-    out = Path(args.out)
+    out = Path(args.out) if args.out else default_out()
     out.mkdir(parents=True, exist_ok=True)
     stem = out / "nanogpt-shakespeare"
     json.dump({"nanogpt_val_loss": NANOGPT_VAL_LOSS, "steps": args.steps, "runs": results},
@@ -121,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         + "\n".join(f"    {r['command']}" for r in results) + "\n")
     plot(results, Path(f"{stem}.png"))
     print(text + f"\nwrote {stem}.json, .md, .png (runs in {root})")
+    print(where_note(out, chosen=args.out is not None))
     return 0
 
 

@@ -17,6 +17,8 @@ from nanomoe_jax.execution import CPU_UNROLL_MAX_LAYERS, execution_options
 
 pytest.importorskip("torch")
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 class FakeDevice:
     def __init__(self, platform, kind, cc=None):
@@ -38,11 +40,15 @@ def test_cpu_presets_are_what_users_run():
     assert nano.rounds > 1 and default.rounds > 1 and not nano.experts
 
 
-def test_interleaved_rounds_report(tmp_path):
+def test_interleaved_rounds_report(tmp_path, monkeypatch, capsys):
     out = tmp_path / "results"
+    before = sorted((ROOT / "benchmarks" / "results").glob("cpu-*"))
+    # no --out: written to the user's folder (here $NANOMOE_RESULTS), never the repository's
+    monkeypatch.setenv("NANOMOE_RESULTS", str(out))
     rep = bench.main(["--preset", "cpu-nanogpt", "--frameworks", "jax,torch", "--rounds", "3",
-                      "--steps", "2", "--warmup", "1", "--set", "n_layer=1", "--fast-compile",
-                      "--out", str(out)])
+                      "--steps", "2", "--warmup", "1", "--set", "n_layer=1", "--fast-compile"])
+    assert sorted((ROOT / "benchmarks" / "results").glob("cpu-*")) == before
+    assert f"results in {out} (the default folder" in capsys.readouterr().out
     rows = {r["framework"]: r for r in rep["results"]}
     assert set(rows) == {"jax", "torch"} and not [r for r in rows.values() if r.get("error")]
     for r in rows.values():

@@ -18,13 +18,7 @@ def _note(signum, frame) -> None:
 
 
 def make_backend(argv: list[str]):
-    framework = "jax"
-    for i, arg in enumerate(argv):
-        if arg.startswith("--framework="):
-            framework = arg.split("=", 1)[1]
-        elif arg == "--framework" and i + 1 < len(argv):
-            framework = argv[i + 1]
-    if framework == "torch":
+    if framework_of(argv) == "torch":
         from nanomoe_torch.train import TorchBackend
 
         return TorchBackend()
@@ -33,7 +27,41 @@ def make_backend(argv: list[str]):
     return JaxBackend()
 
 
+# Address space the runtime itself reserves before any model exists (measured on a tiny run:
+# JAX's CPU client peaks near 2.7 GB and aborts with std::bad_alloc under a 2 GB ulimit -v;
+# torch near 1.2 GB). Below these a run dies with SIGSEGV or SIGABRT and no message.
+ADDRESS_SPACE_NEEDED = {"jax": 3 * 2**30, "torch": 2 * 2**30}
+
+
+def address_space_error(framework: str) -> str | None:
+    """One sentence when ulimit -v leaves too little address space for the framework."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    need = ADDRESS_SPACE_NEEDED.get(framework, ADDRESS_SPACE_NEEDED["jax"])
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return None
+    return (f"error: the address-space limit (ulimit -v) is {soft / 2**30:.1f} GiB, but "
+            f"--framework {framework} needs at least {need / 2**30:.0f} GiB before the model "
+            f"(its runtime reserves that much); raise it (ulimit -v {need // 1024 + 2**20}, or "
+            "unlimited) and run again")
+
+
+def framework_of(argv: list[str]) -> str:
+    framework = "jax"
+    for i, arg in enumerate(argv):
+        if arg.startswith("--framework="):
+            framework = arg.split("=", 1)[1]
+        elif arg == "--framework" and i + 1 < len(argv):
+            framework = argv[i + 1]
+    return framework
+
+
 def _main(argv: list[str]) -> int:
+    error = address_space_error(framework_of(argv))
+    if error:  # checked before jax or torch is imported: they would crash without a word
+        print(error, file=sys.stderr)
+        return 2
     from nanomoe.train_loop import main
 
     return main(argv, lambda: make_backend(argv), early_signals=EARLY_SIGNALS)

@@ -58,13 +58,12 @@ def iterate_examples(path: str | Path, limit: int | None = None) -> Iterator[dic
 
 
 def _lines(f, path):
-    """(line number, line) of an open text file; bytes that are not UTF-8 are one sentence."""
-    lineno = 0
+    """(line number, line) of an open text file; bytes that are not UTF-8 are one sentence
+    (the decoder reads ahead in blocks, so the line it fails on is not known)."""
     try:
-        for lineno, line in enumerate(f, 1):
-            yield lineno, line
+        yield from enumerate(f, 1)
     except UnicodeDecodeError:
-        raise HellaSwagError(f"{path} line {lineno + 1} is not UTF-8 text: check the "
+        raise HellaSwagError(f"{path} holds bytes that are not UTF-8 text: check the "
                              "file") from None
 
 

@@ -64,6 +64,10 @@ def run(argv: list[str], backend: Backend, early_signals: list[str] | None = Non
         args = parse_args(argv)
         lock = run_dir.Lock(args.log_dir)
         return _run(args, argv, backend, stop_signal, lock)
+    except BaseException:
+        if hasattr(backend, "close"):  # background writers stopped before the one sentence
+            backend.close()
+        raise
     finally:
         if lock is not None:
             lock.release()

@@ -11,7 +11,7 @@ from . import config_checks, flag_checks, hellaswag, run_dir, run_files
 from .atomic import atomic_write
 from .cli import apply_cpu_preset, check_ranges
 from .data import data_format, default_tokenizer, open_dataset
-from .errors import CheckpointError, NanoMoeError, TrainError
+from .errors import CheckpointError, DataError, NanoMoeError, TrainError
 from .loader import make_loader
 from .tokenizer import TokenizerError, get_tokenizer
 
@@ -148,7 +148,10 @@ def load_start(args, backend, train_loader) -> int:
         raise CheckpointError(f"{where} cannot be read ({type(e).__name__}); move it away to "
                               "resume from the one before") from None
     start_step = run_files.check_meta(meta, where, latest, args.max_steps)["step"]
-    train_loader.load_state_dict(meta["data"])
+    try:
+        train_loader.load_state_dict(meta["data"])
+    except DataError as e:  # name the checkpoint the position came from
+        raise DataError(f"{where}: {e}") from None
     print(f"Resumed {args.log_dir} at step {start_step}", flush=True)
     return start_step
 

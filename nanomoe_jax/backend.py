@@ -225,6 +225,17 @@ class JaxBackend:
         return generate(self.replicated_model(), prompt, n_tokens, top_k=top_k, temperature=temperature,
                         seed=seed)
 
+    def close(self) -> None:
+        """After an error has been reported: stop orbax's writer threads and event loop now,
+        quietly, rather than leave them to echo "Event loop is closed" at exit."""
+        if self.manager is not None:
+            _quiet_closed_loops()
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 - the error that matters was reported already
+                pass
+            self.manager = None
+
     def finish(self) -> None:
         if self.manager is not None:
             try:
@@ -262,7 +273,8 @@ class _UnretrievedWriteErrors(logging.Filter):
         if error is None:  # asyncio passes the future in the message's context instead
             error = getattr(record, "exception", None)
         text = f"{record.getMessage()} {error!r}"
-        return not ("exception was never retrieved" in text and "Error writing" in text)
+        closed = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        return not (closed or "exception was never retrieved" in text and "Error writing" in text)
 
 
 _QUIET_ASYNCIO = _UnretrievedWriteErrors()

@@ -34,10 +34,6 @@ CAPACITY_FACTOR_MAX = 1e6
 
 def check_config(config) -> None:
     """Raise ConfigError naming the flag when a field is out of the range this project builds."""
-    try:  # the bounds a checkpoint's config is read with (block_size <= 2**20, ints < 2**31)
-        config_from_dict(config_to_dict(config))
-    except ConfigError as e:
-        raise ConfigError(f"--{e}") from None
     for name, (low, high, what) in FLOAT_RANGES.items():
         if not hasattr(config, name):
             continue
@@ -52,6 +48,11 @@ def check_config(config) -> None:
         raise ConfigError(f"--capacity_factor must be at most {CAPACITY_FACTOR_MAX:g}, got "
                           f"{factor:g}; any value >= {enough:g} (routed experts / "
                           "n_activated_experts) already drops no token")
+    try:  # the bounds a checkpoint's config is read with (block_size <= 2**20, ints < 2**31)
+        config_from_dict(config_to_dict(config))
+    except ConfigError as e:
+        field, _, why = str(e).partition(": ")  # "n_layer: must be ..." -> "--n_layer must be"
+        raise ConfigError(f"--{field} {why}") from None
 
 
 def param_count(config) -> int:

@@ -39,7 +39,7 @@ def config_of(*flags, model="moegpt"):
     ("moegpt", ["--n_experts", "99999999999"], "--n_experts"),
 ])
 def test_config_fields_out_of_range_name_the_flag(model, flags, named):
-    with pytest.raises(ConfigError, match=named):
+    with pytest.raises(ConfigError, match=named + " must be"):
         config_of(*flags, model=model)
 
 

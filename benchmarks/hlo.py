@@ -2,17 +2,14 @@
 
 :func:`program_stats` walks the scheduled computations (the entry, ``while`` bodies times their
 trip count, calls, conditionals) and returns per-kernel FLOPs and bytes. XLA's own cost model
-counts custom calls (cuBLAS GEMMs, cuDNN flash attention) as 0 and a ``while`` body once, so the
-matmul FLOPs are counted here from operand shapes instead:
+counts custom calls (cuBLAS GEMMs, cuDNN flash attention, Triton and Mosaic kernels) as 0 and a
+``while`` body once, so the matmul FLOPs are counted here from operand shapes instead
+(``benchmarks/hlo_flops.py``: which kernels, which formula; a custom call it cannot count is
+listed in ``ProgramStats.uncounted``, never silently 0). Bytes: every operand read once and
+every result written once per kernel run, except what a kernel only slices or updates in place
+(``benchmarks/hlo_bytes.py``). ``benchmarks/hlo_moe.py`` splits the bytes of the MoE layers.
 
-* ``dot`` (plain or inside a Triton/cuDNN GEMM fusion) and ``__cublas$gemm`` /
-  ``__cublas$lt$matmul`` custom calls: 2 x output elements x contracted size;
-* cuDNN flash attention (``__cudnn$fmha...``): the score and value matmuls it performs, half of
-  them when causal: 2 in the forward, 5 in the backward (dQ, dK, dV, dP and the recomputed
-  scores);
-* ``ragged-dot`` / grouped GEMM custom calls: every row times its own group, 2 x M x K x N.
-
-Elementwise work is not counted (it is bandwidth, and shows in the bytes).
+Elementwise work is not counted as FLOPs (it is bandwidth, and shows in the bytes).
 """
 
 from __future__ import annotations
@@ -21,6 +18,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -78,6 +76,8 @@ class Instr:
     operands: list[str]
     attrs: str
     param_index: int = -1  # parameter(i)
+    frame: int = 0  # metadata stack_frame_id (0: none); see hlo_moe.stack_frames
+    op_name: str = ""  # metadata op_name: the JAX name stack
 
 
 @dataclass
@@ -108,29 +108,33 @@ def parse_module(hlo_text: str) -> dict[str, Computation]:
                 break
         operands = re.findall(r"%([\w.\-]+)", args[:end])
         index = int(args[:end]) if op.strip() == "parameter" else -1
-        cur.instrs.append(Instr(m.group(1), op.strip(), shapes_in(rtype), operands,
-                                args[end + 1:], index))
+        attrs = args[end + 1:]
+        frame = re.search(r"stack_frame_id=(\d+)", attrs)
+        op_name = re.search(r'op_name="([^"]*)"', attrs)
+        cur.instrs.append(Instr(m.group(1), op.strip(), shapes_in(rtype), operands, attrs,
+                                index, int(frame.group(1)) if frame else 0,
+                                op_name.group(1) if op_name else ""))
     return comps
 
 
-def _attr(attrs: str, key: str) -> str | None:
+def attr(attrs: str, key: str) -> str | None:
     m = re.search(rf"\b{key}=%?([\w.\-]+)", attrs)
     return m.group(1) if m else None
 
 
-def _callees(attrs: str) -> list[str]:
+def callees(attrs: str) -> list[str]:
     names = re.findall(r"\b(?:to_apply|calls|true_computation|false_computation)=%?([\w.\-]+)",
                        attrs)
     m = re.search(r"branch_computations=\{([^}]*)\}", attrs)
     return names + (re.findall(r"%?([\w.\-]+)", m.group(1)) if m else [])
 
 
-def _dims(attrs: str, key: str) -> list[int]:
+def dims(attrs: str, key: str) -> list[int]:
     m = re.search(rf"{key}=\{{([0-9,]*)\}}", attrs)
     return [int(x) for x in m.group(1).split(",") if x] if m else []
 
 
-def _backend_config(attrs: str) -> dict:
+def backend_config(attrs: str) -> dict:
     i = attrs.find("backend_config=")
     if i < 0 or attrs[i + 15: i + 16] != "{":
         return {}
@@ -141,168 +145,137 @@ def _backend_config(attrs: str) -> dict:
 
 
 def trip_count(ins: Instr) -> int:
-    n = _backend_config(ins.attrs).get("known_trip_count", {}).get("n")
+    n = backend_config(ins.attrs).get("known_trip_count", {}).get("n")
     return int(n) if n else 1
 
 
-def _target(ins: Instr) -> str:
+def target(ins: Instr) -> str:
     m = re.search(r'custom_call_target="([^"]+)"', ins.attrs)
     return m.group(1) if m else ""
 
 
-def instr_flops(ins: Instr, shape_of) -> tuple[float, str | None]:
-    """(matmul FLOPs, kind) of one instruction; kind names the kernel family."""
-    f, kind = _instr_flops(ins, shape_of)
-    return float(f), kind
-
-
-def _instr_flops(ins: Instr, shape_of) -> tuple[float, str | None]:
-    if ins.op == "dot":
-        lhs = shape_of(ins.operands[0])
-        k = int(np.prod([lhs[d] for d in _dims(ins.attrs, "lhs_contracting_dims")]))
-        # nanomoe_jax.grouped names its tile matmuls: a grouped GEMM made of dense tiles
-        return 2.0 * np.prod(ins.shapes[0][1]) * k, ("grouped-gemm" if "grouped_gemm" in ins.attrs
-                                                    else "dot")
-    if ins.op == "ragged-dot":
-        lhs, out = shape_of(ins.operands[0]), ins.shapes[0][1]
-        return 2.0 * np.prod(out) * lhs[-1], "ragged-dot"
-    if ins.op != "custom-call":
-        return 0.0, None
-    target = _target(ins)
-    if target.startswith("__cublas"):
-        cfg = _backend_config(ins.attrs).get("gemm_backend_config", {})
-        lhs = shape_of(ins.operands[0])
-        contracting = cfg.get("dot_dimension_numbers", {}).get("lhs_contracting_dimensions", [])
-        k = int(np.prod([lhs[int(d)] for d in contracting]))
-        kind = "cublasLt" if "$lt$" in target else "cublas"
-        return 2.0 * np.prod(ins.shapes[0][1]) * k, kind
-    if target.startswith("__cudnn$fmha"):
-        cfg = _backend_config(ins.attrs).get("cudnn_fmha_backend_config", {})
-        B, T, N, H = shape_of(ins.operands[0])[:4]
-        S = shape_of(ins.operands[1])[1]
-        causal = 0.5 if cfg.get("mask_type") == "CAUSAL" else 1.0
-        matmuls = 5 if "Backward" in target else 2
-        return matmuls * 2.0 * B * N * T * S * H * causal, "flash-attention"
-    if "ragged" in target.lower() or "grouped" in target.lower():
-        lhs, out = shape_of(ins.operands[0]), ins.shapes[0][1]
-        return 2.0 * np.prod(out) * lhs[-1], "grouped-gemm"
-    return 0.0, None
-
-
-def _sliced_params(comp: Computation | None) -> dict[int, float]:
-    """Bytes a fusion really reads of each parameter that it only slices (a layer of stacked
-    weights inside a scan) or updates in place: the slices, not the whole array."""
-    if comp is None:
-        return {}
-    params = {i.name: i.param_index for i in comp.instrs if i.op == "parameter"}
-    users: dict[str, list[Instr]] = {n: [] for n in params}
-    for ins in comp.instrs:
-        for o in ins.operands:
-            if o in users:
-                users[o].append(ins)
-    out = {}
-    for name, uses in users.items():
-        idx = params[name]
-        if uses and all(u.op in ("dynamic-slice", "slice", "gather") for u in uses):
-            out[idx] = sum(nbytes(u.shapes) for u in uses)
-        elif uses and all(u.op == "dynamic-update-slice" and u.operands[0] == name for u in uses):
-            out[idx] = 0.0
-    return out
+class Kernel(NamedTuple):
+    name: str
+    op: str
+    flops: float  # matmul FLOPs of one run
+    bytes: float  # bytes of one run
+    mult: int  # runs per step (loop trip counts)
+    comp: str = ""  # the computation it runs in
+    operands: tuple = ()
+    parts: tuple = ()  # hlo_bytes.Part per operand, then the result
+    ops: frozenset = frozenset()  # its op and, for a fusion, every fused op
+    frames: frozenset = frozenset()  # stack frame ids of those ops
+    op_names: tuple = ()
 
 
 @dataclass
 class ProgramStats:
     flops: float = 0.0  # matmul FLOPs, loops times trip count, custom calls included
     flops_by_kind: Counter = field(default_factory=Counter)
-    kernels: list = field(default_factory=list)  # (name, op, flops, bytes, multiplicity)
+    kernels: list = field(default_factory=list)  # Kernel per instruction that launches one
     fusions: int = 0
     custom_calls: Counter = field(default_factory=Counter)
     gemm_backends: Counter = field(default_factory=Counter)
     loops: list = field(default_factory=list)  # (body, trip count)
+    uncounted: Counter = field(default_factory=Counter)  # custom call label -> runs per step
+    frames: dict = field(default_factory=dict)  # stack frame id -> [(file, function)], inner first
+
+
+def _fused(comps, ins: Instr) -> list[Instr]:
+    """The instructions a kernel runs: itself, and for a fusion every fused one (nested)."""
+    out = [ins]
+    callee = attr(ins.attrs, "calls") if ins.op == "fusion" else None
+    for sub in comps[callee].instrs if callee in comps else []:
+        out += _fused(comps, sub) if sub.op == "fusion" else [sub]
+    return out
+
+
+def _resolved(defs: dict, name: str) -> str:
+    """The value behind a chain of bitcasts (no kernel of their own)."""
+    while name in defs and defs[name].op == "bitcast" and defs[name].operands:
+        name = defs[name].operands[0]
+    return name
+
+
+def _gemm_backend(ins: Instr, kinds: Counter) -> str | None:
+    """Which GEMM emitter runs a kernel with matmuls in it (tile GEMMs of a grouped GEMM too)."""
+    cfg = json.dumps(backend_config(ins.attrs))
+    if ins.op == "custom-call":
+        return next((k for k in ("cublasLt", "cublas") if k in kinds), None)
+    if ins.op != "fusion" or not (kinds.get("dot") or kinds.get("grouped-gemm")):
+        return None
+    if "__triton" in cfg:
+        return "triton"
+    return "cudnn-fusion" if "__cudnn$fusion" in cfg else "xla-fusion"
 
 
 def program_stats(hlo_text: str) -> ProgramStats:
+    from . import hlo_bytes, hlo_flops
+    from .hlo_moe import stack_frames
+
     comps = parse_module(hlo_text)
     shapes = {i.name: i.shapes for c in comps.values() for i in c.instrs}
+    res_reads, res_writes = hlo_bytes.residual_stacks(comps)
+    stats = ProgramStats(frames=stack_frames(hlo_text))
 
     def shape_of(name):
         leaves = shapes.get(name) or [("f32", ())]
         return leaves[0][1]
 
-    def operand_bytes(ins):
-        sliced = _sliced_params(comps.get(_attr(ins.attrs, "calls"))) if ins.op == "fusion" else {}
-        return sum(sliced.get(i, nbytes(shapes.get(o, []))) for i, o in enumerate(ins.operands))
-
-    def result_bytes(ins):
-        comp = comps.get(_attr(ins.attrs, "calls")) if ins.op == "fusion" else None
-        root = comp.instrs[-1] if comp and comp.instrs else None
-        if root is not None and root.op == "dynamic-update-slice":  # in place: the update
-            return nbytes(shapes.get(root.operands[1], []))
-        return nbytes(ins.shapes)
-
-    def fused_flops(comp_name: str, kinds: Counter) -> float:
-        total = 0.0
-        for ins in comps[comp_name].instrs:
-            f, kind = instr_flops(ins, shape_of)
+    def kernel(comp: Computation, defs: dict, ins: Instr, mult: int):
+        kinds: Counter = Counter()
+        f = 0.0
+        fused = _fused(comps, ins)
+        for sub in fused:
+            where = " ".join(f"{a} {b}" for a, b in stats.frames.get(sub.frame, []))
+            sf, kind, uncounted = hlo_flops.instr_flops(sub, shape_of, where)
             if kind:
-                kinds[kind] += f
-            total += f
-            callee = _attr(ins.attrs, "calls")
-            if callee in comps:
-                total += fused_flops(callee, kinds)
-        return total
-
-    stats = ProgramStats()
+                kinds[kind] += sf
+            f += sf
+            if uncounted:
+                stats.uncounted[uncounted] += mult
+        stats.fusions += mult if ins.op == "fusion" else 0
+        if ins.op == "custom-call":
+            stats.custom_calls[target(ins)] += mult
+        backend = _gemm_backend(ins, kinds)
+        if backend:
+            stats.gemm_backends[backend] += mult
+        for k, v in kinds.items():
+            stats.flops_by_kind[k] += v * mult
+        parts = hlo_bytes.kernel_parts(comps, shapes, defs, ins, res_reads.get(comp.name, ()),
+                                       res_writes.get(comp.name, ()))
+        stats.flops += f * mult
+        stats.kernels.append(Kernel(
+            ins.name, ins.op, f, sum(p.bytes for p in parts), mult, comp.name,
+            tuple(_resolved(defs, o) for o in ins.operands), tuple(parts), frozenset(i.op for i in fused),
+            frozenset(i.frame for i in fused if i.frame), tuple(i.op_name for i in fused)))
 
     def walk(comp_name: str, mult: int):
-        for ins in comps[comp_name].instrs:
+        comp = comps[comp_name]
+        defs = {i.name: i for i in comp.instrs}
+        for ins in comp.instrs:
             if ins.op == "while":
                 n = trip_count(ins)
-                stats.loops.append((_attr(ins.attrs, "body"), n))
-                walk(_attr(ins.attrs, "body"), mult * n)
-                walk(_attr(ins.attrs, "condition"), mult * n)
-                continue
-            if ins.op in ("call", "conditional", "async-start"):
-                for callee in _callees(ins.attrs):
+                stats.loops.append((attr(ins.attrs, "body"), n))
+                walk(attr(ins.attrs, "body"), mult * n)
+                walk(attr(ins.attrs, "condition"), mult * n)
+            elif ins.op in ("call", "conditional", "async-start"):
+                for callee in callees(ins.attrs):
                     if callee in comps:
                         walk(callee, mult)
-                continue
-            if ins.op in _FREE:
-                continue
-            kinds: Counter = Counter()
-            f, kind = instr_flops(ins, shape_of)
-            if kind:
-                kinds[kind] += f
-            cfg = json.dumps(_backend_config(ins.attrs))
-            if ins.op == "fusion":
-                stats.fusions += mult
-                f += fused_flops(_attr(ins.attrs, "calls"), kinds)
-                if "__triton_gemm" in cfg or "__triton" in cfg and "dot" in kinds:
-                    stats.gemm_backends["triton"] += mult
-                elif "__cudnn$fusion" in cfg:
-                    stats.gemm_backends["cudnn-fusion"] += mult
-                elif kinds.get("dot"):
-                    stats.gemm_backends["xla-fusion"] += mult
-            if ins.op == "custom-call":
-                stats.custom_calls[_target(ins)] += mult
-                if kind in ("cublas", "cublasLt"):
-                    stats.gemm_backends[kind] += mult
-            for k, v in kinds.items():
-                stats.flops_by_kind[k] += v * mult
-            b = operand_bytes(ins) + result_bytes(ins)
-            stats.flops += f * mult
-            stats.kernels.append((ins.name, ins.op, f, b, mult))
+            elif ins.op not in _FREE:
+                kernel(comp, defs, ins, mult)
 
-    entry = next(c.name for c in comps.values() if c.entry)
-    walk(entry, 1)
+    walk(next(c.name for c in comps.values() if c.entry), 1)
     return stats
 
 
 def roofline_seconds(stats: ProgramStats, peak_flops: float, bandwidth: float) -> float:
     """Sum over kernels of max(compute time, memory time): an estimate, never a measurement
     (no launch overheads, no overlap, every operand read from and result written to HBM)."""
-    return float(sum(m * max(f / peak_flops, b / bandwidth) for _, _, f, b, m in stats.kernels))
+    return float(sum(k.mult * max(k.flops / peak_flops, k.bytes / bandwidth)
+                     for k in stats.kernels))
 
 
 def bytes_accessed(stats: ProgramStats) -> float:
-    return float(sum(m * b for _, _, _, b, m in stats.kernels))
+    return float(sum(k.mult * k.bytes for k in stats.kernels))

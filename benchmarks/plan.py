@@ -27,7 +27,7 @@ from nanomoe_jax import sharding as shd
 from nanomoe_jax.execution import describe, execution_options, options_kwargs
 from nanomoe_jax.train import jit_train_step, make_optimizer
 
-from . import hlo
+from . import hlo, hlo_moe
 from .targets import GiB, Target, compile_devices, load_target
 
 # The original's 4090 configs (vocab padded to 50304 as its train.py does), B=16, T=1024.
@@ -126,7 +126,7 @@ def summarize(compiled, config, name, target: Target, source, opts, B, T, compil
     step_s = hlo.roofline_seconds(stats, target.peak_bf16, target.bandwidth)
     mem = peak_bytes(compiled)
     grouped = stats.flops_by_kind.get("grouped-gemm", 0) + stats.flops_by_kind.get("ragged-dot", 0)
-    return {
+    row = {
         "model": name, "config": {k: v for k, v in vars(config).items()}, "B": B, "T": T,
         "target": target.name, "device_kind": target.device_kind, "device": source,
         "options": describe(opts), "compile_s": round(compile_s, 1),
@@ -141,7 +141,26 @@ def summarize(compiled, config, name, target: Target, source, opts, B, T, compil
         "bytes_accessed": hlo.bytes_accessed(stats),
         "estimate": {"step_s": step_s, "tokens_per_s": B * T / step_s,
                      "mfu_bound": analytic / step_s / target.peak_bf16},
+        "uncounted": dict(stats.uncounted),
     }
+    if isinstance(config, MoeGPTConfig):
+        row["moe_bytes"] = moe_summary(stats, config, B, T)
+    return row
+
+
+def moe_summary(stats, config, B: int, T: int) -> dict:
+    """MoE-layer bytes by part against the floor (every MoE matmul operand read once)."""
+    parts = hlo_moe.moe_bytes(stats, config)
+    floor = hlo_moe.min_moe_bytes(config, B, T)
+    return {**parts, "minimum": floor, "ratio": parts["total"] / floor}
+
+
+def add_mfu_ratios(rows: list[dict]) -> None:
+    """Each row's estimated MFU over GPT's (same target, batch and T), where GPT was planned."""
+    gpt = next((r for r in rows if r.get("model") == "gpt" and "estimate" in r), None)
+    for r in rows:
+        if gpt is not None and "estimate" in r:
+            r["estimate"]["mfu_vs_gpt"] = r["estimate"]["mfu_bound"] / gpt["estimate"]["mfu_bound"]
 
 
 def broken_bounds(row: dict) -> list[str]:
@@ -152,6 +171,11 @@ def broken_bounds(row: dict) -> list[str]:
                    f"the {row['budget_bytes'] / GiB:.0f} GiB budget of {row['device_kind']}")
     if not row["flash_attention"]:
         out.append(f"{row['model']}: no flash attention (__cudnn$fmha...) in the compiled step")
+    if row.get("uncounted"):
+        listed = ", ".join(f"{k} x{v}" for k, v in sorted(row["uncounted"].items()))
+        out.append(f"{row['model']}: custom calls whose FLOPs the plan cannot count: {listed} "
+                   "(give the kernel pallas_call(metadata={'flops': ...}) or teach "
+                   "benchmarks/hlo_flops.py its formula)")
     if row["flops_ratio"] > BOUNDS["flops_ratio"]:
         out.append(f"{row['model']}: compiled/analytic FLOPs {row['flops_ratio']:.3f} > "
                    f"{BOUNDS['flops_ratio']:.2f}")

@@ -9,6 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from .results_dir import default_out, where_note
 from .targets import GiB, TARGETS
 
 
@@ -29,8 +30,12 @@ def parse_args(argv):
                         "remat=dots, loss_chunk_tokens=4096, scan_layers=false); repeatable")
     p.add_argument("--check", action="store_true",
                    help="exit 1 when a bound breaks: peak over budget, no flash attention, "
-                        "compiled/analytic FLOPs > 1.10")
-    p.add_argument("--out", default="benchmarks/results", help="folder for plan-<target>.json/md")
+                        "a custom call whose FLOPs cannot be counted, compiled/analytic "
+                        "FLOPs > 1.10")
+    p.add_argument("--out", default=None,
+                   help="folder for plan-<target>.json/md (default: ~/.cache/nanomoe/results, "
+                        "outside the repository; --out benchmarks/results replaces the "
+                        "committed reference)")
     args = p.parse_args(argv)
     names = list(MODELS) if args.model == "all" else args.model.split(",")
     bad = [n for n in names if n not in MODELS]
@@ -69,38 +74,77 @@ def split_sets(p, sets):
     return overrides, options
 
 
+def _moe_cell(r: dict) -> str:
+    m = r.get("moe_bytes")
+    return f"{m['total'] / 1e9:.1f} ({m['ratio']:.1f}x)" if m else "-"
+
+
+def _row(r: dict) -> str:
+    e = r["estimate"]
+    gemm = ", ".join(f"{k} {v}" for k, v in sorted(r["gemm_backends"].items())) or "-"
+    uncounted = ", ".join(sorted(r.get("uncounted", {}))) or "none"
+    vs_gpt = f"{e['mfu_vs_gpt']:.2f}" if "mfu_vs_gpt" in e else "-"
+    return (f"| {r['model']} | {r['options']} | {r['memory']['peak'] / GiB:.1f} "
+            f"({r['budget_bytes'] / GiB:.0f}) | {'yes' if r['flash_attention'] else 'no'} | "
+            f"{gemm} | {'yes' if r['grouped_gemm'] else 'no'} | {r['fusions']} | "
+            f"{r['flops_ratio']:.3f} | {uncounted} | {r['compiled_flops'] / 1e12:.2f} | "
+            f"{r['bytes_accessed'] / 1e9:.1f} | {_moe_cell(r)} | {1e3 * e['step_s']:.0f} | "
+            f"{e['tokens_per_s']:,.0f} | {100 * e['mfu_bound']:.0f}% | {vs_gpt} |")
+
+
+def render_moe(rows: list[dict]) -> list[str]:
+    """The MoE layers' bytes by part, and their largest kernels."""
+    moe = [r for r in rows if r.get("moe_bytes")]
+    if not moe:
+        return []
+    lines = ["## MoE-layer bytes per step (GB)", "",
+             "| model | MoE layers | minimum | x minimum | per-tile weights | scan residuals "
+             "| dispatch glue | matmul operands |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in moe:
+        m = r["moe_bytes"]
+        lines.append(f"| {r['model']} | {m['total'] / 1e9:.1f} | {m['minimum'] / 1e9:.1f} | "
+                     f"{m['ratio']:.2f} | {m['tile_weights'] / 1e9:.1f} | "
+                     f"{m['residuals'] / 1e9:.1f} | {m['glue'] / 1e9:.1f} | "
+                     f"{m['matmul'] / 1e9:.1f} |")
+    lines += ["", "Minimum: every MoE matmul operand read once and every result written once, "
+              "no padding (benchmarks/NOTES.md, `hlo_moe.min_moe_bytes`). Parts: "
+              "`benchmarks/hlo_moe.py`. Largest MoE kernels (GB per step, runs):", ""]
+    for r in moe:
+        top = r["moe_bytes"].get("top_kernels", [])[:5]
+        lines.append(f"- {r['model']}: " + "; ".join(
+            f"{k['kernel']} {k['bytes'] / 1e9:.2f} (x{k['runs']}, {'/'.join(k['ops'][:4])})"
+            for k in top))
+    return lines + [""]
+
+
 def render(report: dict) -> str:
     m = report["meta"]
     lines = [f"# GPU plan: {m['target']} ({m['device_kind']}), B={m['B']} T={m['T']}", "",
              f"`{m['command']}`  ", f"{m['date']}, jax {m['jax']}, jaxlib {m['jaxlib']}, "
              f"compiled on a {m['device']} device", "",
              "| model | options | planned peak GiB (budget) | flash attention | GEMM back end "
-             "| grouped GEMM | fusions | compiled / analytic FLOPs | TFLOP/step | GB accessed "
-             "| est. step ms | est. tokens/s | est. MFU bound |",
-             "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| grouped GEMM | fusions | compiled / analytic FLOPs | uncounted kernels "
+             "| TFLOP/step | GB accessed | MoE-layer GB (x minimum) | est. step ms "
+             "| est. tokens/s | est. MFU bound | est. MFU vs gpt |",
+             "|---|---|---:|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | error: {r['error'][:80]} |" + " |" * 11)
+            lines.append(f"| {r['model']} | error: {r['error'][:80]} |" + " |" * 14)
             continue
-        e = r["estimate"]
-        gemm = ", ".join(f"{k} {v}" for k, v in sorted(r["gemm_backends"].items())) or "-"
-        lines.append(
-            f"| {r['model']} | {r['options']} | {r['memory']['peak'] / GiB:.1f} "
-            f"({r['budget_bytes'] / GiB:.0f}) | {'yes' if r['flash_attention'] else 'no'} | "
-            f"{gemm} | {'yes' if r['grouped_gemm'] else 'no'} | {r['fusions']} | "
-            f"{r['flops_ratio']:.3f} | {r['compiled_flops'] / 1e12:.2f} | "
-            f"{r['bytes_accessed'] / 1e9:.1f} | {1e3 * e['step_s']:.0f} | "
-            f"{e['tokens_per_s']:,.0f} | {100 * e['mfu_bound']:.0f}% |")
+        lines.append(_row(r))
     lines += ["", "Peak = XLA's memory_analysis (arguments + outputs - aliased + temporaries). "
-              "FLOPs: matmuls counted from the optimised HLO (loop bodies x trip count, cuBLAS "
-              "and cuDNN custom calls from their operand shapes) against 6 N_active + 12 L C T "
-              "(XLA attention) or + 6 L C T (causal flash). **est.** columns are a roofline "
+              "FLOPs: matmuls counted from the optimised HLO (loop bodies x trip count; cuBLAS, "
+              "cuDNN, Triton GEMM fusions and grouped-GEMM kernels from their operand shapes, "
+              "Pallas kernels from their `flops` metadata; any other custom call is listed as "
+              "uncounted) against 6 N_active + 12 L C T (XLA attention) or + 6 L C T (causal "
+              "flash). Bytes: each kernel's operands read once and results written once, "
+              "slices and in-place updates as their size. **est.** columns are a roofline "
               "estimate (per kernel max(FLOPs / datasheet bf16 peak, bytes / bandwidth)), not "
               "a measurement.", ""]
     broken = report.get("broken") or []
-    lines += ["Bounds (peak <= budget, flash attention, FLOPs ratio <= 1.10): "
-              + ("all hold" if not broken else "; ".join(broken)), ""]
-    return "\n".join(lines)
+    lines += ["Bounds (peak <= budget, flash attention, every kernel counted, FLOPs ratio "
+              "<= 1.10): " + ("all hold" if not broken else "; ".join(broken)), ""]
+    return "\n".join(lines + render_moe(report["rows"]))
 
 
 def main(argv=None) -> int:
@@ -109,7 +153,7 @@ def main(argv=None) -> int:
     import jax
     import jaxlib
 
-    from .plan import broken_bounds, plan
+    from .plan import add_mfu_ratios, broken_bounds, plan
     from .targets import load_target
 
     target = load_target(args.target)
@@ -126,19 +170,20 @@ def main(argv=None) -> int:
             return 2
         rows.append(row)
         broken += broken_bounds(row)
+    add_mfu_ratios(rows)
     report = {"meta": {"command": "python -m benchmarks.plan " + shlex.join(argv),
                        "date": datetime.datetime.now().isoformat(timespec="seconds"),
                        "target": target.name, "device_kind": target.device_kind,
                        "device": rows[0]["device"], "B": args.B, "T": args.T,
                        "jax": jax.__version__, "jaxlib": jaxlib.__version__},
               "rows": rows, "broken": broken}
-    out = Path(args.out)
+    out = Path(args.out) if args.out else default_out()
     out.mkdir(parents=True, exist_ok=True)
     md = render(report)
     (out / f"plan-{target.name}.json").write_text(json.dumps(report, indent=1, default=str))
     (out / f"plan-{target.name}.md").write_text(md)
     print(md)
-    print(f"wrote {out}/plan-{target.name}.json and .md")
+    print(f"wrote plan-{target.name}.json and .md: " + where_note(out, bool(args.out)))
     if args.check and broken:
         for line in broken:
             print(f"bound broken: {line}", file=sys.stderr)

@@ -10,7 +10,8 @@ residuals. Their bytes split into:
   made of dense tiles gathers them, and writes per-tile weight gradients);
 * ``residuals``: slices of the stacks the forward layer scan fills and the backward reads;
 * ``glue``: the rest of the kernels without a matmul: row gathers and scatters, padding, the
-  combine, the router;
+  combine, the router (``glue_parts`` splits it: masks, fp32 per-(token, expert) rows,
+  gathers/scatters/padding, other);
 * ``matmul``: the rest of the matmul kernels' operands and results (activations, weights).
 
 :func:`min_moe_bytes` is the floor they are measured against (see ``benchmarks/NOTES.md``).
@@ -138,9 +139,22 @@ def _part(k, j, p, vals, is_tile) -> str:
     return "matmul" if k.flops else "glue"
 
 
-def moe_bytes(stats: ProgramStats, config, top: int = 12) -> dict:
-    """MoE-layer bytes per step, total and by part (see the module docstring), and the
-    ``top`` MoE kernels by bytes, so a change to the layer shows where it moved traffic."""
+def _glue_part(k, p, assignment_elems: int) -> str:
+    """What the glue is: issue 22's list of the MoE bytes beyond the GEMMs."""
+    dtype, d = max(p.shapes, key=lambda s: np.prod(s[1])) if p.shapes else ("", ())
+    if dtype == "pred":
+        return "masks"
+    if dtype == "f32" and int(np.prod(d)) == assignment_elems:
+        return "fp32 assignment rows"  # a (token, expert) row of width C kept in fp32
+    if k.ops & {"gather", "scatter", "pad", "sort"}:
+        return "gathers/scatters/padding"
+    return "other"  # the router, the combine, bias-gradient sums, layout transposes
+
+
+def moe_bytes(stats: ProgramStats, config, tokens: int = 0, top: int = 12) -> dict:
+    """MoE-layer bytes per step, total and by part (see the module docstring), the glue split
+    further (``glue_parts``; ``tokens``: B x T of the step), and the ``top`` MoE kernels by
+    bytes, so a change to the layer shows where it moved traffic."""
     C, H = config.n_embd, config.expert_hidden
     counts = {config.n_total_experts, config.n_routed_experts, config.n_shared, 1}
     whole = counts | {config.n_layer * c for c in counts}
@@ -151,16 +165,21 @@ def moe_bytes(stats: ProgramStats, config, top: int = 12) -> dict:
     moe = moe_kernels(stats)
     vals = tile_weight_values(stats, moe, is_tile)
     out: Counter = Counter({p: 0.0 for p in PARTS})
+    glue: Counter = Counter()
     per_kernel = []
     for i in moe:
         k, mine = stats.kernels[i], Counter()
         for j, p in enumerate(k.parts):
-            mine[_part(k, j, p, vals, is_tile)] += p.bytes * k.mult
+            part = _part(k, j, p, vals, is_tile)
+            mine[part] += p.bytes * k.mult
+            if part == "glue":
+                glue[_glue_part(k, p, tokens * config.n_activated_experts * C)] += p.bytes * k.mult
         out.update(mine)
         per_kernel.append((sum(mine.values()), k, mine))
     per_kernel.sort(key=lambda x: -x[0])
     out["total"] = sum(out[p] for p in PARTS)
     result = dict(out)
+    result["glue_parts"] = dict(glue)
     result["top_kernels"] = [
         {"kernel": k.name, "runs": k.mult, "bytes": b,
          "ops": sorted(k.ops - MOVEMENT - {"fusion"}),

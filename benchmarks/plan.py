@@ -142,6 +142,9 @@ def summarize(compiled, config, name, target: Target, source, opts, B, T, compil
         "estimate": {"step_s": step_s, "tokens_per_s": B * T / step_s,
                      "mfu_bound": analytic / step_s / target.peak_bf16},
         "uncounted": dict(stats.uncounted),
+        # slices of the stacks the forward layer scan fills and the backward scan reads
+        "scan_residual_bytes": float(sum(p.bytes * k.mult for k in stats.kernels
+                                         for p in k.parts if p.residual)),
     }
     if isinstance(config, MoeGPTConfig):
         row["moe_bytes"] = moe_summary(stats, config, B, T)
@@ -150,7 +153,7 @@ def summarize(compiled, config, name, target: Target, source, opts, B, T, compil
 
 def moe_summary(stats, config, B: int, T: int) -> dict:
     """MoE-layer bytes by part against the floor (every MoE matmul operand read once)."""
-    parts = hlo_moe.moe_bytes(stats, config)
+    parts = hlo_moe.moe_bytes(stats, config, tokens=B * T)
     floor = hlo_moe.min_moe_bytes(config, B, T)
     return {**parts, "minimum": floor, "ratio": parts["total"] / floor}
 

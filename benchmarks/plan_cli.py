@@ -106,6 +106,10 @@ def render_moe(rows: list[dict]) -> list[str]:
                      f"{m['ratio']:.2f} | {m['tile_weights'] / 1e9:.1f} | "
                      f"{m['residuals'] / 1e9:.1f} | {m['glue'] / 1e9:.1f} | "
                      f"{m['matmul'] / 1e9:.1f} |")
+    lines.append("")
+    for r in moe:
+        glue = sorted(r["moe_bytes"].get("glue_parts", {}).items(), key=lambda x: -x[1])
+        lines.append(f"- {r['model']} glue: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in glue))
     lines += ["", "Minimum: every MoE matmul operand read once and every result written once, "
               "no padding (benchmarks/NOTES.md, `hlo_moe.min_moe_bytes`). Parts: "
               "`benchmarks/hlo_moe.py`. Largest MoE kernels (GB per step, runs):", ""]

@@ -398,7 +398,7 @@ def test_moe_bytes_split_tile_weights_from_activations_of_the_same_shape():
     from benchmarks import hlo_moe
 
     cfg = SimpleNamespace(n_embd=4, expert_hidden=6, n_total_experts=3, n_routed_experts=2,
-                          n_shared=1, n_layer=1)
+                          n_shared=1, n_layer=1, n_activated_experts=1)
     m = hlo_moe.moe_bytes(hlo.program_stats(MOE), cfg)
     tile = 5 * 6 * 4 * 4  # one (5 tiles, 6, 4) f32 copy of the weights
     # the gather reads and writes the per-tile copies, the GEMM reads them
@@ -407,6 +407,8 @@ def test_moe_bytes_split_tile_weights_from_activations_of_the_same_shape():
     assert m["matmul"] == tile + 5 * 6 * 6 * 4
     # exp in and out, the copy in and out, the gather's tile -> expert indices
     assert m["glue"] == 2 * tile + 2 * 5 * 6 * 6 * 4 + 5 * 4
+    assert m["glue_parts"] == {"gathers/scatters/padding": 5 * 4,
+                               "other": 2 * tile + 2 * 5 * 6 * 6 * 4}
     assert m["residuals"] == 0 and m["total"] == sum(m[p] for p in hlo_moe.PARTS)
     assert m["top_kernels"][0]["kernel"] == "mm"
 

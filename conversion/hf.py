@@ -187,8 +187,12 @@ def to_hf(ckpt: str, out: str, force: bool = False, model: str | None = None,
                               state.items()}, strict=True)
     with atomic_output(out, force) as staging:
         hf_model.save_pretrained(staging)
+        from .hf_tokenizer import write_tokenizer
+
+        tokenizer = write_tokenizer(staging, source.meta.get("tokenizer"), c.vocab_size,
+                                    c.block_size)
     log(f"wrote {out}: {type(hf_model).__name__} for transformers.AutoModelForCausalLM"
-        f".from_pretrained({out!r}) (weights and config; no tokenizer files)")
+        f".from_pretrained({out!r}) (weights, config and {tokenizer})")
     return out
 
 

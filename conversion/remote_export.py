@@ -114,4 +114,6 @@ def write_remote_folder(staging: str, source: Source, log: Log = print) -> str:
               metadata={"format": "pt", "step": str(source.step)})
     eot = _eot(c.vocab_size)
     GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot).save_pretrained(staging)
-    return write_tokenizer(staging, source.meta.get("tokenizer"), c.block_size)
+    from .hf_tokenizer import write_tokenizer as write_any  # byte-level too
+
+    return write_any(staging, source.meta.get("tokenizer"), c.vocab_size, c.block_size)

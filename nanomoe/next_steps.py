@@ -38,11 +38,15 @@ def _sample_command(args, framework: str, tokenizer: str) -> str:
 
 def _export_commands(args, framework: str) -> list[str]:
     log = os.path.normpath(args.log_dir)
-    # a JAX run's folder is its checkpoint; --out must lie outside the input, so beside it
-    source = log if framework == "jax" else os.path.join(log, "model_final.pt")
-    return [_join(["python", "-m", "conversion", "to-hf", source, "--out", f"{log}-hf"]),
+    # Exports go inside the run's folder (with it in .gitignore, deleted with it), never beside
+    # it where a run in a clone leaves untracked folders. --out must lie outside the input, so
+    # a JAX run exports from its checkpoints/ folder (its newest step), not the whole folder.
+    source = (os.path.join(log, "checkpoints") if framework == "jax"
+              else os.path.join(log, "model_final.pt"))
+    return [_join(["python", "-m", "conversion", "to-hf", source, "--out",
+                   os.path.join(log, "hf")]),
             _join(["python", "-m", "conversion", "to-torch", source, "--format", "safetensors",
-                   "--out", f"{log}-safetensors"])]
+                   "--out", os.path.join(log, "safetensors")])]
 
 
 def text(args, framework: str, tokenizer: str) -> str:

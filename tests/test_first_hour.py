@@ -3,6 +3,7 @@ the first step's compile time, the end-of-run hints and messages."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -162,3 +163,44 @@ def test_stop_at_names_the_last_step_printed(monkeypatch, tmp_path, text_file, c
     printed = [x for x in out if re.match(r"step +\d+/", x)]
     assert printed[-1].startswith("step     4/10")
     assert "Stopped after 5 steps as asked (the last printed: step 4)" in out[-1]
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_the_suggested_exports_run_and_stay_in_the_log_folder(framework, tmp_path, monkeypatch):
+    """The "Next:" export commands, run as printed, write inside the run's folder (ignored by
+    git with it) and work on what a finished run leaves there."""
+    import shlex
+
+    import jax.numpy as jnp
+    import torch
+    from helpers import jax_twin, random_torch_model
+
+    from conversion.cli import main as conversion_main
+    from nanomoe import GPTConfig, next_steps
+    from nanomoe.cli import parse_args
+    from nanomoe_jax.checkpoint import save_model
+
+    log = tmp_path / "log"
+    size = dict(n_layer=1, n_embd=32, n_head=2, block_size=32, vocab_size=256)
+    tm = random_torch_model(GPTConfig(**size))
+    if framework == "jax":
+        save_model(jax_twin(tm, dtype=jnp.float32), str(log), 4, {"tokenizer": "byte"})
+    else:
+        log.mkdir()
+        torch.save({"model": tm.state_dict(), "config": size, "step": 4}, log / "model_final.pt")
+    monkeypatch.chdir(tmp_path)
+    args = parse_args(["--model", "gpt", "--log_dir", "log", "--max_steps", "4"])
+    text = next_steps.text(args, framework, "byte")
+    commands = [x.split(None, 1)[1] if x.lstrip().startswith("export") else x.strip()
+                for x in text.splitlines() if "python -m conversion" in x]
+    assert len(commands) == 2
+    before = set(os.listdir(tmp_path))
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[:3] == ["python", "-m", "conversion"]
+        out = argv[argv.index("--out") + 1]
+        assert os.path.commonpath([os.path.abspath(out), str(log)]) == str(log), command
+        assert conversion_main(argv[3:]) == 0, command
+    assert set(os.listdir(tmp_path)) == before  # nothing beside the run's folder
+    assert {"hf", "safetensors"} <= set(os.listdir(log))
+    assert (log / "hf" / "tokenizer.json").is_file()

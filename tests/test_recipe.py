@@ -302,8 +302,9 @@ def test_the_end_of_a_run_names_its_real_paths(straight):
     end = stdout[stdout.index("Done: 6 steps."):]
     for text in (f"Files in {log}/", "checkpoints/6 ", "model_final.pt", "metrics.jsonl",
                  "loss.png", f"python -m nanomoe_jax.sample --checkpoint {log} --prompt "
-                 f"\"Hello, I'm a language model,\"", f"python -m conversion to-hf {log} --out "
-                 f"{log}-hf", f"python -m conversion to-torch {log} --format safetensors",
+                 f"\"Hello, I'm a language model,\"", f"python -m conversion to-hf {log}/checkpoints "
+                 f"--out {log}/hf", f"python -m conversion to-torch {log}/checkpoints --format "
+                 f"safetensors --out {log}/safetensors",
                  "JAX_PLATFORMS=cpu .venv-plan/bin/python -m benchmarks.plan --target rtx4090 "
                  "--model gpt"):
         assert text in end, text
@@ -311,7 +312,7 @@ def test_the_end_of_a_run_names_its_real_paths(straight):
     _, stdout, log = straight["torch"]
     end = stdout[stdout.index("Done: 6 steps."):]
     for text in ("model_000006.pt ", f"python -m nanomoe_torch.sample --checkpoint "
-                 f"{log}/model_final.pt", f"to-hf {log}/model_final.pt --out {log}-hf"):
+                 f"{log}/model_final.pt", f"to-hf {log}/model_final.pt --out {log}/hf"):
         assert text in end, text
     assert os.path.isfile(os.path.join(log, "model_000006.pt"))
 

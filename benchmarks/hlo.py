@@ -222,18 +222,20 @@ def program_stats(hlo_text: str) -> ProgramStats:
         leaves = shapes.get(name) or [("f32", ())]
         return leaves[0][1]
 
-    def kernel(comp: Computation, defs: dict, ins: Instr, mult: int):
+    def count_flops(fused: list[Instr], mult: int) -> tuple[float, Counter]:
         kinds: Counter = Counter()
-        f = 0.0
-        fused = _fused(comps, ins)
         for sub in fused:
             where = " ".join(f"{a} {b}" for a, b in stats.frames.get(sub.frame, []))
-            sf, kind, uncounted = hlo_flops.instr_flops(sub, shape_of, where)
-            if kind:
-                kinds[kind] += sf
-            f += sf
+            f, kind, uncounted = hlo_flops.instr_flops(sub, shape_of, where)
+            kinds[kind] += f if kind else 0
             if uncounted:
                 stats.uncounted[uncounted] += mult
+        kinds.pop(None, None)
+        return float(sum(kinds.values())), kinds
+
+    def kernel(comp: Computation, defs: dict, ins: Instr, mult: int):
+        fused = _fused(comps, ins)
+        f, kinds = count_flops(fused, mult)
         stats.fusions += mult if ins.op == "fusion" else 0
         if ins.op == "custom-call":
             stats.custom_calls[target(ins)] += mult
@@ -247,8 +249,9 @@ def program_stats(hlo_text: str) -> ProgramStats:
         stats.flops += f * mult
         stats.kernels.append(Kernel(
             ins.name, ins.op, f, sum(p.bytes for p in parts), mult, comp.name,
-            tuple(_resolved(defs, o) for o in ins.operands), tuple(parts), frozenset(i.op for i in fused),
-            frozenset(i.frame for i in fused if i.frame), tuple(i.op_name for i in fused)))
+            tuple(_resolved(defs, o) for o in ins.operands), tuple(parts),
+            frozenset(i.op for i in fused), frozenset(i.frame for i in fused if i.frame),
+            tuple(i.op_name for i in fused)))
 
     def walk(comp_name: str, mult: int):
         comp = comps[comp_name]

@@ -6,8 +6,11 @@
 With no GPU the CUDA plugin (``pip install -e ".[plan]"``) compiles for a compile-only device
 described by ``benchmarks/targets/<target>.textproto``; on a machine with a GPU the real
 device is used. Per model it reports the planned peak memory against the card's, the kernels
-of the compiled program, matmul FLOPs against the analytic count, bytes accessed and a
-roofline estimate. ``plan()`` is the library entry point (one config, one dict).
+of the compiled program (and any custom call whose FLOPs it cannot count), matmul FLOPs against
+the analytic count, bytes accessed, the MoE layers' bytes against their floor, and a roofline
+estimate. ``plan()`` is the library entry point (one config, one dict); the command writes to
+``~/.cache/nanomoe/results`` unless ``--out`` (``--out benchmarks/results``: the committed
+reference).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from nanomoe.flops import active_params
 from nanomoe_jax import model_class
 from nanomoe_jax import sharding as shd
 from nanomoe_jax.execution import describe, execution_options, options_kwargs
+from nanomoe_jax.ragged_gemm import compiling_for
 from nanomoe_jax.train import jit_train_step, make_optimizer
 
 from . import hlo, hlo_moe
@@ -91,8 +95,9 @@ def plan(model: str | Any, target: str | Target = "rtx4090", B: int = 16, T: int
     opts = execution_options(devices[0], config, **(options or {}))
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "expert": 1}, devices=devices)
     t0 = time.perf_counter()
-    step, args = abstract_step_inputs(config, opts, mesh, B, T)
-    compiled = step.lower(*args).compile()
+    with compiling_for(devices[0]):  # tokamax's kernels for the target, not this machine
+        step, args = abstract_step_inputs(config, opts, mesh, B, T)
+        compiled = step.lower(*args).compile()
     compile_s = time.perf_counter() - t0
     return summarize(compiled, config, name, target, source, opts, B, T, compile_s)
 

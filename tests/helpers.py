@@ -9,7 +9,7 @@ from flax import nnx
 import conversion
 import nanomoe_jax
 import nanomoe_torch
-from nanomoe import GPTConfig, ModernGPTConfig, MoeGPTConfig
+from nanomoe import GPTConfig, ModernGPTConfig, MoeGPTConfig, nGPTConfig
 
 TINY = dict(n_layer=2, n_embd=32, n_head=4, block_size=32, vocab_size=96)
 
@@ -31,7 +31,13 @@ MOE_CONFIGS = {
     "s2-nobias": MoeGPTConfig(**TINY, n_experts=6, n_shared_experts=2, n_activated_experts=2,
                               use_bias=False),
 }
-ALL_CONFIGS = {**GPT_CONFIGS, **MODERN_CONFIGS, **{f"moe-{k}": v for k, v in MOE_CONFIGS.items()}}
+# the original's quirks (seed RoPE map, 1/sqrt(hd) scale), and the paper's two fixes
+NGPT_CONFIGS = {
+    "ngpt": nGPTConfig(**TINY),
+    "ngpt-paper-std-rope": nGPTConfig(**TINY, paper_attn_scale=True, standard_rope=True),
+}
+ALL_CONFIGS = {**GPT_CONFIGS, **MODERN_CONFIGS, **{f"moe-{k}": v for k, v in MOE_CONFIGS.items()},
+               **NGPT_CONFIGS}
 
 
 def no_drop(config):

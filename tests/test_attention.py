@@ -11,7 +11,6 @@ import pytest
 from flax import nnx
 
 from helpers import ALL_CONFIGS, jax_twin, no_drop, random_torch_model, rel_err
-from nanomoe import nGPTConfig
 from nanomoe_jax.attention import causal_attention
 from nanomoe_jax.train import slice_loss
 
@@ -78,15 +77,12 @@ def test_causal_first_query_sees_only_itself():
                                out[:, :5], rtol=1e-6)
 
 
-NGPT = nGPTConfig(n_layer=2, n_embd=32, n_head=4, block_size=32, vocab_size=96)
-
-
 @pytest.mark.parametrize("name", ["gpt", "gqa-gated", "mha-nobias-double", "moe-default", "ngpt"])
 def test_models_train_the_same_with_it(monkeypatch, name):
     import nanomoe_jax.attention as attention
 
     monkeypatch.setattr(attention, "QUERY_BLOCK", 5)  # T=16: blocks of 4, 4, 4, 4
-    config = NGPT if name == "ngpt" else no_drop(ALL_CONFIGS[name])
+    config = no_drop(ALL_CONFIGS[name])
     ref = random_torch_model(config, seed=2)
     g = np.random.default_rng(0)
     x = jnp.asarray(g.integers(0, config.vocab_size, (2, 16)), jnp.int32)

@@ -8,7 +8,7 @@ import torch
 
 import nanomoe
 import nanomoe_torch
-from nanomoe import GPTConfig, ModernGPTConfig, MoeGPTConfig
+from nanomoe import GPTConfig, ModernGPTConfig, MoeGPTConfig, nGPTConfig
 
 TINY = dict(n_layer=2, n_embd=64, n_head=4, block_size=32, vocab_size=128)
 CONFIGS = {
@@ -20,6 +20,7 @@ CONFIGS = {
                                            use_gate_proj=True),
     "moe": MoeGPTConfig(**TINY),
     "moe-nobias-m2": MoeGPTConfig(**TINY, use_bias=False, m_sub_experts=2, n_activated_experts=3),
+    "ngpt": nGPTConfig(**TINY),
 }
 PARAMS = [pytest.param(c, id=name) for name, c in CONFIGS.items()]
 
@@ -27,8 +28,14 @@ NORM_NAMES = ("ln_1", "ln_2", "ln_f", "ln1", "ln2", "q_norm", "k_norm")
 
 
 def expected_init(config, name):
-    """The spec's initialiser of one state_dict entry: ("normal", std), ("zeros",) or ("ones",)."""
+    """The original's initialiser of one state_dict entry (docs/original.md): ("normal", std),
+    ("zeros",), ("ones",) or ("constant", value)."""
     leaf = name.split(".")[-2]
+    if isinstance(config, nGPTConfig):  # base_scale, a constant 1/sqrt(768) whatever n_embd
+        s, vector = config.base_scale, name.split(".")[-1]
+        if vector in ("attn_alpha", "mlp_alpha", "sqk", "suv"):
+            return ("constant", (0.05 if "alpha" in vector else 1.0) * s)
+        return ("ones",) if leaf in ("rms_att", "rms_mlp") else ("normal", s)
     if name.endswith("bias"):  # Linear biases, LayerNorm biases, MoE fc_bias and proj_bias
         return ("zeros",)
     if leaf in NORM_NAMES:
@@ -51,6 +58,8 @@ def check_distributions(config, tensors):
             assert not value.any(), name
         elif kind == ("ones",):
             assert (value == 1).all(), name
+        elif kind[0] == "constant":
+            assert (value == np.float32(kind[1])).all(), name
         else:
             groups.setdefault(kind[1], []).append(value.ravel())
             if value.size >= 10_000:

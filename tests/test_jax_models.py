@@ -1,6 +1,7 @@
 """Properties of the Flax models that need no reference: causality, scan/unrolled/remat
 equivalence, the chunked loss, the shared init and input checks."""
 
+import dataclasses
 import re
 
 import jax
@@ -13,11 +14,11 @@ from flax import nnx
 import conversion
 import nanomoe_jax
 import nanomoe_torch
-from nanomoe import GPTConfig
-from helpers import TINY, ALL_CONFIGS, GPT_CONFIGS, MOE_CONFIGS, MODERN_CONFIGS, jax_twin, random_torch_model, tokens
+from helpers import (ALL_CONFIGS, GPT_CONFIGS, MODERN_CONFIGS, MOE_CONFIGS, NGPT_CONFIGS, jax_twin,
+                     random_torch_model, tokens)
 
 SOME = {"gpt": GPT_CONFIGS["gpt"], "modern": MODERN_CONFIGS["gqa-gated"],
-        "moe": MOE_CONFIGS["s2-nobias"]}
+        "moe": MOE_CONFIGS["s2-nobias"], "ngpt": NGPT_CONFIGS["ngpt"]}
 
 
 @nnx.jit
@@ -50,16 +51,29 @@ def test_causality(name):
         assert not np.allclose(out[:, t], base[:, t])
 
 
+def remat_policies(model, idx, tgt) -> list[str]:
+    """The checkpoint policy of every remat in the traced loss (empty: nothing rematerialised)."""
+    graphdef, state = nnx.split(model)
+    jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(idx, tgt)[1]["loss"])(state))
+    return re.findall(r"remat2\[.*?policy=(?:<function )?(\w+)", jaxpr, re.S)
+
+
 @pytest.mark.parametrize("name", list(SOME))
 def test_scan_unrolled_and_remat_agree(name):
+    """Same loss, logits and gradients in every layout; and remat is really in the program
+    (the numbers cannot tell: remat changes only what the backward pass recomputes)."""
     config = SOME[name]
     tm = random_torch_model(config, seed=7)
     idx, tgt = map(jnp.asarray, tokens(config, seed=7))
     results = {}
+    policy = {"none": [], "full": ["nothing_saveable"], "dots": ["DotsSaveable"]}
     # remat under scan (the default layout), and the unrolled loop with and without remat
     for scan, remat in ((True, "none"), (True, "full"), (True, "dots"), (False, "none"),
                         (False, "full")):
         model = jax_twin(tm, dtype=jnp.float32, scan_layers=scan, remat=remat)
+        found = remat_policies(model, idx, tgt)
+        assert set(found) == set(policy[remat]), (scan, remat, found)
+        assert len(found) == (0 if remat == "none" else 1 if scan else config.n_layer)
         loss, logits, grads = loss_and_grads(model, idx, tgt)
         holder = nnx.clone(model)
         nnx.update(holder, grads)
@@ -87,9 +101,11 @@ def test_chunked_loss_equals_whole(name):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_loss_does_not_keep_full_fp32_logits():
-    """Under jit, a loss-only step holds no (B*T, V) fp32 array: logits live one chunk at a time."""
-    config = GPTConfig(**{**TINY, "vocab_size": 97})  # a vocab no other dimension equals
+@pytest.mark.parametrize("name", list(SOME))
+def test_loss_does_not_keep_full_fp32_logits(name):
+    """Under jit, a loss-only step holds no (B*T, V) fp32 array: logits live one chunk at a
+    time (each model passes its loss_chunk_tokens down)."""
+    config = dataclasses.replace(SOME[name], vocab_size=97)  # a vocab no other dimension equals
     model = nanomoe_jax.create_model(config, 0, dtype=jnp.float32, loss_chunk_tokens=8)
     graphdef, state = nnx.split(model)
     idx = jnp.zeros((4, 32), jnp.int32)

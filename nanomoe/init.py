@@ -1,9 +1,10 @@
 """Framework-free initial weights: the same ``--seed`` gives the same arrays in both frameworks.
 
-:func:`param_specs` is the spec's parameter table in code (the original's names and layouts,
+:func:`param_specs` is the original's parameter table in code (its names and layouts,
 PyTorch's (out, in) for Linear weights). :func:`init_params` draws every tensor with NumPy from
 a generator seeded by ``(seed, name)``, so a tensor does not depend on the order or on which
-other tensors exist. The distributions are those the original really uses.
+other tensors exist. The distributions are those the original really uses
+(docs/original.md: MoeGPT's re-drawn out_proj and zero proj_weight, nGPT's base_scale).
 """
 
 from __future__ import annotations

@@ -3,14 +3,15 @@ layer stack (scan or unrolled, optional remat) and the tied head with its loss.
 
 Mirrors ``nanomoe_torch/layers.py``. Mixed precision as torch autocast does it: parameters
 fp32 (``param_dtype``); matmuls and attention in ``dtype`` (bf16 on accelerators); the residual
-stream, norms, RoPE, softmax, the router and the loss in fp32.
+stream, norms, RoPE, softmax, the router and the loss in fp32. Axis letters of names like
+``q_BTQD``: docs/dimensions.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ from nanomoe.rope import rope_table
 
 from . import norms
 from .activations import gelu_tanh
-from .attention import causal_attention
+from .attention import KVCache, attend, init_cache  # noqa: F401 - KVCache: models' import
 from .loss import tied_cross_entropy
 
 Dtype = Any
@@ -56,6 +57,9 @@ class Options:
     moe_dispatch: str | None = None
     # training loss on this many independent row groups of a micro-batch (row_groups.py)
     row_groups: int = 1
+    # (block, x) -> x, called on each layer just before it runs (inside the layer scan):
+    # fsdp gathers that layer's weights there (nanomoe_jax/sharding.py, layer_placement)
+    place_layer: Any = None
 
     def __post_init__(self):
         if self.dtype is None:
@@ -100,40 +104,27 @@ def embed(n: int, dim: int, opts: Options, rngs: nnx.Rngs) -> nnx.Embed:
                      param_dtype=opts.param_dtype, rngs=rngs)
 
 
-def tied_logits(wte: nnx.Embed, h_NC: jax.Array, dtype: Dtype) -> jax.Array:
-    """The tied output head: ``h @ wte^T`` in the compute dtype."""
-    return jnp.einsum("...c,vc->...v", h_NC.astype(dtype), wte.embedding[...].astype(dtype))
+def tied_logits(wte: nnx.Embed, h: jax.Array, dtype: Dtype) -> jax.Array:
+    """The tied output head: ``h @ wte^T`` in the compute dtype, (..., C) -> (..., V)."""
+    return jnp.einsum("...c,vc->...v", h.astype(dtype), wte.embedding[...].astype(dtype))
 
 
-def apply_rope(x_BTNH: jax.Array, base: float, positions_T: jax.Array | None = None,
+def apply_rope(x_BTQD: jax.Array, base: float, positions_T: jax.Array | None = None,
                max_len: int | None = None) -> jax.Array:
     """Rotate interleaved pairs (x[2i], x[2i+1]) by position, in fp32 (GPT-J layout).
 
     Positions default to 0..T-1; a decode step passes its own (rows of the same table, so the
     cached keys and the full forward agree exactly)."""
-    T, hd = x_BTNH.shape[1], x_BTNH.shape[-1]
+    T, D = x_BTQD.shape[1], x_BTQD.shape[-1]
     if positions_T is None:
-        table_TH = rope_table(T, hd, base)
+        table_TD = rope_table(T, D, base)
     else:
-        table_TH = jnp.take(jnp.asarray(rope_table(max_len, hd, base)), positions_T, axis=0)
-    sin_T1H, cos_T1H = table_TH[:, None, 0::2], table_TH[:, None, 1::2]
-    x = x_BTNH.astype(jnp.float32)
+        table_TD = jnp.take(jnp.asarray(rope_table(max_len, D, base)), positions_T, axis=0)
+    sin_T1d, cos_T1d = table_TD[:, None, 0::2], table_TD[:, None, 1::2]
+    x = x_BTQD.astype(jnp.float32)
     x0, x1 = x[..., 0::2], x[..., 1::2]
-    out = jnp.stack([x0 * cos_T1H - x1 * sin_T1H, x1 * cos_T1H + x0 * sin_T1H], axis=-1)
-    return out.reshape(x.shape).astype(x_BTNH.dtype)
-
-
-class KVCache(NamedTuple):
-    """Keys and values of every position so far, for one layer (stacked: one per layer)."""
-
-    k_BSKH: jax.Array
-    v_BSKH: jax.Array
-
-
-def init_cache(n_layer: int, batch: int, length: int, n_kv_head: int, head_dim: int,
-               dtype) -> KVCache:
-    shape = (n_layer, batch, length, n_kv_head, head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    out = jnp.stack([x0 * cos_T1d - x1 * sin_T1d, x1 * cos_T1d + x0 * sin_T1d], axis=-1)
+    return out.reshape(x.shape).astype(x_BTQD.dtype)
 
 
 class Attention(nnx.Module):
@@ -161,32 +152,22 @@ class Attention(nnx.Module):
         """Causal self-attention over x; with a cache, x holds positions pos..pos+T-1, its keys
         and values are written into the cache and the queries read every cached position."""
         B, T, C = x_BTC.shape
-        N, K, H = self.n_head, self.n_kv_head, self.head_dim
+        Q, J, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.c_qkv(x_BTC)
-        q_BTNH = qkv[..., : N * H].reshape(B, T, N, H)
-        k_BTKH = qkv[..., N * H : (N + K) * H].reshape(B, T, K, H)
-        v_BTKH = qkv[..., (N + K) * H :].reshape(B, T, K, H)
+        q_BTQD = qkv[..., : Q * D].reshape(B, T, Q, D)
+        k_BTJD = qkv[..., Q * D : (Q + J) * D].reshape(B, T, J, D)
+        v_BTJD = qkv[..., (Q + J) * D :].reshape(B, T, J, D)
         positions_T = None if cache is None else pos + jnp.arange(T)
         if self.rope_base is not None:
-            max_len = None if cache is None else cache.k_BSKH.shape[1]
-            q_BTNH = apply_rope(q_BTNH, self.rope_base, positions_T, max_len)
-            k_BTKH = apply_rope(k_BTKH, self.rope_base, positions_T, max_len)
+            max_len = None if cache is None else cache.k_BZJD.shape[1]
+            q_BTQD = apply_rope(q_BTQD, self.rope_base, positions_T, max_len)
+            k_BTJD = apply_rope(k_BTJD, self.rope_base, positions_T, max_len)
         if self.q_norm is not None:
-            q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
-        q_BTNH, k_BTKH = q_BTNH.astype(self.dtype), k_BTKH.astype(self.dtype)
-        v_BTKH = v_BTKH.astype(self.dtype)
-        if cache is None:
-            y_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, self.scale, self.attention_impl)
-        else:
-            cache = KVCache(
-                jax.lax.dynamic_update_slice_in_dim(cache.k_BSKH, k_BTKH.astype(cache.k_BSKH.dtype), pos, 1),
-                jax.lax.dynamic_update_slice_in_dim(cache.v_BSKH, v_BTKH.astype(cache.v_BSKH.dtype), pos, 1))
-            S = cache.k_BSKH.shape[1]
-            mask_11TS = (jnp.arange(S)[None, :] <= positions_T[:, None])[None, None]
-            y_BTNH = jax.nn.dot_product_attention(
-                q_BTNH, cache.k_BSKH.astype(self.dtype), cache.v_BSKH.astype(self.dtype),
-                mask=mask_11TS, scale=self.scale)
-        return self.out_proj(y_BTNH.reshape(B, T, C)), cache
+            q_BTQD, k_BTJD = self.q_norm(q_BTQD), self.k_norm(k_BTJD)
+        q_BTQD, k_BTJD = q_BTQD.astype(self.dtype), k_BTJD.astype(self.dtype)
+        v_BTJD = v_BTJD.astype(self.dtype)
+        y_BTQD, cache = attend(q_BTQD, k_BTJD, v_BTJD, self.scale, self.attention_impl, cache, pos)
+        return self.out_proj(y_BTQD.reshape(B, T, C)), cache
 
 
 class GeluMLP(nnx.Module):
@@ -248,7 +229,10 @@ def run_stack(blocks: nnx.Module, x: jax.Array, opts: Options, cache: KVCache | 
 
     def step(x, layer):
         layer_state, layer_cache = layer
-        x, aux, layer_cache = nnx.merge(graphdef, layer_state)(x, layer_cache, pos)
+        block = nnx.merge(graphdef, layer_state)
+        if opts.place_layer is not None:
+            x = opts.place_layer(block, x)
+        x, aux, layer_cache = block(x, layer_cache, pos)
         return x, (aux, layer_cache)
 
     if opts.remat != "none":

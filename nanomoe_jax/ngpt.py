@@ -2,7 +2,7 @@
 
 Mixed precision as under the original's autocast: the four matmuls and attention run in
 ``dtype``; RMSNorms, the L2 normalisations, the rotary map, the scale vectors and the residual
-interpolation in fp32 (the residual stream stays fp32).
+interpolation in fp32 (the residual stream stays fp32). Axis letters: docs/dimensions.md.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from flax import nnx
 from nanomoe.config import nGPTConfig
 from nanomoe.rope import rope_table
 
-from .attention import causal_attention
-from .layers import (Decoding, KVCache, Options, apply_rope, check_sequence_length, embed,
-                     head_and_loss, linear, make_stack, rms_norm, run_stack)
+from .attention import KVCache, attend
+from .layers import (Decoding, Options, apply_rope, check_sequence_length, embed, head_and_loss,
+                     linear, make_stack, rms_norm, run_stack)
 
 f32 = jnp.float32
 ROPE_BASE = 10000.0
@@ -38,14 +38,17 @@ def eff(p: jax.Array, c: float) -> jax.Array:
     return p * (c / jnp.maximum(jnp.max(jnp.abs(p)), SCALE_FLOOR))
 
 
-def half_split_rotary(x_BTNH: jax.Array, table_TH: jax.Array) -> jax.Array:
-    """The original's map: S, K = the halves of the table rows, e, o = the even and odd
-    features; concat(e*K - o*S, o*K + e*S) (not a rotation; output in halves)."""
-    h = x_BTNH.shape[-1] // 2
-    S_T1h, K_T1h = table_TH[:, None, :h], table_TH[:, None, h:]
-    x = x_BTNH.astype(f32)
-    e, o = x[..., 0::2], x[..., 1::2]
-    return jnp.concatenate([e * K_T1h - o * S_T1h, o * K_T1h + e * S_T1h], axis=-1)
+def half_split_rotary(x_BTQD: jax.Array, table_TD: jax.Array) -> jax.Array:
+    """The original's map: sin, cos = the first and second halves of the table rows (its
+    names; they are not the sine and cosine of one angle), e, o = the even and odd features;
+    concat(e*cos - o*sin, o*cos + e*sin): not a rotation, output in halves
+    (docs/original.md#ngpt)."""
+    d = x_BTQD.shape[-1] // 2
+    sin_T1d, cos_T1d = table_TD[:, None, :d], table_TD[:, None, d:]
+    x = x_BTQD.astype(f32)
+    e_BTQd, o_BTQd = x[..., 0::2], x[..., 1::2]
+    return jnp.concatenate([e_BTQd * cos_T1d - o_BTQd * sin_T1d,
+                            o_BTQd * cos_T1d + e_BTQd * sin_T1d], axis=-1)
 
 
 class Block(nnx.Module):
@@ -65,38 +68,28 @@ class Block(nnx.Module):
         self.rms_att = rms_norm(C, opts, rngs)
         self.rms_mlp = rms_norm(C, opts, rngs)
 
-    def rotate(self, x_BTNH, positions_T):
+    def rotate(self, x_BTQD, positions_T):
         """Rotary map at absolute positions (rows of the block_size table)."""
         c = self.config
         if c.standard_rope:
-            return apply_rope(x_BTNH.astype(f32), ROPE_BASE, positions_T, c.block_size)
+            return apply_rope(x_BTQD.astype(f32), ROPE_BASE, positions_T, c.block_size)
         table = jnp.asarray(rope_table(c.block_size, self.head_dim, ROPE_BASE))
-        return half_split_rotary(x_BTNH, jnp.take(table, positions_T, axis=0))
+        return half_split_rotary(x_BTQD, jnp.take(table, positions_T, axis=0))
 
     def attention(self, a_BTC, cache: KVCache | None, pos):
         B, T, C = a_BTC.shape
-        N, H = self.n_head, self.head_dim
+        Q, D = self.n_head, self.head_dim
         qkv_BT3C = self.c_attn(a_BTC)
-        q_BTNH, k_BTNH, v_BTNH = (t.reshape(B, T, N, H) for t in jnp.split(qkv_BT3C, 3, -1))
+        q_BTQD, k_BTQD, v_BTQD = (t.reshape(B, T, Q, D) for t in jnp.split(qkv_BT3C, 3, -1))
         positions_T = jnp.arange(T) if cache is None else pos + jnp.arange(T)
-        q_BTNH, k_BTNH = self.rotate(q_BTNH, positions_T), self.rotate(k_BTNH, positions_T)
-        s_qk_H = eff(self.sqk[...], 1.0)[:H]  # the first hd entries, shared by every head
-        q_BTNH = (justnorm(q_BTNH) * s_qk_H).astype(self.dtype)
-        k_BTNH = (justnorm(k_BTNH) * s_qk_H).astype(self.dtype)
-        v_BTNH = v_BTNH.astype(self.dtype)
-        scale = math.sqrt(H) if self.config.paper_attn_scale else 1.0 / math.sqrt(H)
-        if cache is None:
-            o_BTNH = causal_attention(q_BTNH, k_BTNH, v_BTNH, scale, self.attention_impl)
-        else:
-            cache = KVCache(
-                jax.lax.dynamic_update_slice_in_dim(cache.k_BSKH, k_BTNH.astype(cache.k_BSKH.dtype), pos, 1),
-                jax.lax.dynamic_update_slice_in_dim(cache.v_BSKH, v_BTNH.astype(cache.v_BSKH.dtype), pos, 1))
-            S = cache.k_BSKH.shape[1]
-            mask_11TS = (jnp.arange(S)[None, :] <= positions_T[:, None])[None, None]
-            o_BTNH = jax.nn.dot_product_attention(
-                q_BTNH, cache.k_BSKH.astype(self.dtype), cache.v_BSKH.astype(self.dtype),
-                mask=mask_11TS, scale=scale)
-        return self.attn_out(o_BTNH.reshape(B, T, C)), cache
+        q_BTQD, k_BTQD = self.rotate(q_BTQD, positions_T), self.rotate(k_BTQD, positions_T)
+        s_qk_D = eff(self.sqk[...], 1.0)[:D]  # the first hd entries, shared by every head
+        q_BTQD = (justnorm(q_BTQD) * s_qk_D).astype(self.dtype)
+        k_BTQD = (justnorm(k_BTQD) * s_qk_D).astype(self.dtype)
+        v_BTQD = v_BTQD.astype(self.dtype)
+        scale = math.sqrt(D) if self.config.paper_attn_scale else 1.0 / math.sqrt(D)
+        o_BTQD, cache = attend(q_BTQD, k_BTQD, v_BTQD, scale, self.attention_impl, cache, pos)
+        return self.attn_out(o_BTQD.reshape(B, T, C)), cache
 
     def __call__(self, x_BTC, cache=None, pos=None):
         C = x_BTC.shape[-1]

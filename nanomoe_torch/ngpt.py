@@ -1,10 +1,10 @@
 """nGPT (the original's ``nGPT``, "based on NVIDIA/ngpt"): a residual stream of unit vectors
 moved towards each sub-block's normalised output by learned eigen learning rates.
 
-The original's quirks are reproduced (see README): the rotary map uses the two halves of the
-sin/cos table as "sin" and "cos" and writes its output in halves; attention keeps SDPA's
-1/sqrt(hd) on unit q, k; the scale vectors are normalised by their largest entry, so only their
-shape is learned. ``paper_attn_scale`` / ``standard_rope`` switch to the paper's variants.
+The original's quirks are reproduced (docs/original.md#ngpt): the rotary map uses the two
+halves of the sin/cos table as "sin" and "cos" and writes its output in halves; attention keeps
+SDPA's 1/sqrt(hd) on unit q, k; the scale vectors are normalised by their largest entry, so only
+their shape is learned. ``paper_attn_scale`` / ``standard_rope`` switch to the paper's variants.
 """
 
 from __future__ import annotations
@@ -37,14 +37,15 @@ def eff(p: torch.Tensor, c: float) -> torch.Tensor:
     return p * (c / torch.clamp(p.abs().max(), min=SCALE_FLOOR))
 
 
-def half_split_rotary(x: torch.Tensor, table_TH: torch.Tensor) -> torch.Tensor:
-    """The original's map of x (B, nh, T, hd): S, K = the first and second halves of the table
-    rows, e, o = the even and odd features; returns concat(e*K - o*S, o*K + e*S). Not a
-    rotation, and pair (x[2j], x[2j+1]) lands at (j, hd/2 + j)."""
-    h = x.size(-1) // 2
-    S, K = table_TH[:, :h], table_TH[:, h:]
+def half_split_rotary(x: torch.Tensor, table_TD: torch.Tensor) -> torch.Tensor:
+    """The original's map of x (B, Q, T, D): sin, cos = the first and second halves of the
+    table rows (its names: not the sine and cosine of one angle), e, o = the even and odd
+    features; returns concat(e*cos - o*sin, o*cos + e*sin). Not a rotation, and pair
+    (x[2j], x[2j+1]) lands at (j, D/2 + j) (docs/original.md#ngpt)."""
+    d = x.size(-1) // 2
+    sin_Td, cos_Td = table_TD[:, :d], table_TD[:, d:]
     e, o = x[..., 0::2], x[..., 1::2]
-    return torch.cat([e * K - o * S, o * K + e * S], dim=-1)
+    return torch.cat([e * cos_Td - o * sin_Td, o * cos_Td + e * sin_Td], dim=-1)
 
 
 class nGPTBlock(nn.Module):  # noqa: N801 - the original's name
@@ -65,15 +66,15 @@ class nGPTBlock(nn.Module):  # noqa: N801 - the original's name
         self.rms_mlp = RMSNorm(C)
         self.act = nn.SiLU()
 
-    def forward(self, x, table_TH):
+    def forward(self, x, table_TD):
         B, T, C = x.shape
         nh, hd = self.n_head, self.head_dim
         q, k, v = self.c_attn(self.rms_att(x)).split(C, dim=-1)
         q, k, v = (t.view(B, T, nh, hd).transpose(1, 2) for t in (q, k, v))
         if self.config.standard_rope:
-            q, k = apply_rope(q.float(), table_TH), apply_rope(k.float(), table_TH)
+            q, k = apply_rope(q.float(), table_TD), apply_rope(k.float(), table_TD)
         else:
-            q, k = half_split_rotary(q, table_TH), half_split_rotary(k, table_TH)
+            q, k = half_split_rotary(q, table_TD), half_split_rotary(k, table_TD)
         s_qk = eff(self.sqk, 1.0)[:hd]  # the first hd entries, shared by every head
         q, k = justnorm(q) * s_qk, justnorm(k) * s_qk
         scale = math.sqrt(hd) if self.config.paper_attn_scale else None  # None: 1/sqrt(hd)
@@ -114,9 +115,9 @@ class nGPT(PretrainedMixin, nn.Module):  # noqa: N801 - the original's name
         T = idx.size(1)
         check_sequence_length(T, self.config.block_size)
         x = self.wte(idx)
-        table_TH = self.sinusoidal_cache[:T]
+        table_TD = self.sinusoidal_cache[:T]
         for block in self.blocks:
-            x = block(x, table_TH)
+            x = block(x, table_TD)
         logits = self.lm_head(x)
         loss = None if targets is None else cross_entropy(logits, targets, ignore_index=-1)
         return logits, {"loss": loss}

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from .errors import ConfigError
 
-MOE_DISPATCH = ("dense", "capacity", "ragged", "grouped")
+MOE_DISPATCH = ("dense", "capacity", "ragged", "grouped", "tokamax")
 ROUTE_SCORE_FUNCS = ("softmax", "sigmoid")
 
 
@@ -141,7 +141,7 @@ class MoeGPTConfig:
     moe_impl: str = "parallel"
     seed: int = 1337
     # ours: how the JAX model dispatches tokens to routed experts (same math, see README).
-    moe_dispatch: Literal["dense", "capacity", "ragged", "grouped"] = "capacity"
+    moe_dispatch: Literal["dense", "capacity", "ragged", "grouped", "tokamax"] = "capacity"
     # ours: slots per routed expert = ceil(capacity_factor * tokens * k / routed experts),
     # at most tokens. At capacity_factor >= routed_experts / k no token can be dropped.
     capacity_factor: float = 2.0

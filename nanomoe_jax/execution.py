@@ -18,8 +18,10 @@ What it picks, and why:
   XLA's autodiff at T=256 on 2 cores); ``"xla"`` everywhere else (TPU, fp32, older or
   non-NVIDIA GPUs, other head sizes). Both keep the probabilities of every layer for the
   backward pass: ~10 GB for GPT-2 124M at B=16, T=1024.
-* ``moe_dispatch``: ``"grouped"`` for MoeGPT on GPUs without an expert mesh (see
-  :func:`moe_dispatch`); the config's otherwise.
+* ``moe_dispatch``: ``"tokamax"`` (a grouped GEMM that reads each expert's weights once,
+  ``ragged_gemm.py``) for MoeGPT on NVIDIA GPUs >= sm_80 without an expert mesh when tokamax
+  imports and takes the shapes; ``"grouped"`` on other GPUs or when it refuses, with a note
+  (:func:`execution_notes`, printed once by ``train.py``); the config's otherwise.
 * ``remat="none"``, ``scan_layers=True``, ``loss_chunk_tokens=8192``: the step fits the
   original's configs on a 24 GB card with flash attention, so no recomputation is bought.
 * ``scan_layers=False`` on CPU up to ``CPU_UNROLL_MAX_LAYERS`` layers: XLA's CPU back end
@@ -94,15 +96,60 @@ def default_compute_dtype(device: Any):
     return jnp.float32 if getattr(device, "platform", "cpu") == "cpu" else jnp.bfloat16
 
 
-def moe_dispatch(device: Any, config: Any, given: dict) -> str | None:
-    """On a GPU, MoeGPT's routed experts run as the ``grouped`` GEMM (padded tiles: about
-    1.02x the useful expert FLOPs, nothing dropped) instead of the config's ``capacity``
-    buffer (1.14x-1.27x on the 4090 plan). An expert-parallel mesh needs ``capacity`` (the
-    only back end partitioned over experts), and on CPU the config's choice stays (the tested
-    paths; no FLOP budget to meet there). None: the config decides."""
+def tokamax_refusal(device: Any, config: Any, dtype: Any) -> str | None:
+    """Why tokamax's grouped GEMM cannot run this MoE on ``device`` (None: it can). Its Triton
+    kernels need an NVIDIA GPU >= sm_80 (bf16 tensor cores); sizes are kept to multiples of 16
+    (tensor-core tiles), the shapes it was compiled and tested for."""
+    from .ragged_gemm import unavailable_reason
+
+    cc = compute_capability(device)
+    gpu = getattr(device, "platform", "cpu") in ("gpu", "cuda")
+    if gpu and (cc is None or cc < FLASH_MIN_CC):
+        return f"{getattr(device, 'device_kind', 'this GPU')} is not an NVIDIA GPU >= sm_80"
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in (*FLASH_DTYPES, jnp.float32)]:
+        return f"compute dtype {jnp.dtype(dtype).name}"
+    C, H = getattr(config, "n_embd", 0), getattr(config, "expert_hidden", 0)
+    if gpu and (C % 16 or H % 16):
+        return f"expert sizes {C} x {H} are not multiples of 16"
+    return unavailable_reason()
+
+
+def _moe_choice(device: Any, config: Any, given: dict, dtype: Any) -> tuple[str | None, str | None]:
+    """(moe_dispatch, note). On an NVIDIA GPU MoeGPT's routed experts run as tokamax's grouped
+    GEMM (each expert's weights read once per GEMM, the useful FLOPs plus 2 x 128 pad rows)
+    when it takes the config, else as the ``grouped`` padded tiles (about 1.02x the useful
+    FLOPs, each expert's weights read once per tile), instead of the config's ``capacity``
+    buffer (1.14x-1.27x on the 4090 plan). An expert-parallel mesh needs ``capacity`` (the only
+    back end partitioned over experts), and on CPU the config's choice stays (the tested paths;
+    no FLOP budget to meet there). A ``tokamax`` asked for where it refuses becomes
+    ``grouped``, with the reason as the note. None: the config decides."""
+    asked = given.get("moe_dispatch")
     if getattr(config, "moe_dispatch", None) is None or given.get("expert_mesh") is not None:
-        return None
-    return "grouped" if getattr(device, "platform", "cpu") in ("gpu", "cuda") else None
+        return asked, None
+    on_gpu = getattr(device, "platform", "cpu") in ("gpu", "cuda")
+    want = asked or (config.moe_dispatch if not on_gpu else "tokamax")
+    if want != "tokamax":
+        return asked, None
+    refusal = tokamax_refusal(device, config, dtype)
+    if refusal is None:
+        return "tokamax", None
+    return "grouped", (f"moe_dispatch=grouped (padded tiles, each expert's weights read per "
+                       f"tile) instead of tokamax's grouped GEMM: {refusal}")
+
+
+def moe_dispatch(device: Any, config: Any, given: dict) -> str | None:
+    """The MoE back end :func:`execution_options` picks (see :func:`_moe_choice`)."""
+    dtype = given.get("dtype") or default_compute_dtype(device)
+    return _moe_choice(device, config, given, dtype)[0]
+
+
+def execution_notes(device: Any, config: Any = None, **overrides) -> list[str]:
+    """What :func:`execution_options` had to choose against (one line each; ``train.py``
+    prints them in its first lines): today, tokamax's grouped GEMM refused."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    dtype = given.get("dtype") or default_compute_dtype(device)
+    note = _moe_choice(device, config, given, dtype)[1]
+    return [note] if note else []
 
 
 def execution_options(device: Any, config: Any = None, **overrides) -> Options:
@@ -120,9 +167,9 @@ def execution_options(device: Any, config: Any = None, **overrides) -> Options:
     n_layer = getattr(config, "n_layer", CPU_UNROLL_MAX_LAYERS + 1)
     chosen = dict(dtype=dtype, attention_impl=attention, remat="none",
                   scan_layers=not (cpu and n_layer <= CPU_UNROLL_MAX_LAYERS),
-                  loss_chunk_tokens=8192, moe_dispatch=moe_dispatch(device, config, given),
-                  row_groups=CPU_ROW_GROUPS if cpu else 1)
+                  loss_chunk_tokens=8192, row_groups=CPU_ROW_GROUPS if cpu else 1)
     chosen.update(given)
+    chosen["moe_dispatch"] = _moe_choice(device, config, given, dtype)[0]
     return Options(**chosen)
 
 
@@ -140,5 +187,5 @@ def options_kwargs(opts: Options) -> dict:
     return {name: getattr(opts, name) for name in Options.__dataclass_fields__}
 
 
-__all__ = ["execution_options", "options_kwargs", "flash_attention_ok", "compute_capability",
-           "describe"]
+__all__ = ["execution_options", "execution_notes", "options_kwargs", "flash_attention_ok",
+           "compute_capability", "describe"]

@@ -31,8 +31,10 @@ from nanomoe.config import MoeGPTConfig
 from .activations import relu_squared
 from .grouped import pick_tile, tile_layout, tiled_matmul
 from .layers import Options, linear, normal
+from .ragged_gemm import routed_experts
 
 f32 = jnp.float32
+SCOPE = "moe_ffn"
 
 
 class Routing(NamedTuple):
@@ -95,6 +97,7 @@ class SortedAssignments(NamedTuple):
     rank_A: jax.Array        # where each assignment landed in the sorted order
     counts_R: jax.Array      # assignments per routed expert
     starts_R: jax.Array      # first sorted position of each expert
+    order_A: jax.Array       # assignment (token-major index) at each sorted position
 
 
 def sort_assignments(top_idx_NK: jax.Array, n_routed: int) -> SortedAssignments:
@@ -104,7 +107,8 @@ def sort_assignments(top_idx_NK: jax.Array, n_routed: int) -> SortedAssignments:
     rank_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(N * K, dtype=order_A.dtype))
     counts_R = jnp.zeros(n_routed, jnp.int32).at[expert_A].add(1)
     starts_R = jnp.cumsum(counts_R) - counts_R
-    return SortedAssignments(expert_A, order_A // K, expert_A[order_A], rank_A, counts_R, starts_R)
+    return SortedAssignments(expert_A, order_A // K, expert_A[order_A], rank_A, counts_R, starts_R,
+                             order_A)
 
 
 class MoE(nnx.Module):
@@ -120,6 +124,11 @@ class MoE(nnx.Module):
         self.proj_bias = nnx.Param(jnp.zeros((E, C), pd))
 
     def __call__(self, x_BTC: jax.Array) -> tuple[jax.Array, dict]:
+        # the scope names the layer's kernels in the compiled program (the plan's MoE bytes)
+        with jax.named_scope(SCOPE):
+            return self._forward(x_BTC)
+
+    def _forward(self, x_BTC: jax.Array) -> tuple[jax.Array, dict]:
         c, dtype = self.config, self.opts.dtype
         dispatch = self.opts.moe_dispatch or c.moe_dispatch
         B, T, C = x_BTC.shape
@@ -128,8 +137,8 @@ class MoE(nnx.Module):
         x_NC = x_BTC.transpose(1, 0, 2).reshape(T * B, C)
         r = route(self.gate_linear(x_NC.astype(f32)), c)  # router in fp32
         x_NC = x_NC.astype(dtype)
-        w = [p[...].astype(dtype) for p in
-             (self.fc_weight, self.fc_bias, self.proj_weight, self.proj_bias)]
+        params = [p[...] for p in (self.fc_weight, self.fc_bias, self.proj_weight, self.proj_bias)]
+        w = [p.astype(dtype) for p in params]
         if dispatch == "dense":
             y_NC, dropped = dense_dispatch(x_NC, r, w), jnp.zeros((), f32)
         elif self.opts.expert_mesh is not None and dispatch == "capacity":
@@ -143,6 +152,8 @@ class MoE(nnx.Module):
                 y_r, dropped = capacity_dispatch(x_NC, r, routed_w, c.capacity(B * T))
             elif dispatch == "grouped":
                 y_r, dropped = grouped_dispatch(x_NC, r, routed_w), jnp.zeros((), f32)
+            elif dispatch == "tokamax":  # the stacked parameters whole: see expert_mlp
+                y_r, dropped = tokamax_dispatch(x_NC, r, params, S), jnp.zeros((), f32)
             else:
                 y_r, dropped = ragged_dispatch(x_NC, r, routed_w), jnp.zeros((), f32)
             y_NC = y_NC + y_r
@@ -252,3 +263,10 @@ def grouped_dispatch(x_NC, r: Routing, w, tile: int | None = None) -> jax.Array:
     y_AC = y_nMC.reshape(-1, C)[lay.dest_A]                 # back to the sorted order
     y_NKC = y_AC[s.rank_A].astype(f32).reshape(N, K, C)
     return jnp.einsum("nk,nkc->nc", r.top_gates_NK, y_NKC)
+
+
+def tokamax_dispatch(x_NC, r: Routing, params, S: int) -> jax.Array:
+    """The sorted assignments through tokamax's grouped GEMM (``nanomoe_jax/ragged_gemm.py``):
+    each expert's weights read once per GEMM, nothing drops; the numbers of ``ragged``."""
+    s = sort_assignments(r.top_idx_NK, params[0].shape[0] - S)
+    return routed_experts(x_NC, r.top_gates_NK, r.top_idx_NK, s, params, S)

@@ -14,7 +14,13 @@ from helpers import MOE_CONFIGS, no_drop
 from nanomoe import MoeGPTConfig
 from nanomoe_jax.layers import Options
 from nanomoe_jax.grouped import padded_rows, pick_tile, tile_layout
-from nanomoe_jax.moe import MoE, grouped_dispatch, ragged_dispatch, route, sort_assignments
+from nanomoe_jax.moe import (MoE, grouped_dispatch, ragged_dispatch, route, sort_assignments,
+                             tokamax_dispatch)
+from nanomoe_jax.ragged_gemm import unavailable_reason
+
+# tokamax's grouped GEMM where it imports (its XLA reference on CPU; the Triton kernels
+# themselves, interpreted, in tests/test_ragged_gemm.py)
+TOKAMAX = () if unavailable_reason() else ("tokamax",)
 
 
 def random_moe(config, seed=0):
@@ -51,7 +57,7 @@ def test_back_ends_agree_when_nothing_drops(name):
     layer = random_moe(no_drop(MOE_CONFIGS[name]), seed=1)
     x = jax.random.normal(jax.random.key(2), (3, 10, layer.config.n_embd))
     y_ref, m_ref, g_ref, gx_ref = outputs_and_grads(with_dispatch(layer, "dense"), x)
-    for dispatch in ("capacity", "ragged", "grouped"):
+    for dispatch in ("capacity", "ragged", "grouped", *TOKAMAX):
         y, metrics, g, gx = outputs_and_grads(with_dispatch(layer, dispatch), x)
         np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6 * float(jnp.abs(y_ref).max()))
         assert float(metrics["dropped_fraction"]) == 0.0
@@ -218,3 +224,73 @@ def test_options_moe_dispatch_overrides_the_config():
     np.testing.assert_array_equal(y, y_ref)
     with pytest.raises(ValueError, match="moe_dispatch"):
         Options(moe_dispatch="sparse")
+
+
+@pytest.mark.skipif(not TOKAMAX, reason="tokamax is not installed")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tokamax_equals_grouped_with_uneven_and_empty_experts(dtype):
+    """tokamax's dispatch against the padded tiles (and ragged_dot), outputs and gradients of
+    the input and of every expert tensor: fp32 to 1e-5; bf16 to 2e-2 of the largest value.
+    Routed expert 0 gets no token, expert 1 more than a third of them."""
+    x_NC, r, w = grouped_case()
+    S = 1  # a shared expert's rows in front, as the layer stores them: tokamax skips them
+    params = [jnp.concatenate([a[:1] * 3.0, a]) for a in w]
+
+    def loss(fn, x, p):
+        return jnp.sum(jnp.sin(fn(x.astype(dtype), p)))
+
+    def tokamax(x, p):
+        return tokamax_dispatch(x, r, p, S)
+
+    def grouped(x, p):
+        return grouped_dispatch(x, r, [a[S:].astype(dtype) for a in p], tile=4)
+
+    def ragged(x, p):
+        return ragged_dispatch(x, r, [a[S:].astype(dtype) for a in p])
+
+    results = [jax.jit(jax.value_and_grad(lambda x, p, f=f: loss(f, x, p), argnums=(0, 1)))(
+        x_NC, params) for f in (tokamax, grouped, ragged)]
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    (v, g) = results[0]
+    for v_ref, g_ref in results[1:]:
+        np.testing.assert_allclose(v, v_ref, rtol=tol)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+            scale = float(jnp.abs(b).max())
+            assert scale > 0
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale)
+    # the shared expert's rows and the unused routed expert's get exactly no gradient
+    for p in g[1]:
+        assert float(jnp.abs(p[0]).max()) == 0.0 and float(jnp.abs(p[S + 0]).max()) == 0.0
+
+
+class FakeDevice:
+    def __init__(self, platform, kind):
+        self.platform, self.device_kind = platform, kind
+
+
+def test_execution_options_pick_tokamax_where_it_runs(monkeypatch):
+    from nanomoe_jax import execution, ragged_gemm
+    from nanomoe_jax.execution import execution_notes, execution_options
+
+    gpu, old = FakeDevice("gpu", "NVIDIA GeForce RTX 4090"), FakeDevice("gpu", "Tesla V100")
+    cpu, moe = FakeDevice("cpu", "cpu"), MoeGPTConfig()
+    monkeypatch.setattr(ragged_gemm, "unavailable_reason", lambda: None)
+    assert execution_options(gpu, moe).moe_dispatch == "tokamax"
+    assert execution_notes(gpu, moe) == []
+    assert execution_options(cpu, moe).moe_dispatch is None  # the config's capacity
+    assert execution_options(gpu, moe, moe_dispatch="capacity").moe_dispatch == "capacity"
+    assert execution_options(gpu, moe, expert_mesh=object()).moe_dispatch is None
+    # refused: an old card, odd sizes; each says why, once
+    assert execution_options(old, moe).moe_dispatch == "grouped"
+    assert "V100" in execution_notes(old, moe)[0]
+    odd = MoeGPTConfig(n_embd=72, n_head=4)
+    assert execution_options(gpu, odd).moe_dispatch == "grouped"
+    assert "not multiples of 16" in execution_notes(gpu, odd)[0]
+    # missing: the padded tiles, also when asked for by name
+    monkeypatch.setattr(ragged_gemm, "unavailable_reason", lambda: "tokamax does not import")
+    for given in ({}, {"moe_dispatch": "tokamax"}):
+        assert execution_options(gpu, moe, **given).moe_dispatch == "grouped"
+        assert execution_notes(gpu, moe, **given) == [
+            "moe_dispatch=grouped (padded tiles, each expert's weights read per tile) instead "
+            "of tokamax's grouped GEMM: tokamax does not import"]
+    assert execution.execution_notes(cpu, moe) == []

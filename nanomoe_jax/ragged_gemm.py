@@ -1,0 +1,231 @@
+"""The routed experts as grouped GEMMs that read each expert's weights once: tokamax's
+``ragged_dot`` (a maintained Pallas kernel library; its Triton kernels on NVIDIA GPUs), for the
+forward and for both gradients, inside our own ``custom_vjp``s so the backward keeps and
+re-reads only what it needs.
+
+Rows are the (token, expert) assignments stably sorted by expert (``moe.sort_assignments``),
+with ``PAD`` zero rows in front, counted in the first expert's group, and ``PAD`` rows behind
+in no group at all. Why: tokamax 0.0.12's Triton kernels read up to a block of rows *before* a
+group's start (weight gradient of an empty group) and up to a block *after* its end (the
+forward has no bounds check on rows); with the pads every such read stays inside the buffer,
+and a row only ever affects its own output row. The front pad costs PAD / rows of the expert
+FLOPs (0.4 % for MoeGPT at B=16, T=1024) and adds nothing to any gradient (its output
+cotangent is 0: the combine never reads it); rows behind are never computed nor read back.
+
+The weight gradient of an expert with no rows is set to 0 here: the same kernel accumulates
+the block before an empty group's start (NaN in Pallas interpret mode, another expert's rows on
+a GPU; tests/test_ragged_gemm.py runs tokamax's Triton kernels in interpret mode on CPU).
+
+Elsewhere than on a GPU the same code runs tokamax's ``xla`` implementation
+(``jax.lax.ragged_dot``), which is how the CPU tests check this module's gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+
+f32 = jnp.float32
+PAD = 128  # >= the largest row block tokamax's Triton ragged dot uses (block_k <= 128)
+
+
+def _tokamax():
+    """tokamax, imported on first use. Its options are absl flags that parse ``sys.argv`` when
+    first read unless parsed already: train.py's own flags would make that raise. It logs a
+    warning per GEMM traced when its autotuning cache has no entry for the shape; we run its
+    heuristic tile sizes on purpose (no autotuning), so that line is dropped."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    import tokamax
+
+    absl_log = logging.getLogger("absl")
+    if not any(isinstance(f, _NoCacheMiss) for f in absl_log.filters):
+        absl_log.addFilter(_NoCacheMiss())
+    return tokamax
+
+
+class _NoCacheMiss(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Autotuning cache miss")
+
+
+def unavailable_reason() -> str | None:
+    """Why the tokamax dispatch cannot run here (None: it can)."""
+    try:
+        _tokamax()
+    except Exception as e:  # noqa: BLE001 - missing, or broken against this jax
+        return f"tokamax does not import ({type(e).__name__}: {e})"
+    return None
+
+
+def implementation() -> str:
+    """tokamax's Triton kernels on a GPU (the default device: the plan sets it to the target's
+    compile-only device), its XLA reference (``jax.lax.ragged_dot``) anywhere else."""
+    from jax.extend.backend import get_default_device
+
+    return "triton" if get_default_device().platform in ("gpu", "cuda") else "xla"
+
+
+def _precision(dtype):
+    """fp32 operands multiply in fp32 (tokamax's default is TF32 there, 1e-4 off)."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == f32 else None
+
+
+@contextlib.contextmanager
+def compiling_for(device):
+    """Tracing and compiling for ``device`` when it is not this machine's (the deviceless
+    plan): tokamax picks kernels by the default device and checks that a GPU is present;
+    with the target's compile-only device as default and its cross-compile option on, it
+    emits its Triton kernels (with its heuristic block sizes: no autotuning without a GPU)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(jax.default_device(device))
+        if unavailable_reason() is None:
+            stack.enter_context(_tokamax().config.cross_compile(True))
+        yield
+
+
+def _dot(lhs_AK, rhs_GKN, counts_G, out_dtype):
+    """``out[a] = lhs[a] @ rhs[group(a)]``: rows grouped by ``counts_G``; fp32 accumulation."""
+    return _tokamax().ragged_dot(lhs_AK, rhs_GKN, counts_G, precision=_precision(lhs_AK.dtype),
+                                 preferred_element_type=out_dtype,
+                                 implementation=implementation())
+
+
+def _wgrad(lhs_AM, rhs_AN, counts_G):
+    """``out[g] = lhs[rows of g]^T @ rhs[rows of g]`` in fp32, 0 for a group with no rows."""
+    tk = _tokamax()
+    nums = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0],
+        rhs_group_dimensions=[])
+    out = tk.ragged_dot_general(lhs_AM, rhs_AN, counts_G, nums,
+                                precision=_precision(lhs_AM.dtype), preferred_element_type=f32,
+                                implementation=implementation())
+    return jnp.where(counts_G[:, None, None] > 0, out, 0.0)
+
+
+def _segment_sum(v_AX, group_A, n_groups):
+    return jax.ops.segment_sum(v_AX.astype(f32), group_A, n_groups, indices_are_sorted=True)
+
+
+# --- rows in and out: gathers both ways (autodiff would scatter-add the transposes) -------
+
+@jax.custom_vjp
+def dispatch_rows(x_NC, src_P, pos_NK):
+    """Padded sorted rows: ``rows[p] = x[src[p] // K]``, 0 where ``src[p] < 0`` (pads)."""
+    K = pos_NK.shape[1]
+    return jnp.where((src_P >= 0)[:, None], x_NC[jnp.maximum(src_P, 0) // K], 0).astype(x_NC.dtype)
+
+
+def _dispatch_fwd(x_NC, src_P, pos_NK):
+    return dispatch_rows(x_NC, src_P, pos_NK), pos_NK
+
+
+def _dispatch_bwd(pos_NK, drows_PC):  # rows are in x's dtype
+    # each token's K rows, summed: a gather, not a scatter-add
+    return drows_PC[pos_NK].astype(f32).sum(1).astype(drows_PC.dtype), None, None
+
+
+dispatch_rows.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@jax.custom_vjp
+def combine_rows(y_PC, b2_RC, gates_NK, expert_NK, pos_NK, src_P, expert_P):
+    """``out[n] = sum_k gates[n, k] (y[pos[n, k]] + b2[expert[n, k]])`` in fp32 (the original
+    weights the experts' outputs in fp32). The output bias is added here, where the rows are
+    read anyway, instead of in a pass of its own over the GEMM's output."""
+    y_NKC = y_PC[pos_NK].astype(f32) + b2_RC[expert_NK].astype(f32)
+    return jnp.einsum("nk,nkc->nc", gates_NK, y_NKC)
+
+
+def _combine_fwd(y_PC, b2_RC, gates_NK, expert_NK, pos_NK, src_P, expert_P):
+    out = combine_rows(y_PC, b2_RC, gates_NK, expert_NK, pos_NK, src_P, expert_P)
+    return out, (y_PC, b2_RC, gates_NK, expert_NK, pos_NK, src_P, expert_P)
+
+
+def _combine_bwd(res, dout_NC):
+    y_PC, b2_RC, gates_NK, expert_NK, pos_NK, src_P, expert_P = res
+    K = gates_NK.shape[1]
+    y_NKC = y_PC[pos_NK].astype(f32) + b2_RC[expert_NK].astype(f32)
+    dgates_NK = jnp.einsum("nc,nkc->nk", dout_NC, y_NKC)
+    src = jnp.maximum(src_P, 0)
+    dy_PC = jnp.where((src_P >= 0)[:, None],
+                      gates_NK.reshape(-1)[src][:, None] * dout_NC[src // K], 0.0)
+    db2_RC = _segment_sum(dy_PC, expert_P, b2_RC.shape[0])
+    return (dy_PC.astype(y_PC.dtype), db2_RC.astype(b2_RC.dtype), dgates_NK,
+            None, None, None, None)
+
+
+combine_rows.defvjp(_combine_fwd, _combine_bwd)
+
+
+# --- the experts' MLP on the sorted rows ---------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def expert_mlp(rows_PC, counts_R, expert_P, w1_EHC, b1_EH, S, w2_ECH):
+    """``relu(rows W1^T + b1)^2 W2^T`` per expert group (no output bias: ``combine_rows``
+    adds it). Weights are the stacked (E, ...) parameters of all experts; the routed ones are
+    ``[S:]``. Passing them whole and casting here means the backward keeps the layer's own
+    parameters (which a layer scan does not stack) instead of a bf16 copy of them."""
+    return _mlp_forward(rows_PC, counts_R, expert_P, w1_EHC, b1_EH, S, w2_ECH)[0]
+
+
+def _mlp_forward(rows_PC, counts_R, expert_P, w1_EHC, b1_EH, S, w2_ECH):
+    dt = rows_PC.dtype
+    u_PH = _dot(rows_PC, w1_EHC[S:].astype(dt).mT, counts_R, dt)
+    b1_RH = b1_EH[S:]
+    v_PH = u_PH.astype(f32) + b1_RH[jnp.minimum(expert_P, b1_RH.shape[0] - 1)].astype(f32)
+    h_PH = jnp.square(jnp.maximum(v_PH, 0.0)).astype(dt)
+    return _dot(h_PH, w2_ECH[S:].astype(dt).mT, counts_R, dt), h_PH
+
+
+def _mlp_fwd(rows_PC, counts_R, expert_P, w1_EHC, b1_EH, S, w2_ECH):
+    y_PC, h_PH = _mlp_forward(rows_PC, counts_R, expert_P, w1_EHC, b1_EH, S, w2_ECH)
+    # h only (not relu's input as well): relu(v) = sqrt(h), so relu^2' = 2 sqrt(h)
+    return y_PC, (rows_PC, h_PH, counts_R, expert_P, w1_EHC, b1_EH, w2_ECH)
+
+
+def _mlp_bwd(S, res, dy_PC):
+    rows_PC, h_PH, counts_R, expert_P, w1_EHC, b1_EH, w2_ECH = res
+    dt = rows_PC.dtype
+    dy_PC = dy_PC.astype(dt)
+    dh_PH = _dot(dy_PC, w2_ECH[S:].astype(dt), counts_R, dt)       # W2 is (R, C, H) already
+    dv_PH = dh_PH.astype(f32) * 2.0 * jnp.sqrt(h_PH.astype(f32))
+    drows_PC = _dot(dv_PH.astype(dt), w1_EHC[S:].astype(dt), counts_R, dt)
+    dw1_RHC = _wgrad(dv_PH.astype(dt), rows_PC, counts_R)          # the parameters' layouts
+    dw2_RCH = _wgrad(dy_PC, h_PH, counts_R)
+    db1_RH = _segment_sum(dv_PH, expert_P, counts_R.shape[0])
+
+    def full(g_R, p_E):  # the shared experts' rows get their gradient elsewhere
+        return jnp.concatenate([jnp.zeros((S, *p_E.shape[1:]), f32), g_R]).astype(p_E.dtype)
+
+    return (drows_PC, None, None, full(dw1_RHC, w1_EHC), full(db1_RH, b1_EH),
+            full(dw2_RCH, w2_ECH))
+
+
+expert_mlp.defvjp(_mlp_fwd, _mlp_bwd)
+
+
+def routed_experts(x_NC, top_gates_NK, top_idx_NK, s, params, S: int) -> jax.Array:
+    """The routed experts' gated sum per token (fp32), nothing dropped. ``s``: the
+    assignments sorted by expert (``moe.sort_assignments``); ``params``: the stacked
+    (fc_weight, fc_bias, proj_weight, proj_bias) of all E experts, the routed ones ``[S:]``."""
+    w1_EHC, b1_EH, w2_ECH, b2_EC = params
+    N, K = top_idx_NK.shape
+    R = w1_EHC.shape[0] - S
+    i32 = jnp.int32
+    pad = jnp.full((PAD,), -1, i32)
+    src_P = jnp.concatenate([pad, s.order_A.astype(i32), pad])
+    # rows behind belong to no expert: R, which the segment sums drop (out of range)
+    expert_P = jnp.concatenate([jnp.zeros(PAD, i32), s.expert_sorted_A.astype(i32),
+                                jnp.full((PAD,), R, i32)])
+    counts_R = s.counts_R.at[0].add(PAD)
+    pos_NK = (s.rank_A + PAD).reshape(N, K)
+    rows_PC = dispatch_rows(x_NC, src_P, pos_NK)
+    y_PC = expert_mlp(rows_PC, counts_R, expert_P, w1_EHC, b1_EH, S, w2_ECH)
+    return combine_rows(y_PC, b2_EC[S:], top_gates_NK, top_idx_NK, pos_NK, src_P, expert_P)

@@ -19,8 +19,10 @@ def _note(signum, frame) -> None:
 
 def make_backend(argv: list[str]):
     if framework_of(argv) == "torch":
+        from nanomoe_torch.threads import choose_cpu_threads
         from nanomoe_torch.train import TorchBackend
 
+        choose_cpu_threads()  # on a busy CPU torch's default thread count stalls
         return TorchBackend()
     from nanomoe_jax.backend import JaxBackend
 

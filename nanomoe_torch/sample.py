@@ -55,6 +55,9 @@ if __name__ == "__main__":
 
     from nanomoe.sampling_cli import main
 
+    from .threads import choose_cpu_threads
+
+    choose_cpu_threads(sys.stderr)  # stdout is the sample
     sys.exit(main("python -m nanomoe_torch.sample", load_for_sampling,
                   lambda m, ids, a, seed: generate(m, ids, a.max_new_tokens, top_k=a.top_k,
                                                    temperature=a.temperature, seed=seed)))

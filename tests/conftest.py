@@ -13,6 +13,13 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
+# hypothesis's pytest plugin imports hypothesis in each xdist worker's end-of-session summary.
+# In a worker that ran no hypothesis test that import took over 5 s on a busy 2-core machine,
+# and execnet SIGINTs a worker still busy 5 s after shutdown: a KeyboardInterrupt lands in
+# whatever runs (jax's gc callback) and a passing suite ends with a
+# PytestUnraisableExceptionWarning traceback. Importing it here moves that cost to the start.
+import hypothesis.internal.observability  # noqa: E402, F401
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
 try:

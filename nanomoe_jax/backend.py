@@ -24,7 +24,7 @@ from . import checkpoint as ckpt
 from . import compile_cache
 from . import sharding as shd
 from . import create_model
-from .execution import execution_options, options_kwargs
+from .execution import execution_notes, execution_options, options_kwargs
 from .ngpt import normalize_weights
 from .sample import generate
 from .train import all_finite, is_embedding, jit_train_step, loss_and_metrics, make_optimizer
@@ -82,6 +82,11 @@ class JaxBackend:
             loss_chunk_tokens=args.loss_chunk_tokens, row_groups=args.row_groups,
             moe_dispatch=getattr(args, "moe_dispatch", None),
             expert_mesh=self.mesh if expert_parallel else None)
+        for note in execution_notes(jax.devices()[0], config, dtype=args.dtype,
+                                    moe_dispatch=getattr(args, "moe_dispatch", None),
+                                    expert_mesh=self.mesh if expert_parallel else None):
+            if self.process_index == 0:  # once per run, before the run's first line
+                print(f"note: {note}", flush=True)
         model = create_model(config, args.seed, **options_kwargs(self.options))
         self.graphdef, params = nnx.split(model, nnx.Param)
         self.tx = make_optimizer(config, params, args.weight_decay, args.beta1, args.beta2)

@@ -47,6 +47,9 @@ def make_parser(prog: str) -> argparse.ArgumentParser:
                    help="byte | gpt2 | PATH/tokenizer.json; default: the run's, else byte for "
                         "vocabularies up to 512, gpt2 otherwise")
     p.add_argument("--debug", action="store_true")
+    for action in p._actions:  # the formatter shows a default only beside a help text
+        if action.help is None and action.default not in (None, False, argparse.SUPPRESS):
+            action.help = "default: %(default)r"
     return p
 
 

@@ -204,3 +204,13 @@ def test_the_suggested_exports_run_and_stay_in_the_log_folder(framework, tmp_pat
     assert set(os.listdir(tmp_path)) == before  # nothing beside the run's folder
     assert {"hf", "safetensors"} <= set(os.listdir(log))
     assert (log / "hf" / "tokenizer.json").is_file()
+
+
+def test_the_samplers_help_shows_their_defaults():
+    from nanomoe.sampling_cli import make_parser
+
+    text = " ".join(make_parser("sample").format_help().split())
+    for default in ("--prompt PROMPT default: \"Hello, I'm a language model,\"",
+                    "--max_new_tokens MAX_NEW_TOKENS default: 100", "--top_k TOP_K default: 50",
+                    "(default: 1.0)"):
+        assert default in text, default

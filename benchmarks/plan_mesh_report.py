@@ -1,0 +1,53 @@
+"""Markdown of a multi-GPU plan (``python -m benchmarks.plan_mesh``)."""
+
+from __future__ import annotations
+
+from .targets import GiB
+
+TOP = 6  # collectives listed per layout
+
+
+def render(report: dict) -> str:
+    m = report["meta"]
+    lines = [f"# Multi-GPU plan: {m['topology']} x {m['device_kind']} ({m['devices']} devices)",
+             "", f"`{m['command']}`  ", f"{m['date']}, jax {m['jax']}, compiled deviceless", "",
+             "| model | mesh | A | peak GiB/device | state GiB/device | collectives GiB/step "
+             "| ideal GiB | ratio | FLOPs compiled/analytic | compile s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['mesh']} | {r['A']} | does not compile: "
+                         f"{r['error'][:90]} | | | | | | |")
+            continue
+        ratio = f"{r['collective_ratio']:.2f}" if r["collective_ratio"] else "-"
+        lines.append(
+            f"| {r['model']} | {r['mesh']} | {r['A']} | {r['memory']['peak'] / GiB:.2f} | "
+            f"{r['state_bytes'] / GiB:.2f} | {r['collective_bytes'] / GiB:.3f} | "
+            f"{r['ideal']['total'] / GiB:.3f} | {ratio} | {r['flops_ratio']:.3f} | "
+            f"{r['compile_s']} |")
+    lines += ["", "Per device and optimizer step. Collective bytes: the buffer each device hands "
+              "to a collective (all-reduce operand, gathered all-gather result, full "
+              "reduce-scatter input, all-to-all operand) times the trip counts of the loops "
+              "around it. Ideal: each gradient all-reduced once a step in fp32 over the devices "
+              "holding the same shard; fsdp: per micro-batch, weights gathered forward and "
+              "backward in bf16 and the fp32 gradient reduce-scattered (so it stays sharded); "
+              "expert = 4 all-to-alls of the "
+              "N k routed rows per MoE layer and micro-batch. State: parameters, AdamW moments "
+              "and an fp32 gradient of the device's shard.", ""]
+    for r in report["rows"]:
+        if "error" in r:
+            continue
+        lines += [f"## {r['model']} --mesh {r['mesh']}, A={r['A']}", "",
+                  "| kind | buffer | MiB per run | runs/step | count | group | loop |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        for c in r["collectives"][:TOP]:
+            lines.append(f"| {c['kind']} | {c['buffer']} | {c['bytes'] / 2**20:.1f} | "
+                         f"{c['runs']} | {c['count']} | {c['group']} | {c['loop']} |")
+        rest = len(r["collectives"]) - TOP
+        if rest > 0:
+            lines.append(f"| ... {rest} smaller | | | | | | |")
+        lines.append("")
+    broken = report.get("broken") or []
+    lines += ["Bounds (compiles, collectives <= 1.15x ideal): "
+              + ("all hold" if not broken else "; ".join(broken)), ""]
+    return "\n".join(lines)

@@ -153,7 +153,16 @@ def summarize(compiled, config, name, target: Target, source, opts, B, T, compil
     }
     if isinstance(config, MoeGPTConfig):
         row["moe_bytes"] = moe_summary(stats, config, B, T)
+        row["moe_dispatch"] = opts.moe_dispatch or config.moe_dispatch
+        row["may_drop"] = may_drop(config, row["moe_dispatch"])
     return row
+
+
+def may_drop(config, dispatch: str) -> bool:
+    """Whether the step can drop assignments: only the capacity dispatch does, and only below
+    capacity_factor = routed experts / k (an expert then has fewer slots than tokens)."""
+    return dispatch == "capacity" and (
+        config.capacity_factor * config.n_activated_experts < config.n_routed_experts)
 
 
 def moe_summary(stats, config, B: int, T: int) -> dict:
@@ -184,6 +193,9 @@ def broken_bounds(row: dict) -> list[str]:
         out.append(f"{row['model']}: custom calls whose FLOPs the plan cannot count: {listed} "
                    "(give the kernel pallas_call(metadata={'flops': ...}) or teach "
                    "benchmarks/hlo_flops.py its formula)")
+    if row.get("may_drop"):
+        out.append(f"{row['model']}: the capacity dispatch can drop assignments "
+                   f"(capacity_factor {row['config']['capacity_factor']} < routed experts / k)")
     if row["flops_ratio"] > BOUNDS["flops_ratio"]:
         out.append(f"{row['model']}: compiled/analytic FLOPs {row['flops_ratio']:.3f} > "
                    f"{BOUNDS['flops_ratio']:.2f}")

@@ -129,6 +129,15 @@ def test_analytic_flops_and_bounds():
     assert len(broken) == 3 and "23.0 GiB" in broken[0] and "1.200 > 1.10" in broken[2]
     assert plan.broken_bounds(dict(row, memory={"peak": GiB}, flash_attention=True,
                                    flops_ratio=1.05)) == []
+    # the capacity dispatch drops below capacity_factor = routed experts / k (3 / 2 here)
+    from nanomoe import MoeGPTConfig
+
+    assert not plan.may_drop(MoeGPTConfig(), "capacity")  # 2.0 >= 1.5
+    assert plan.may_drop(MoeGPTConfig(capacity_factor=1.25), "capacity")
+    assert not plan.may_drop(MoeGPTConfig(capacity_factor=1.25), "grouped")
+    dropping = dict(row, memory={"peak": GiB}, flash_attention=True, flops_ratio=1.05,
+                    may_drop=True, config={"capacity_factor": 1.25})
+    assert "can drop" in plan.broken_bounds(dropping)[0]
 
 
 def test_targets_hold_the_card_facts():
@@ -452,18 +461,25 @@ def test_compiled_pallas_triton_kernel_is_counted_from_metadata_or_named():
     def kernel(x_ref, y_ref, o_ref):
         o_ref[...] = jnp.dot(x_ref[...], y_ref[...], preferred_element_type=jnp.float32)
 
-    def stats(metadata):
-        call = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((64, 32), jnp.float32),
+    def grouped(x_ref, w_ref, o_ref):  # one group: enough to compile a "ragged_dot" kernel
+        o_ref[...] = jnp.dot(x_ref[...], w_ref[0], preferred_element_type=jnp.float32)
+
+    def stats(body, metadata, name, w_shape=(16, 32)):
+        call = pl.pallas_call(body, out_shape=jax.ShapeDtypeStruct((64, 32), jnp.float32),
                               compiler_params=plgpu.CompilerParams(num_warps=4),
-                              metadata=metadata, name="tiny_matmul")
+                              metadata=metadata, name=name)
         args = [jax.ShapeDtypeStruct(s, jnp.float32, sharding=SingleDeviceSharding(dev))
-                for s in ((64, 16), (16, 32))]
+                for s in ((64, 16), w_shape)]
         with jax.default_device(dev):
             return hlo.program_stats(jax.jit(call).lower(*args).compile().as_text())
 
-    counted = stats({"flops": str(2 * 64 * 32 * 16)})
+    counted = stats(kernel, {"flops": str(2 * 64 * 32 * 16)}, "tiny_matmul")
     assert counted.flops == 2 * 64 * 32 * 16 and not counted.uncounted
-    assert stats(None).uncounted == {"__gpu$xla.gpu.triton (tiny_matmul)": 1}
+    assert stats(kernel, None, "tiny_matmul").uncounted == {
+        "__gpu$xla.gpu.triton (tiny_matmul)": 1}
+    # a grouped-GEMM kernel (tokamax's are named ragged_dot...): counted from its shapes
+    ragged = stats(grouped, None, "ragged_dot_fwd", (1, 16, 32))
+    assert ragged.flops_by_kind == {"grouped-gemm": 2 * 64 * 16 * 32} and not ragged.uncounted
 
 
 @pytest.mark.skipif(not _has_cuda_plugin(), reason="needs the plan extra (CUDA plugin)")

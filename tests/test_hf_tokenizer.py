@@ -95,7 +95,8 @@ def test_pipeline_runs_on_the_export(model, tokenizer, tmp_path, monkeypatch):
     assert isinstance(text, str) and text.startswith(PROMPT)
 
     # the folder's tokenizer is the run's: same ids, and the pipeline's text is greedy decoding
-    hf_tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    # (remote code: AutoTokenizer reads config.json, whose auto_map would ask first)
+    hf_tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote, local_files_only=True)
     ids = hf_tok(PROMPT)["input_ids"]
     if tokenizer != "gpt2":  # (the fake GPT-2 files are not tiktoken's real BPE)
         assert ids == get_tokenizer(name).encode(PROMPT)

@@ -18,7 +18,10 @@ import jax  # noqa: E402
 # and execnet SIGINTs a worker still busy 5 s after shutdown: a KeyboardInterrupt lands in
 # whatever runs (jax's gc callback) and a passing suite ends with a
 # PytestUnraisableExceptionWarning traceback. Importing it here moves that cost to the start.
-import hypothesis.internal.observability  # noqa: E402, F401
+try:
+    import hypothesis.internal.observability  # noqa: E402, F401
+except ImportError:  # a venv without the test extra (the plan's): no plugin, nothing to do
+    pass
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from nanomoe.errors import ConversionError, NanoMoeError
+from nanomoe.prompts import check_prompt
 
 from .checkpoints import Log, from_torch, is_pretrained_folder, load_source, to_torch
 from .hf import from_hf, to_hf
@@ -139,6 +140,8 @@ def compare(a: str, b: str, tokens: list[int] | None = None, prompt: str | None 
 
     ``generate`` greedy tokens (default 50 where a side is a remote-code export, else none)
     are decoded by each side's own sampler and must be equal token for token."""
+    if prompt is not None:
+        check_prompt(prompt, "--prompt")  # before either model is loaded
     ra, rb = load_runner(a, log), load_runner(b, log)
     if ra.vocab_size != rb.vocab_size:
         raise ConversionError(f"the vocabularies differ ({ra.vocab_size} vs {rb.vocab_size}): "

@@ -23,7 +23,7 @@ import stat
 import tempfile
 
 from nanomoe.errors import ConversionError
-from nanomoe.files import check_regular_file
+from nanomoe.files import check_regular_file, walk
 
 from .remote_code import REMOTE_MODELS, RemoteModel, generate_files
 
@@ -45,34 +45,10 @@ def _refuse(path: str, what: str) -> ConversionError:
                            "if you trust it)")
 
 
-def _entries(folder: str):
-    """Every path under ``folder`` (symlinked folders followed, each real folder once)."""
-    seen, todo, count = set(), [folder], 0
-    while todo:
-        top = todo.pop()
-        real = os.path.realpath(top)
-        if real in seen:
-            continue
-        seen.add(real)
-        try:
-            names = sorted(os.listdir(top))
-        except OSError as e:
-            raise ConversionError(f"{top}: cannot list it ({e.strerror or e})") from None
-        for name in names:
-            count += 1
-            if count > MAX_ENTRIES:
-                raise ConversionError(f"{folder} holds more than {MAX_ENTRIES} files and "
-                                      "folders, too many for a model folder")
-            path = os.path.join(top, name)
-            yield path
-            if os.path.isdir(path):
-                todo.append(path)
-
-
 def scan(folder: str, code_names: tuple[str, ...] = ()) -> None:
     """Refuse a folder holding a FIFO, socket or device anywhere (a reader would block), a
     ``custom_generate`` entry, or a ``.py`` file other than ``code_names`` at its top."""
-    for path in _entries(folder):
+    for path in walk(folder, MAX_ENTRIES, ConversionError):
         name, top = os.path.basename(path), os.path.dirname(path) == folder
         if name == "custom_generate":
             raise _refuse(path, "custom generation code (transformers runs it in generate())")

@@ -145,10 +145,29 @@ def atomic_output(out: str, force: bool = False):
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
     try:
         staging = os.path.join(tmp, os.path.basename(out))
-        yield staging
-        _normal_permissions(staging)
+        try:
+            yield staging
+            _normal_permissions(staging)
+        except ConversionError:
+            raise
+        except Exception as e:  # noqa: BLE001 - each writer has its own type for a full disk
+            raise write_error(out, e) from e
         if os.path.lexists(out):  # --force: keep the old one until the new one is in place
             os.rename(out, os.path.join(tmp, "replaced"))
         os.rename(staging, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_error(out: str, e: BaseException) -> ConversionError:
+    """A writer's failure (safetensors' SafetensorError, torch's zip writer, orbax's
+    ValueError, OSError: a full disk, a quota, a file-size limit) as one sentence."""
+    detail = (str(e).splitlines() or [""])[0].strip()
+    detail = detail if len(detail) <= 120 else detail[:117] + "..."
+    try:
+        free = f"{shutil.disk_usage(os.path.dirname(out)).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        free = "its free space unknown"
+    return ConversionError(f"could not write {out} ({type(e).__name__}: {detail}); nothing was "
+                           f"written: check the disk space and quota where it goes ({free}) "
+                           "and run again, or choose another --out")

@@ -32,3 +32,37 @@ def is_special(path) -> bool:
     except OSError:
         return False
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def walk(folder: str, limit: int, error: type = NanoMoeError):
+    """Every path under ``folder``, symlinked folders followed (each real folder once, so a
+    link loop ends); more than ``limit`` entries is refused rather than walked for ever."""
+    seen, todo, count = set(), [folder], 0
+    while todo:
+        top = todo.pop()
+        real = os.path.realpath(top)
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            names = sorted(os.listdir(top))
+        except OSError as e:
+            raise error(f"{top}: cannot list it ({e.strerror or e})") from None
+        for name in names:
+            count += 1
+            if count > limit:
+                raise error(f"{folder} holds more than {limit} files and folders, more than "
+                            "expected here: point at the right folder")
+            path = os.path.join(top, name)
+            yield path
+            if os.path.isdir(path):
+                todo.append(path)
+
+
+def refuse_special_files(folder: str, what: str, error: type = NanoMoeError,
+                         limit: int = 100_000) -> None:
+    """Refuse a FIFO, socket or device anywhere under ``folder`` (symlinked folders
+    followed): reading one would block or never end."""
+    for path in walk(folder, limit, error):
+        if is_special(path):
+            check_regular_file(path, what, error)

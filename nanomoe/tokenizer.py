@@ -104,11 +104,20 @@ class JsonTokenizer:
             raise TokenizerError(f"{path} is not a valid tokenizer.json ({e})") from e
         self.name = str(path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        if self.vocab_size == 0:  # every text would encode to nothing, or fail in encode()
+            raise TokenizerError(f"{path} has an empty vocabulary, so it cannot encode any "
+                                 "text: give a trained tokenizer.json, or use --tokenizer byte "
+                                 "or gpt2")
         ids = (self._tok.token_to_id(t) for t in _EOT_CANDIDATES)
         self.eot = next((i for i in ids if i is not None), None)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # noqa: BLE001 - e.g. a model whose unknown token is missing
+            detail = (str(e).splitlines() or [type(e).__name__])[0][:120]
+            raise TokenizerError(f"{self.name} cannot encode the text ({detail}); fix the "
+                                 "tokenizer.json or use another tokenizer") from None
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size],

@@ -8,8 +8,11 @@ folder or one step folder, and rebuilds the model from the config stored beside 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
+import sys
 from typing import Any
 
 import jax
@@ -18,6 +21,7 @@ from flax import nnx
 
 from nanomoe.config import config_from_dict
 from nanomoe.errors import ConfigError, ConversionError
+from nanomoe.files import check_regular_file, is_special, refuse_special_files
 
 CHECKPOINTS = "checkpoints"
 
@@ -51,13 +55,22 @@ def restore(mngr, step: int, params_like, opt_state_like: Any = None) -> dict:
 
 
 def resolve(path: str) -> tuple[str, int]:
-    """(checkpoints folder, step) for a log folder, a checkpoints folder or a step folder."""
+    """(checkpoints folder, step) for a log folder, a checkpoints folder or a step folder.
+
+    Every loader opens a checkpoint through here, so here a FIFO, socket or device anywhere
+    in the checkpoints folder (orbax reads every step's metadata, symlinked folders
+    followed) is refused before orbax could block on it."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
+        if is_special(path):
+            check_regular_file(path, "checkpoint", ConversionError)
         raise ConversionError(f"{path}: no such checkpoint folder")
     if re.fullmatch(r"\d+", os.path.basename(path)):
+        refuse_special_files(os.path.dirname(path), "checkpoint file", ConversionError)
         return os.path.dirname(path), int(os.path.basename(path))
     folder = path if os.path.basename(path) == CHECKPOINTS else os.path.join(path, CHECKPOINTS)
+    if os.path.isdir(folder):
+        refuse_special_files(folder, "checkpoint file", ConversionError)
     steps = sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
     if not steps:
         raise ConversionError(f"{path}: holds no complete JAX checkpoint (expected "
@@ -135,10 +148,53 @@ def save_model(model: nnx.Module, out: str, step: int = 0, meta: dict | None = N
     meta = {"step": step, "model_type": model_type_of(model.config),
             "config": config_to_dict(model.config), **(meta or {})}
     mngr = manager(os.path.join(out, CHECKPOINTS), async_save=False)
-    save(mngr, step, nnx.state(model, nnx.Param), meta)
-    mngr.wait_until_finished()
-    mngr.close()
+    with _quiet_writer_threads():
+        try:
+            save(mngr, step, nnx.state(model, nnx.Param), meta)
+            mngr.wait_until_finished()
+        finally:
+            mngr.close()
     return os.path.join(out, CHECKPOINTS, str(step))
+
+
+@contextlib.contextmanager
+def _quiet_writer_threads():
+    """A failed write (a full disk) is raised to the caller, which reports it once; orbax's
+    writer threads also log it through absl with a traceback of a hundred lines (muted while
+    saving), and tensorstore's late callbacks, finding orbax's event loop closed, each print
+    an "unraisable" RuntimeError, even at exit (dropped from then on)."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except Exception:
+        _drop_closed_loop_echoes()
+        raise
+    finally:
+        absl.setLevel(level)
+
+
+def _closed_loop(value) -> bool:
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+
+def _drop_closed_loop_echoes() -> None:
+    """Through sys.unraisablehook or, from tensorstore's threads (PyErr_Print), excepthook."""
+    unraisable, excepthook = sys.unraisablehook, sys.excepthook
+    if getattr(excepthook, "nanomoe_closed_loop", False):
+        return
+
+    def quiet_unraisable(u):
+        if not _closed_loop(u.exc_value):
+            unraisable(u)
+
+    def quiet_excepthook(kind, value, tb):
+        if not _closed_loop(value):
+            excepthook(kind, value, tb)
+
+    quiet_excepthook.nanomoe_closed_loop = True
+    sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook
 
 
 __all__ = ["load_model", "save_model", "check_finite", "read_meta", "resolve", "manager", "save",

@@ -1,10 +1,10 @@
 """Which kernels of a compiled step belong to the MoE layers, and where their bytes go.
 
-A kernel belongs to an MoE layer when one of its ops was traced inside ``MoE.__call__`` or in
-``nanomoe_jax/moe.py`` / ``grouped.py`` (XLA keeps the Python stack of every op in the
-module's stack-frame tables), or when it only moves data (slices, copies, in-place updates)
-produced by an MoE kernel or read only by MoE kernels: the layer scan's copies of the MoE
-residuals. Their bytes split into:
+A kernel belongs to an MoE layer when one of its ops was traced inside ``MoE.__call__``, in
+``nanomoe_jax/moe.py`` / ``grouped.py`` / ``ragged_gemm.py`` or in tokamax (XLA keeps the
+Python stack of every op in the module's stack-frame tables), or when it only moves data
+(slices, copies, in-place updates) produced by an MoE kernel or read only by MoE kernels: the
+layer scan's copies of the MoE residuals. Their bytes split into:
 
 * ``tile_weights``: per-tile copies of expert weights, shape (tiles, out, in) (a grouped GEMM
   made of dense tiles gathers them, and writes per-tile weight gradients);
@@ -27,7 +27,10 @@ import numpy as np
 from .hlo import ProgramStats
 
 MOE_FUNCTIONS = ("MoE.__call__",)
-MOE_FILES = ("nanomoe_jax/moe.py", "nanomoe_jax/grouped.py")
+# a custom VJP's backward is traced outside MoE.__call__: its files (and the kernel library's)
+# name it; tokamax is used for the routed experts only
+MOE_FILES = ("nanomoe_jax/moe.py", "nanomoe_jax/grouped.py", "nanomoe_jax/ragged_gemm.py")
+MOE_PACKAGES = ("/tokamax/",)
 MOVEMENT = {"parameter", "constant", "bitcast", "reshape", "copy", "transpose", "slice",
             "dynamic-slice", "dynamic-update-slice", "concatenate", "broadcast", "pad",
             "get-tuple-element", "tuple", "convert"}
@@ -74,7 +77,8 @@ def stack_frames(hlo_text: str) -> dict[int, list[tuple[str, str]]]:
 def _in_moe(stats: ProgramStats, k) -> bool:
     for fid in k.frames:
         for file, func in stats.frames.get(fid, []):
-            if func in MOE_FUNCTIONS or file.endswith(MOE_FILES):
+            if (func in MOE_FUNCTIONS or file.endswith(MOE_FILES)
+                    or any(p in file for p in MOE_PACKAGES)):
                 return True
     return any("grouped_gemm" in n for n in k.op_names)
 

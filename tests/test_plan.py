@@ -489,3 +489,18 @@ def test_plan_cli_writes_to_the_user_folder(tmp_path, monkeypatch, capsys):
     assert plan_cli.main(["--model", "gpt", "--B", "2", "--T", "64", "--check", *sets]) == 0
     assert (tmp_path / "cache" / "plan-rtx4090.md").exists()
     assert "uncounted kernels" in (tmp_path / "cache" / "plan-rtx4090.md").read_text()
+
+
+def test_moe_kernels_include_backward_passes_traced_outside_the_layer():
+    """A custom VJP's backward (ragged_gemm.py) and tokamax's kernels have no MoE.__call__
+    frame above them: their files say they are the MoE layer's."""
+    from benchmarks import hlo_moe
+
+    frames = {1: [("/v/site-packages/tokamax/_src/ops/ragged_dot/pallas_triton.py", "kernel"),
+                  ("/r/nanomoe/train.py", "train_step")],
+              2: [("/r/nanomoe_jax/ragged_gemm.py", "_mlp_bwd")],
+              3: [("/r/nanomoe_jax/attention.py", "causal_attention")]}
+    kernels = [hlo.Kernel(f"k{i}", "fusion", 0.0, 1.0, 1, frames=frozenset({i}),
+                          ops=frozenset({"multiply"})) for i in (1, 2, 3)]
+    stats = hlo.ProgramStats(kernels=kernels, frames=frames)
+    assert hlo_moe.moe_kernels(stats) == {0, 1}

@@ -2,8 +2,8 @@
 logged with time, throughput and MFU; steps the backend refused as non-finite are counted and
 stop the run past --skip_nonfinite.
 
-The first step a process runs also pays for compiling (JAX: the step and the first eval, tens
-of seconds on a CPU) and the first eval; extrapolated, it predicted hours for a 3-minute run.
+The first step a process runs also pays for compiling (JAX: the step and the eval, tens of
+seconds on a CPU) and for the step-0 eval; extrapolated, it predicted hours for a 3-minute run.
 So its progress line says so and shows that time once, and the ETA comes only from the steps
 after it (StepTimer). Tests drive it with a fake clock through CLOCK.
 """

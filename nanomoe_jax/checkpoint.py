@@ -112,9 +112,14 @@ def load_model(path: str, **options) -> tuple[nnx.Module, dict]:
     graphdef, params_like = nnx.split(abstract, nnx.Param)
     mngr = manager(folder, async_save=False)
     try:
-        restored = restore(mngr, step, params_like)
+        with _quiet_writer_threads():  # the same thread logs and echoes as a failed write
+            restored = restore(mngr, step, params_like)
     except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged folder
-        raise ConversionError(f"{folder}/{step}: could not restore the weights ({e})") from None
+        detail = (str(e).splitlines() or [type(e).__name__])[0]
+        detail = detail.split(". Truncating")[0][:200]  # not orbax's advice on its options
+        raise ConversionError(f"{folder}/{step}: could not restore the weights ({detail}); "
+                              "its meta's config does not fit them, or the folder is "
+                              "damaged") from None
     finally:
         mngr.close()
     model = nnx.merge(graphdef, restored["params"])

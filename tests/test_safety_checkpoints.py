@@ -98,6 +98,21 @@ def test_a_fifo_anywhere_in_a_checkpoint_is_refused_by_every_loader(ckpt, tmp_pa
     assert not (tmp_path / "o.pt").exists()
 
 
+@pytest.mark.parametrize("field,value", [("n_layer", 100_000), ("n_embd", 2**28),
+                                         ("vocab_size", 2**30), ("block_size", 2**20)])
+def test_meta_asking_for_huge_dimensions_is_one_sentence(ckpt, tmp_path, capsys, field, value):
+    import json
+
+    log = shutil.copytree(ckpt, str(tmp_path / "log"))
+    path = os.path.join(log, "checkpoints", "2", "meta", "metadata")
+    meta = json.load(open(path))
+    meta["config"][field] = value
+    json.dump(meta, open(path, "w"))
+    rc, err = _sample("jax", ["--checkpoint", log, "--prompt", "a"], capsys)
+    assert rc == 2
+    _one_sentence(err, "could not restore the weights", "does not fit them")
+
+
 # ---------------------------------------------------------------------------------------------
 # --compile_cache
 

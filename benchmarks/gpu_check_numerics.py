@@ -108,7 +108,7 @@ def torch_loss_and_norm(tm, x, y, dev, bf16: bool) -> tuple[float, float]:
     loss.backward()
     norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in tm.parameters()
                           if p.grad is not None))
-    return float(loss), float(norm)
+    return float(loss.detach()), float(norm)
 
 
 def jax_model(config, state_dict, **overrides):

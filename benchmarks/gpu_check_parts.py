@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
 
-from .gpu_check_run import RESULT_TAG
+from .gpu_check_run import PARTIAL_TAG, RESULT_TAG
 
 RESULTS = Path(__file__).parent / "results"
 # The plan's file for a card (H200: the H100's program and memory plan; its estimate is the
@@ -155,6 +155,9 @@ def timing_part(sz: dict, model: str, frameworks: str) -> dict:
             r["mfu_datasheet"] = r["flops_per_token"] * r["tokens_per_s"] / datasheet
     out = {"model": model, "B": sz["B"], "T": sz["T"], "device_kind": kind,
            "datasheet_peak_flops": datasheet, "rows": rows}
+    # the timings are what matter most: sent before the calibration's HLO parsing, which
+    # takes seconds on a 12-layer program and must not be able to lose them
+    print(PARTIAL_TAG + json.dumps(out, default=str), flush=True)
     jax_row = next((r for r in rows if r["framework"] == "jax"), {})
     if "compiled" in captured:
         try:  # the plan's helpers change under other work: the timings must survive that

@@ -138,3 +138,24 @@ def test_card_names_and_train_lines():
     assert out["steps_logged"] == 2 and out["first_step_compile_s"] == 31.5
     assert out["step_ms"] == [640.0, 655.0] and out["last_line"].startswith("step     2/6")
     assert "error" in parse_train_output(lines[:2], "timeout")
+
+
+def test_part_cut_short_keeps_what_it_sent():
+    """A part past its limit is killed (its whole process group) and the rows it sent before
+    stay: the timings of a model whose calibration did not finish are still reported."""
+    from benchmarks.gpu_check_report import render_tables
+    from benchmarks.gpu_check_run import PARTIAL_TAG, run_child
+
+    code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(60)']); print(%r + '{\"rows\": [1]}', flush=True); "
+            "time.sleep(60)" % PARTIAL_TAG)
+    out = run_child([sys.executable, "-c", code], 5, dict(os.environ), ROOT)
+    assert out["status"] == "timeout" and out["seconds"] < 30
+    assert out["partials"] == [{"rows": [1]}] and out["result"] is None
+    row = dict(framework="jax", step_s=0.1, step_p10_s=0.09, step_p90_s=0.11,
+               tokens_per_s=163840.0, peak_mem_bytes=2 ** 31)
+    report = {"meta": {"sizes": {"B": 16, "T": 1024}}, "env": {"device": "NVIDIA H100"},
+              "timing": {"gpt": {"rows": [row], "error": "timeout after 240 s"}}}
+    table = render_tables(report)
+    assert "| gpt | jax | 100.0 | 90.0 | 110.0 | 163,840 |" in table
+    assert "| gpt | after timing: timeout after 240 s |" in table

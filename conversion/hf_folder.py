@@ -48,6 +48,7 @@ def _refuse(path: str, what: str) -> ConversionError:
 def scan(folder: str, code_names: tuple[str, ...] = ()) -> None:
     """Refuse a folder holding a FIFO, socket or device anywhere (a reader would block), a
     ``custom_generate`` entry, or a ``.py`` file other than ``code_names`` at its top."""
+    folder = os.path.normpath(folder)  # "hf/" too: its files' dirname is "hf"
     for path in walk(folder, MAX_ENTRIES, ConversionError):
         name, top = os.path.basename(path), os.path.dirname(path) == folder
         if name == "custom_generate":
@@ -55,7 +56,8 @@ def scan(folder: str, code_names: tuple[str, ...] = ()) -> None:
         if not os.path.isdir(path):
             check_regular_file(path, "model file", ConversionError)
         if name.endswith(".py") and not (top and name in code_names):
-            raise _refuse(path, "a Python file that this project's to-hf does not write")
+            raise _refuse(path, "a Python file that is not the remote code to-hf writes for "
+                                "this model")
 
 
 def read_bytes(path: str, limit: int) -> bytes:

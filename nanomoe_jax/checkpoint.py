@@ -69,9 +69,10 @@ def resolve(path: str) -> tuple[str, int]:
         refuse_special_files(os.path.dirname(path), "checkpoint file", ConversionError)
         return os.path.dirname(path), int(os.path.basename(path))
     folder = path if os.path.basename(path) == CHECKPOINTS else os.path.join(path, CHECKPOINTS)
+    steps = []
     if os.path.isdir(folder):
         refuse_special_files(folder, "checkpoint file", ConversionError)
-    steps = sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+        steps = sorted(int(n) for n in os.listdir(folder) if n.isdigit())
     if not steps:
         raise ConversionError(f"{path}: holds no complete JAX checkpoint (expected "
                               f"{CHECKPOINTS}/<step>/ folders)")

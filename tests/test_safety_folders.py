@@ -105,7 +105,8 @@ def _plant(folder, how, marker):
         _edit_json(os.path.join(folder, "config.json"),
                    attn_implementation="kernels-community/evil-attention")
     elif how == "quantizer":
-        _edit_json(os.path.join(folder, "config.json"), quantization_config={"quant_method": "mxfp4"})
+        _edit_json(os.path.join(folder, "config.json"),
+                   quantization_config={"quant_method": "mxfp4"})
     elif how == "generation_custom":
         _edit_json(os.path.join(folder, "generation_config.json"),
                    custom_generate="evil/repo", trust_remote_code=True)
@@ -173,7 +174,7 @@ def test_the_copy_holds_only_config_code_and_weights(moe_folder, tmp_path):
 def test_clean_folders_still_load(moe_folder, gpt2_folder, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    r = conversion.compare(moe_folder, moe_folder, tokens=PROMPT, log=lambda *_: None)
+    r = conversion.compare(moe_folder + "/", moe_folder, tokens=PROMPT, log=lambda *_: None)
     assert r["ok"] and r["greedy"]
     arrays = init_arrays(gpt2_folder)
     hf = AutoModelForCausalLM.from_pretrained(gpt2_folder).eval()

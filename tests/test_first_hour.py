@@ -214,3 +214,29 @@ def test_the_samplers_help_shows_their_defaults():
                     "--max_new_tokens MAX_NEW_TOKENS default: 100", "--top_k TOP_K default: 50",
                     "(default: 1.0)"):
         assert default in text, default
+
+
+def test_what_readme_commands_write_is_ignored_by_git():
+    """Every relative --out / --log_dir in README's shell blocks, the runs its conversion
+    examples read (log_gpt, ...: a user trains them first) and train.py's default folder are
+    in .gitignore, so the first hour leaves `git status` clean."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    readme = (root / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    paths = {"log"}  # train.py's --log_dir default
+    for block in blocks:
+        paths.update(re.findall(r"--(?:out|log_dir)\s+([^\s#]+)", block))
+        paths.update(re.findall(r"python -m conversion \S+\s+(log\w*)", block))
+    paths = {p for p in paths if not p.startswith(("/", "~", "$"))
+             and p != "benchmarks/results"}  # the explicit "commit a reference result"
+    assert {"gpt-hf", "moe.pt", "log_gpt2", "log_moe"} <= paths  # the parse found them
+    for path in sorted(paths):
+        probe = path if path.endswith(".pt") else f"{path}/config.json"  # a file written there
+        r = subprocess.run(["git", "check-ignore", "-q", probe], cwd=root)
+        assert r.returncode == 0, f"{path} (a README command writes it) is not in .gitignore"

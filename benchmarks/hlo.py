@@ -191,8 +191,9 @@ def _fused(comps, ins: Instr) -> list[Instr]:
 
 
 def _resolved(defs: dict, name: str) -> str:
-    """The value behind a chain of bitcasts (no kernel of their own)."""
-    while name in defs and defs[name].op == "bitcast" and defs[name].operands:
+    """The kernel or value behind bitcasts and tuple elements (a multi-output fusion's)."""
+    while name in defs and defs[name].op in ("bitcast", "get-tuple-element") and defs[
+            name].operands:
         name = defs[name].operands[0]
     return name
 

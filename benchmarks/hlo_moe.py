@@ -106,25 +106,29 @@ def moe_kernels(stats: ProgramStats) -> set[int]:
     return moe
 
 
-def _tile_shaped(shapes, weight_dims, whole) -> bool:
-    """(tiles, ..., out, in) with an expert weight's (out, in), tiles not an expert count."""
+def _weight_like(shapes, weight_dims, whole, tiles: bool) -> bool:
+    """(lead..., out, in) with an expert weight's (out, in): ``tiles``: lead is no expert
+    count (per-tile copies); else lead is one (whole weights, a layer's or all layers')."""
     if not shapes:
         return False
     _, d = max(shapes, key=lambda s: np.prod(s[1]))
-    return len(d) >= 3 and tuple(d[-2:]) in weight_dims and int(np.prod(d[:-2])) not in whole
+    if len(d) < 3 or tuple(d[-2:]) not in weight_dims:
+        return False
+    return (int(np.prod(d[:-2])) in whole) != tiles
 
 
-def tile_weight_values(stats: ProgramStats, moe: set[int], is_tile) -> set[tuple[str, str]]:
-    """(computation, value) of per-tile weight copies: tile-shaped results of the gathers
-    that make them and tile-shaped operands of the scatters that sum their gradients back
-    (an activation of (tiles, rows, width) can have the same shape: where it comes from or
-    goes to tells them apart), then their copies."""
+def tile_weight_values(stats: ProgramStats, moe: set[int], is_tile, is_weight) -> set:
+    """(computation, value) of per-tile weight copies: the results of gathers that read
+    weights tile by tile, the tile-shaped operands of scatters that sum tile gradients into
+    whole weights, then their copies. Data flow, not shape alone: an activation of (tiles,
+    rows, width) or (B, T, C) can have a weight tile's shape."""
     vals = set()
     for i in moe:
         k = stats.kernels[i]
-        if "gather" in k.ops and not k.flops and is_tile(k.parts[-1].shapes):
+        reads_tiles = any(p.sliced and is_tile(p.shapes) for p in k.parts[:-1])
+        if "gather" in k.ops and not k.flops and reads_tiles and is_tile(k.parts[-1].shapes):
             vals.add((k.comp, k.name))
-        if "scatter" in k.ops and not is_tile(k.parts[-1].shapes):
+        if "scatter" in k.ops and is_weight(k.parts[-1].shapes):
             vals |= {(k.comp, o) for o, p in zip(k.operands, k.parts) if is_tile(p.shapes)}
     for i in moe:  # copies and conversions of them (one level: what XLA leaves unfused)
         k = stats.kernels[i]
@@ -164,10 +168,13 @@ def moe_bytes(stats: ProgramStats, config, tokens: int = 0, top: int = 12) -> di
     whole = counts | {config.n_layer * c for c in counts}
 
     def is_tile(shapes):
-        return _tile_shaped(shapes, {(H, C), (C, H)}, whole)
+        return _weight_like(shapes, {(H, C), (C, H)}, whole, tiles=True)
+
+    def is_weight(shapes):
+        return _weight_like(shapes, {(H, C), (C, H)}, whole, tiles=False)
 
     moe = moe_kernels(stats)
-    vals = tile_weight_values(stats, moe, is_tile)
+    vals = tile_weight_values(stats, moe, is_tile, is_weight)
     out: Counter = Counter({p: 0.0 for p in PARTS})
     glue: Counter = Counter()
     per_kernel = []

@@ -27,7 +27,8 @@ def parse_args(argv):
     p.add_argument("--T", type=int, default=1024, help="sequence length (default 1024)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
                    help="config field (n_layer=24) or execution option (attention_impl=xla, "
-                        "remat=dots, loss_chunk_tokens=4096, scan_layers=false); repeatable")
+                        "remat=dots, loss_chunk_tokens=4096, scan_layers=false, "
+                        "moe_dispatch=grouped); repeatable")
     p.add_argument("--check", action="store_true",
                    help="exit 1 when a bound breaks: peak over budget, no flash attention, "
                         "a custom call whose FLOPs cannot be counted, compiled/analytic "
@@ -49,7 +50,8 @@ def parse_args(argv):
 
 
 OPTION_FIELDS = {"attention_impl": str, "remat": str, "loss_chunk_tokens": int,
-                 "scan_layers": lambda v: v.lower() in ("1", "true", "yes"), "dtype": str}
+                 "scan_layers": lambda v: v.lower() in ("1", "true", "yes"), "dtype": str,
+                 "moe_dispatch": str}
 
 
 def _value(text: str):

@@ -347,18 +347,28 @@ StackFrames
 3 {file_location_id=3 parent_frame_id=3}
 """
 
-MOE = _module("""(w: f32[2,6,4], g: s32[5], a: f32[5,6,4]) -> f32[5,6,6] {
+MOE = _module("""(w: f32[2,6,4], g: s32[5], a: f32[5,6,4], r: f32[40,4], ri: s32[30,1]) -> f32[5,6,6] {
   %w = f32[2,6,4]{2,1,0} parameter(0)
   %g = s32[5]{0} parameter(1)
   %a = f32[5,6,4]{2,1,0} parameter(2)
+  %r = f32[40,4]{1,0} parameter(3)
+  %ri = s32[30,1]{1,0} parameter(4)
+  %rows = f32[5,6,4]{2,1,0} fusion(%r, %ri), kind=kLoop, calls=%fused_rows, metadata={op_name="jit(f)/gather" stack_frame_id=2}
   %tiles = f32[5,6,4]{2,1,0} fusion(%w, %g), kind=kLoop, calls=%fused_gather, metadata={op_name="jit(f)/gather" stack_frame_id=2}
   %h = f32[5,6,4]{2,1,0} fusion(%a), kind=kLoop, calls=%fused_act, metadata={op_name="jit(f)/exp" stack_frame_id=3}
   %hb = f32[5,6,4]{2,1,0} bitcast(%h)
   %mm = f32[5,6,6]{2,1,0} fusion(%tiles, %hb), kind=kCustom, calls=%fused_mm, backend_config={"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}
   %cp = f32[5,6,6]{2,1,0} copy(%mm)
   %other = f32[5,6,4]{2,1,0} fusion(%a), kind=kLoop, calls=%fused_other
-  ROOT %t = (f32[5,6,6]{2,1,0}, f32[5,6,4]{2,1,0}) tuple(%cp, %other)
-}""", """%fused_gather (w0: f32[2,6,4], g0: s32[5]) -> f32[5,6,4] {
+  ROOT %t = (f32[5,6,6]{2,1,0}, f32[5,6,4]{2,1,0}, f32[5,6,4]{2,1,0}) tuple(%cp, %other, %rows)
+}""", """%fused_rows (r0: f32[40,4], i0: s32[30,1]) -> f32[5,6,4] {
+  %r0 = f32[40,4]{1,0} parameter(0)
+  %i0 = s32[30,1]{1,0} parameter(1)
+  %rg = f32[30,4]{1,0} gather(%r0, %i0), offset_dims={1}, collapsed_slice_dims={0}, start_index_map={0}, index_vector_dim=1, slice_sizes={1,4}, metadata={op_name="jit(f)/gather" stack_frame_id=2}
+  ROOT %rr = f32[5,6,4]{2,1,0} bitcast(%rg)
+}
+
+%fused_gather (w0: f32[2,6,4], g0: s32[5]) -> f32[5,6,4] {
   %w0 = f32[2,6,4]{2,1,0} parameter(0)
   %g0 = s32[5]{0} parameter(1)
   %g1 = s32[5,1]{1,0} bitcast(%g0)
@@ -398,7 +408,7 @@ def test_moe_kernels_from_the_python_stack():
                            ("/x/nanomoe_jax/layers.py", "run_stack")]
     names = {s.kernels[i].name for i in hlo_moe.moe_kernels(s)}
     # mm has no frame of its own but a grouped_gemm op; cp only copies an MoE value
-    assert names == {"tiles", "h", "mm", "cp"}
+    assert names == {"tiles", "h", "mm", "cp", "rows"}
 
 
 def test_moe_bytes_split_tile_weights_from_activations_of_the_same_shape():
@@ -414,9 +424,11 @@ def test_moe_bytes_split_tile_weights_from_activations_of_the_same_shape():
     assert m["tile_weights"] == 3 * tile
     # the activation h has the same shape but is no weight: the GEMM's other operand
     assert m["matmul"] == tile + 5 * 6 * 6 * 4
-    # exp in and out, the copy in and out, the gather's tile -> expert indices
-    assert m["glue"] == 2 * tile + 2 * 5 * 6 * 6 * 4 + 5 * 4
-    assert m["glue_parts"] == {"gathers/scatters/padding": 5 * 4,
+    # exp in and out, the copy in and out, the gather's tile -> expert indices, and a gather
+    # of activation rows whose result has a weight tile's shape: it reads no weight tile
+    rows = 30 * 4 * 4 + 30 * 4 + tile
+    assert m["glue"] == 2 * tile + 2 * 5 * 6 * 6 * 4 + 5 * 4 + rows
+    assert m["glue_parts"] == {"gathers/scatters/padding": 5 * 4 + rows,
                                "other": 2 * tile + 2 * 5 * 6 * 6 * 4}
     assert m["residuals"] == 0 and m["total"] == sum(m[p] for p in hlo_moe.PARTS)
     assert m["top_kernels"][0]["kernel"] == "mm"

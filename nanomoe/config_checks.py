@@ -65,18 +65,30 @@ def param_count(config) -> int:
     return one + (config.n_layer - 1) * (two - one)
 
 
-def memory_need(config, args, world: int = 1, device: bool = False) -> int:
-    """A lower bound on the bytes one process (or, with ``device``, one device) needs: fp32
-    weights, gradients and the two AdamW moments (16 bytes a parameter, split over the
-    devices when a --mesh may shard them), on the host also the copy they are initialised
-    from and the step's token batch (x and y, int32), and the residual stream each layer
-    keeps for the backward pass (kept even with --remat full)."""
-    residuals = 4 * args.B * args.T * config.n_embd * config.n_layer
+def memory_parts(config, args, world: int = 1, device: bool = False) -> dict[str, int]:
+    """Lower bounds, in bytes, on what one process (or, with ``device``, one device) holds:
+    fp32 weights, gradients and the two AdamW moments (16 bytes a parameter, split over the
+    devices when a --mesh may shard them; on the host also the copy they are initialised
+    from), the residual stream each layer keeps for the backward pass (kept even with
+    --remat full), and on the host the step's token batch (x and y, int32)."""
+    parts = {"weights": 20 * param_count(config),
+             "activations": 4 * args.B * args.T * config.n_embd * config.n_layer,
+             "batch": 8 * args.total_batch_size // max(world, 1)}
     if device:
         shards = world if getattr(args, "mesh", None) else 1
-        return 16 * param_count(config) // shards + residuals
-    batch = 8 * args.total_batch_size // max(world, 1)
-    return 20 * param_count(config) + residuals + batch
+        parts.update(weights=16 * param_count(config) // shards, batch=0)
+    return parts
+
+
+# What to shrink when a part is the largest.
+SHRINK = {"weights": "a smaller model (--n_layer, --n_embd, --n_experts, --vocab_size, "
+                     "--expert_dim, --ffn_factor)",
+          "activations": "a smaller --B or --T (more accumulation keeps the batch)",
+          "batch": "a smaller --total_batch_size"}
+
+
+def memory_need(config, args, world: int = 1, device: bool = False) -> int:
+    return sum(memory_parts(config, args, world, device).values())
 
 
 def available_memory() -> int | None:
@@ -113,13 +125,15 @@ def address_space_left() -> int | None:
 def check_memory(config, args, free: int | None, where: str, world: int = 1,
                  device: bool = False) -> None:
     """One sentence when the run cannot fit in ``free`` bytes (None: unknown, not checked)."""
-    need = memory_need(config, args, world, device)
+    parts = memory_parts(config, args, world, device)
+    need = sum(parts.values())
     if free is not None and need > free:
+        largest = max(parts, key=parts.get)
         raise ConfigError(
-            f"the model needs about {need / 2**30:.1f} GiB for its weights, optimizer state "
-            f"and activations ({param_count(config):,} parameters, B={args.B}, T={args.T}), "
-            f"more than the {free / 2**30:.1f} GiB of memory free {where}; use a smaller model "
-            "(--n_layer, --n_embd, --n_experts, --vocab_size) or a smaller --B/--T")
+            f"the run needs about {need / 2**30:.1f} GiB ({largest} the most: "
+            f"{parts[largest] / 2**30:.1f} GiB; {param_count(config):,} parameters, B={args.B}, "
+            f"T={args.T}, {args.total_batch_size:,} tokens a step), more than the "
+            f"{free / 2**30:.1f} GiB of memory free {where}; use {SHRINK[largest]}")
 
 
 def float32_finite(value: float) -> bool:

@@ -12,7 +12,7 @@ from .atomic import atomic_write
 from .cli import apply_cpu_preset, check_ranges
 from .data import data_format, default_tokenizer, open_dataset
 from .errors import CheckpointError, DataError, NanoMoeError, TrainError
-from .loader import make_loader
+from .loader import AllWindows, make_loader
 from .tokenizer import TokenizerError, get_tokenizer
 
 RUN_FILE = run_dir.RUN_FILE  # model type, config, framework, tokenizer, flags
@@ -23,6 +23,7 @@ def apply_defaults(args, argv: list[str], backend) -> None:
     preset = not backend.has_accelerator and apply_cpu_preset(args, argv)
     check_ranges(args)
     flag_checks.check_flags(args)
+    args.eval_steps_given = any(a.split("=")[0] == "--eval_steps" for a in argv)
     args.dtype = args.dtype or ("bfloat16" if backend.has_accelerator else "float32")
     if preset:
         print(f"No accelerator found ({backend.device_name}): using the CPU preset "
@@ -85,9 +86,25 @@ def make_loaders(args, datasets: dict, config, backend) -> tuple[Any, Any]:
                            args.seed)
 
     train_loader, val_loader = loader("train"), loader("val")
+    check_eval_steps(args, val_loader)
     for split in ("train", "val"):  # the first batch of each split, read ahead
         loader(split).next_batch()
     return train_loader, val_loader
+
+
+def check_eval_steps(args, val_loader) -> None:
+    """An --eval_steps past the val split's batches would score the same tokens again (the
+    loader wraps), and a huge one would never finish its first eval. Only a value given on
+    the command line is checked: the defaults (the original's 20, the CPU preset's 4) have
+    always run on small data as they are."""
+    steps = args.eval_steps
+    if steps == "all" or not getattr(args, "eval_steps_given", True):
+        return
+    windows = len(AllWindows(val_loader))
+    if steps > windows:
+        raise TrainError(f"--eval_steps {steps} is more than the {windows} batches of the val "
+                         f"split (more would score the same tokens again): use --eval_steps "
+                         f"{windows} or --eval_steps all")
 
 
 def check_run_folder(args, run_info: dict, lock: run_dir.Lock, leader: bool, config,

@@ -59,8 +59,11 @@ def test_a_model_too_large_is_refused_at_once_not_hung():
     assert time.monotonic() - start < 5
     # activations count too: a small model at a huge batch does not fit either
     big_batch = parse_args(["--B", str(2**30), "--T", "32"])
-    with pytest.raises(ConfigError, match="B=1073741824"):
+    with pytest.raises(ConfigError, match="activations the most.*smaller --B or --T"):
         config_checks.check_memory(config_of(), big_batch, 64 * 2**30, "on this host")
+    many_tokens = parse_args(["--B", "1", "--T", "16", "--total_batch_size", str(2**40)])
+    with pytest.raises(ConfigError, match="batch the most.*smaller --total_batch_size"):
+        config_checks.check_memory(config_of(), many_tokens, 64 * 2**30, "on this host")
     config_checks.check_memory(config_of(), parse_args([]), 64 * 2**30, "on this host")
 
 
@@ -244,3 +247,19 @@ def test_a_low_address_space_limit_is_one_sentence(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: the address-space limit (ulimit -v) is 1.9 GiB")
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "log").exists()
+
+
+def test_eval_steps_beyond_the_val_split_is_refused_when_given():
+    import types
+
+    import numpy as np
+
+    from nanomoe.errors import TrainError
+    from nanomoe.loader import DataLoader
+    from nanomoe.train_setup import check_eval_steps
+
+    val = DataLoader([np.zeros(100, np.uint16)], B=2, T=8)  # 6 windows of 16 tokens
+    for steps, given in (("all", True), (6, True), (10**12, False)):
+        check_eval_steps(types.SimpleNamespace(eval_steps=steps, eval_steps_given=given), val)
+    with pytest.raises(TrainError, match="--eval_steps 1000000000000 is more than the 6"):
+        check_eval_steps(types.SimpleNamespace(eval_steps=10**12, eval_steps_given=True), val)

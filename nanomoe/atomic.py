@@ -12,6 +12,11 @@ from .errors import CheckpointError
 def write_advice(e: BaseException) -> str:
     """What to do about a failed write, from its errno (a full disk is not the only cause)."""
     code = getattr(e, "errno", None)
+    if code in (errno.EISDIR, errno.ENOTDIR):  # not a disk that is full: a path in the way
+        return ("a folder stands where a file should be (or a file where a folder should): "
+                "move it away")
+    if code == errno.ENOENT:
+        return "a folder on the path does not exist (or was removed meanwhile): check the path"
     if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return "free some disk space (or choose another --log_dir) and --resume"
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):

@@ -91,6 +91,7 @@ def _run(args, argv, backend: Backend, stop_signal: list[str], lock: run_dir.Loc
                 "data_files": data_fingerprint.fingerprints(args.data)}
     leader = backend.process_index == 0
     setup.check_run_folder(args, run_info, lock, leader, config, backend)
+    setup.check_sample_prompt(args, tokenizer, config)
     hellaswag_file = setup.find_hellaswag(args, tokenizer, config)
 
     stop_if_asked()

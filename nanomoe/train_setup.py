@@ -133,6 +133,20 @@ def check_memory(args, config, backend) -> None:
                                device=backend.has_accelerator)
 
 
+def check_sample_prompt(args, tokenizer, config) -> None:
+    """The sample prompt becomes tokens the model has: checked now, not after training."""
+    if tokenizer is None:
+        return  # samples start from token 0 and show ids
+    ids = list(tokenizer.encode(args.sample_prompt))
+    if not ids:
+        raise TrainError(f"--sample_prompt {args.sample_prompt!r} encodes to no tokens with the "
+                         f"{tokenizer.name} tokenizer: give some text")
+    if max(ids) >= config.vocab_size:
+        raise TrainError(f"--sample_prompt encodes to token id {max(ids)}, beyond the model's "
+                         f"vocab_size {config.vocab_size}: give a larger --vocab_size or "
+                         "another prompt")
+
+
 def find_hellaswag(args, tokenizer, config) -> str | None:
     """The HellaSwag file, every example it will score read once now (a bad line is an
     error before training, not at the first eval)."""

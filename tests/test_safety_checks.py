@@ -263,3 +263,31 @@ def test_eval_steps_beyond_the_val_split_is_refused_when_given():
         check_eval_steps(types.SimpleNamespace(eval_steps=steps, eval_steps_given=given), val)
     with pytest.raises(TrainError, match="--eval_steps 1000000000000 is more than the 6"):
         check_eval_steps(types.SimpleNamespace(eval_steps=10**12, eval_steps_given=True), val)
+
+
+def test_write_advice_does_not_blame_the_disk_for_a_path_in_the_way():
+    import errno
+
+    from nanomoe.atomic import write_advice
+
+    for code in (errno.EISDIR, errno.ENOTDIR, errno.ENOENT):
+        assert "disk space" not in write_advice(OSError(code, os.strerror(code)))
+    assert "disk space" in write_advice(OSError(errno.ENOSPC, "full"))
+
+
+@pytest.mark.parametrize("prompt, vocab, words", [("\u0000", 256, None),
+                                                   ("é", 128, "beyond the model's vocab_size")])
+def test_sample_prompt_is_checked_against_the_tokenizer(prompt, vocab, words):
+    import types
+
+    from nanomoe.errors import TrainError
+    from nanomoe.tokenizer import ByteTokenizer
+    from nanomoe.train_setup import check_sample_prompt
+
+    args = types.SimpleNamespace(sample_prompt=prompt)
+    config = types.SimpleNamespace(vocab_size=vocab)
+    if words is None:
+        check_sample_prompt(args, ByteTokenizer(), config)
+    else:
+        with pytest.raises(TrainError, match=words):
+            check_sample_prompt(args, ByteTokenizer(), config)

@@ -9,7 +9,8 @@ exported files import nothing from this project, and change whenever the referen
 
 Loading remote code runs it, so this project's own loaders never trust a folder's code:
 ``compare`` loads one only after :func:`check_remote_code` finds its code byte-identical to
-what :func:`generate_files` writes now.
+what :func:`generate_files` writes now, and then only from the verified copy that
+``hf_folder.verified_copy`` makes (nothing else of the folder reachable).
 """
 
 from __future__ import annotations

@@ -232,7 +232,8 @@ def test_wrong_inputs_fail_without_output(tmp_path):
     with pytest.raises(ConversionError, match="already exists"):
         conversion.to_torch(str(tmp_path / "ckpt"), pt)
     _nothing_new(tmp_path, before)
-    with pytest.raises(RuntimeError):  # a failure inside the write leaves nothing behind
+    # a failure inside the write leaves nothing behind, and is one sentence naming it
+    with pytest.raises(ConversionError, match=r"could not write .*x \(RuntimeError: disk full\)"):
         with atomic_output(str(tmp_path / "x")) as staging:
             os.makedirs(staging)
             raise RuntimeError("disk full")

@@ -181,3 +181,18 @@ def test_clean_folders_still_load(moe_folder, gpt2_folder, tmp_path):
     with torch.no_grad():
         assert torch.equal(torch.from_numpy(arrays["transformer.wte.weight"]),
                            hf.transformer.wte.weight)
+
+
+def test_the_command_of_the_report_runs_nothing(moe_folder, tmp_path):
+    """``python -m conversion compare LOG HF`` as reported: exit 2, one line, no marker."""
+    import subprocess
+    import sys
+
+    folder, marker = _copy(moe_folder, tmp_path), tmp_path / "ran"
+    _plant(folder, "custom_generate", marker)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "conversion", "compare", folder, folder],
+                       capture_output=True, text=True, cwd=repo, timeout=300,
+                       env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert "custom_generate: custom generation code" in r.stderr and not marker.exists()

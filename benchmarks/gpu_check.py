@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -55,7 +56,7 @@ def sizes(args) -> dict:
     """What each part runs: the original's defaults on a GPU, tiny ones in a dry run."""
     if args.dry_run:
         tiny = dict(n_layer=1, n_embd=64, n_head=4, block_size=64, vocab_size=256)
-        return dict(dry=True, dtype="bfloat16", shape=tiny, B=2, T=32, rounds=2, steps=2,
+        return dict(dry=True, dtype="bfloat16", shape=tiny, B=2, T=32, rounds=2, steps=1,
                     warmup=1, numerics=dict(shape=tiny, B=2, T=32), matmul_n=256,
                     train=["--n_layer", "1", "--n_embd", "64", "--n_head", "4", "--B", "2",
                            "--T", "64", "--total_batch_size", "128"])
@@ -92,7 +93,7 @@ def run(args) -> int:
     t_start = time.monotonic()
     deadline = t_start + args.budget_s
     sz = sizes(args)
-    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    work = args.work
     wheels = install_wheels(Path(args.wheels), work / "site")
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",  # torch shares the device
                PYTHONWARNINGS="default::DeprecationWarning,default::FutureWarning")
@@ -167,6 +168,10 @@ def gpu_visible(report: dict, args) -> bool:
         print("  " + line)
     if args.dry_run or (seen.get("jax_gpu") and seen.get("torch_cuda")):
         return True
+    if not seen:  # the part itself failed: jax or torch does not even import
+        print(f"error: the environment part failed ({env.get('error', 'no result')}), so "
+              "nothing was timed; see its output above.", file=sys.stderr)
+        return False
     which = [n for n, k in (("jax", "jax_gpu"), ("torch", "torch_cuda")) if not seen.get(k)]
     print(f"error: no GPU visible to {' and '.join(which)} (jax backend "
           f"{env.get('jax_backend', '?')}, torch.cuda.is_available() "
@@ -230,7 +235,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(parse_args(sys.argv[1:] if argv is None else argv))
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args.work = Path(tempfile.mkdtemp(prefix="gpu_check_"))  # wheels' site, train.py's log
+    try:
+        return run(args)
+    finally:
+        shutil.rmtree(args.work, ignore_errors=True)
 
 
 if __name__ == "__main__":

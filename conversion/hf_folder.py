@@ -139,23 +139,36 @@ def verified_copy(folder: str, spec: RemoteModel | None = None):
         raise ConversionError(f"{folder}: no model.safetensors (weights in other formats are "
                               "not read here: save the model with save_pretrained, which "
                               "writes safetensors)")
-    parent = tempfile.mkdtemp(prefix="nanomoe-hf-")
-    # transformers caches remote code under the folder's name: the code's hash keeps that
-    # name the same for the same code, and apart for any other
-    digest = hashlib.sha256(b"".join(texts.values())).hexdigest()[:12]
-    copy = os.path.join(parent, f"nanomoe_{digest}")
+    files = {"config.json": config, **texts}
+    for name in weights:
+        src = os.path.realpath(os.path.join(folder, name))
+        files[name] = read_bytes(src, MAX_JSON_BYTES) if name.endswith(".json") else src
+    parent = None
     try:
-        os.mkdir(copy)
-        for name, data in {"config.json": config, **texts}.items():
-            with open(os.path.join(copy, name), "wb") as f:
-                f.write(data)
-        for name in weights:
-            src = os.path.realpath(os.path.join(folder, name))
-            if name.endswith(".json"):
-                with open(os.path.join(copy, name), "wb") as f:
-                    f.write(read_bytes(src, MAX_JSON_BYTES))
-            else:
-                os.symlink(src, os.path.join(copy, name))  # read as data: not copied
+        parent = tempfile.mkdtemp(prefix="nanomoe-hf-")
+        # transformers caches remote code under the folder's name: the code's hash keeps
+        # that name the same for the same code, and apart for any other
+        copy = os.path.join(parent, "nanomoe_" + hashlib.sha256(
+            b"".join(texts.values())).hexdigest()[:12])
+        _write_copy(copy, files)
+    except OSError as e:
+        if parent:
+            shutil.rmtree(parent, ignore_errors=True)
+        raise ConversionError(f"could not make the verified copy of {folder} in "
+                              f"{tempfile.gettempdir()} ({e.strerror or e}): free space there "
+                              "or point TMPDIR at another folder") from None
+    try:
         yield copy
     finally:
         shutil.rmtree(parent, ignore_errors=True)
+
+
+def _write_copy(copy: str, files: dict) -> None:
+    """Bytes are written; a path (weights, read as data) is linked, not copied."""
+    os.mkdir(copy)
+    for name, data in files.items():
+        if isinstance(data, bytes):
+            with open(os.path.join(copy, name), "wb") as f:
+                f.write(data)
+        else:
+            os.symlink(data, os.path.join(copy, name))

@@ -196,3 +196,14 @@ def test_the_command_of_the_report_runs_nothing(moe_folder, tmp_path):
                        env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
     assert "custom_generate: custom generation code" in r.stderr and not marker.exists()
+
+
+def test_a_full_temporary_folder_is_one_sentence(moe_folder, tmp_path, monkeypatch):
+    import tempfile as tf
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file, so no folder can be made in it")
+    monkeypatch.setattr(tf, "tempdir", str(blocked))
+    with pytest.raises(ConversionError, match="could not make the verified copy .* TMPDIR"):
+        with verified_copy(moe_folder, REMOTE_MODELS["moegpt"]):
+            pass

@@ -38,7 +38,8 @@ def _cells(line: str) -> list[str]:
     return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
-def read_table(text: str, section: str | None = None) -> tuple[list[str], list[str], list[list[str]]]:
+def read_table(text: str, section: str | None = None
+               ) -> tuple[list[str], list[str], list[list[str]]]:
     """(header, alignment row, rows) of the first markdown table (under `section` if given)."""
     lines = text.splitlines()
     start = 0

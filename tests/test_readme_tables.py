@@ -57,7 +57,8 @@ def test_a_new_column_in_the_results_appears(tmp_path):
                                    .replace("107,272 |", "107,272 | 52% |")
                                    .replace("137,684 |", "137,684 | 32% |"))
     again = rt.render(readme, tmp_path)
-    assert "| model | peak GiB | tokens/s | MFU |" in again and "| gpt | 8.2 (22) | 107,272 | 52% |" in again
+    assert "| model | peak GiB | tokens/s | MFU |" in again
+    assert "| gpt | 8.2 (22) | 107,272 | 52% |" in again
 
 
 def test_keep_section_and_several_runs(tmp_path):

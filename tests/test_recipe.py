@@ -303,8 +303,9 @@ def test_the_end_of_a_run_names_its_real_paths(straight):
     for text in (f"Files in {log}/", "checkpoints/6 ", "model_final.pt", "metrics.jsonl",
                  "loss.png", f"python -m nanomoe_jax.sample --checkpoint {log} --prompt "
                  f"\"Hello, I'm a language model,\"",
-                 f"python -m conversion to-hf {log}/checkpoints --out {log}/hf", f"python -m conversion to-torch {log}/checkpoints --format "
-                 f"safetensors --out {log}/safetensors",
+                 f"python -m conversion to-hf {log}/checkpoints --out {log}/hf",
+                 f"python -m conversion to-torch {log}/checkpoints --format safetensors --out "
+                 f"{log}/safetensors",
                  "JAX_PLATFORMS=cpu .venv-plan/bin/python -m benchmarks.plan --target rtx4090 "
                  "--model gpt"):
         assert text in end, text

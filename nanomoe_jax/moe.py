@@ -132,9 +132,11 @@ class MoE(nnx.Module):
         c, dtype = self.config, self.opts.dtype
         dispatch = self.opts.moe_dispatch or c.moe_dispatch
         B, T, C = x_BTC.shape
-        # Tokens in position-major order (t, b): capacity slots go to earlier positions first,
-        # so a token's drop never depends on later tokens of any row (causal).
-        x_NC = x_BTC.transpose(1, 0, 2).reshape(T * B, C)
+        # capacity: tokens in position-major order (t, b), so slots go to earlier positions
+        # first and a token's drop never depends on later tokens of any row (causal). The
+        # dropless back ends take the rows as they are (no transposed copy, there and back).
+        position_major = dispatch == "capacity"
+        x_NC = (x_BTC.transpose(1, 0, 2) if position_major else x_BTC).reshape(B * T, C)
         r = route(self.gate_linear(x_NC.astype(f32)), c)  # router in fp32
         x_NC = x_NC.astype(dtype)
         params = [p[...] for p in (self.fc_weight, self.fc_bias, self.proj_weight, self.proj_bias)]
@@ -159,7 +161,9 @@ class MoE(nnx.Module):
             y_NC = y_NC + y_r
         metrics = {"balance_loss": r.balance_loss, "tokens_per_expert": r.usage_E,
                    "score_sum": r.score_sum_E, "dropped_fraction": dropped / r.top_idx_NK.size}
-        return y_NC.astype(x_BTC.dtype).reshape(T, B, C).transpose(1, 0, 2), metrics
+        y = y_NC.astype(x_BTC.dtype)
+        return (y.reshape(T, B, C).transpose(1, 0, 2) if position_major
+                else y.reshape(B, T, C)), metrics
 
 
 def dense_dispatch(x_NC, r: Routing, w) -> jax.Array:
@@ -176,7 +180,9 @@ def shared_experts(x_NC, gates_NS, w) -> jax.Array:
     if w1_SHC.shape[0] == 0:
         return jnp.zeros(x_NC.shape, f32)
     h_NSH = relu_squared(jnp.einsum("nc,shc->nsh", x_NC, w1_SHC) + b1_SH)
-    hg_NSH = (h_NSH.astype(f32) * gates_NS[..., None]).astype(x_NC.dtype)
+    # the gate rounded to the compute dtype, not h widened to fp32: the backward then keeps
+    # h in the compute dtype for the gates' gradient (an fp32 copy was 2x the bytes)
+    hg_NSH = h_NSH * gates_NS[..., None].astype(x_NC.dtype)
     return (jnp.einsum("nsh,sch->nc", hg_NSH, w2_SCH).astype(f32)
             + gates_NS @ b2_SC.astype(f32))
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 f32 = jnp.float32
 PAD = 128  # >= the largest row block tokamax's Triton ragged dot uses (block_k <= 128)
+BIAS_COLS = 16  # b1 as input columns of the first GEMM (see _mlp_forward)
 
 
 def _tokamax():
@@ -90,10 +91,11 @@ def compiling_for(device):
         yield
 
 
-def _dot(lhs_AK, rhs_GKN, counts_G, out_dtype):
-    """``out[a] = lhs[a] @ rhs[group(a)]``: rows grouped by ``counts_G``; fp32 accumulation."""
+def _dot(lhs_AK, rhs_GKN, counts_G, out_dtype, activation=None):
+    """``out[a] = act(lhs[a] @ rhs[group(a)])``: rows grouped by ``counts_G``; fp32
+    accumulation, ``activation`` applied to it in the kernel."""
     return _tokamax().ragged_dot(lhs_AK, rhs_GKN, counts_G, precision=_precision(lhs_AK.dtype),
-                                 preferred_element_type=out_dtype,
+                                 preferred_element_type=out_dtype, activation=activation,
                                  implementation=implementation())
 
 
@@ -166,46 +168,58 @@ combine_rows.defvjp(_combine_fwd, _combine_bwd)
 
 # --- the experts' MLP on the sorted rows ---------------------------------------------------
 
+def _relu2(a):
+    return jnp.square(jnp.maximum(a, 0.0))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def expert_mlp(rows_PC, counts_R, expert_P, w1_EHC, b1_EH, S, w2_ECH):
+def expert_mlp(rows_PC, counts_R, real_P, w1_EHC, b1_EH, S, w2_ECH):
     """``relu(rows W1^T + b1)^2 W2^T`` per expert group (no output bias: ``combine_rows``
-    adds it). Weights are the stacked (E, ...) parameters of all experts; the routed ones are
-    ``[S:]``. Passing them whole and casting here means the backward keeps the layer's own
-    parameters (which a layer scan does not stack) instead of a bf16 copy of them."""
-    return _mlp_forward(rows_PC, counts_R, expert_P, w1_EHC, b1_EH, S, w2_ECH)[0]
+    adds it); ``real_P``: the rows that are assignments (not pads). Weights are the stacked
+    (E, ...) parameters of all experts; the routed ones are ``[S:]``. Passing them whole and
+    casting here means the backward keeps the layer's own parameters (which a layer scan
+    does not stack) instead of a bf16 copy of them."""
+    return _mlp_forward(rows_PC, counts_R, real_P, w1_EHC, b1_EH, S, w2_ECH)[0]
 
 
-def _mlp_forward(rows_PC, counts_R, expert_P, w1_EHC, b1_EH, S, w2_ECH):
+def _mlp_forward(rows_PC, counts_R, real_P, w1_EHC, b1_EH, S, w2_ECH):
+    """The bias b1 rides in the first GEMM as one more input column (1 on real rows, with
+    ``BIAS_COLS - 1`` zero columns to keep rows 16-byte aligned), so the kernel applies relu^2
+    to its fp32 accumulator and writes h directly: no pass of its own over (rows, H) for the
+    bias and activation, and b1's gradient comes out of W1's (no segment sum). Costs
+    BIAS_COLS / C more work in two of the six GEMMs."""
     dt = rows_PC.dtype
-    u_PH = _dot(rows_PC, w1_EHC[S:].astype(dt).mT, counts_R, dt)
-    b1_RH = b1_EH[S:]
-    v_PH = u_PH.astype(f32) + b1_RH[jnp.minimum(expert_P, b1_RH.shape[0] - 1)].astype(f32)
-    h_PH = jnp.square(jnp.maximum(v_PH, 0.0)).astype(dt)
-    return _dot(h_PH, w2_ECH[S:].astype(dt).mT, counts_R, dt), h_PH
+    w1_RHC, b1_RH = w1_EHC[S:], b1_EH[S:]
+    R, H, C = w1_RHC.shape
+    ones = jnp.zeros((rows_PC.shape[0], BIAS_COLS), dt).at[:, 0].set(real_P.astype(dt))
+    rows_PK = jnp.concatenate([rows_PC, ones], axis=1)
+    w1b_RKH = jnp.concatenate([w1_RHC.mT, b1_RH[:, None, :],
+                               jnp.zeros((R, BIAS_COLS - 1, H), w1_RHC.dtype)], axis=1)
+    h_PH = _dot(rows_PK, w1b_RKH.astype(dt), counts_R, dt, activation=_relu2)
+    return _dot(h_PH, w2_ECH[S:].astype(dt).mT, counts_R, dt), (rows_PK, h_PH)
 
 
-def _mlp_fwd(rows_PC, counts_R, expert_P, w1_EHC, b1_EH, S, w2_ECH):
-    y_PC, h_PH = _mlp_forward(rows_PC, counts_R, expert_P, w1_EHC, b1_EH, S, w2_ECH)
+def _mlp_fwd(rows_PC, counts_R, real_P, w1_EHC, b1_EH, S, w2_ECH):
+    y_PC, (rows_PK, h_PH) = _mlp_forward(rows_PC, counts_R, real_P, w1_EHC, b1_EH, S, w2_ECH)
     # h only (not relu's input as well): relu(v) = sqrt(h), so relu^2' = 2 sqrt(h)
-    return y_PC, (rows_PC, h_PH, counts_R, expert_P, w1_EHC, b1_EH, w2_ECH)
+    return y_PC, (rows_PK, h_PH, counts_R, w1_EHC, b1_EH, w2_ECH)
 
 
 def _mlp_bwd(S, res, dy_PC):
-    rows_PC, h_PH, counts_R, expert_P, w1_EHC, b1_EH, w2_ECH = res
-    dt = rows_PC.dtype
+    rows_PK, h_PH, counts_R, w1_EHC, b1_EH, w2_ECH = res
+    dt, C = rows_PK.dtype, w1_EHC.shape[2]
     dy_PC = dy_PC.astype(dt)
     dh_PH = _dot(dy_PC, w2_ECH[S:].astype(dt), counts_R, dt)       # W2 is (R, C, H) already
-    dv_PH = dh_PH.astype(f32) * 2.0 * jnp.sqrt(h_PH.astype(f32))
-    drows_PC = _dot(dv_PH.astype(dt), w1_EHC[S:].astype(dt), counts_R, dt)
-    dw1_RHC = _wgrad(dv_PH.astype(dt), rows_PC, counts_R)          # the parameters' layouts
+    dv_PH = (dh_PH.astype(f32) * 2.0 * jnp.sqrt(h_PH.astype(f32))).astype(dt)
+    drows_PC = _dot(dv_PH, w1_EHC[S:].astype(dt), counts_R, dt)
+    dw1b_RHK = _wgrad(dv_PH, rows_PK, counts_R)                    # the parameters' layouts
     dw2_RCH = _wgrad(dy_PC, h_PH, counts_R)
-    db1_RH = _segment_sum(dv_PH, expert_P, counts_R.shape[0])
 
     def full(g_R, p_E):  # the shared experts' rows get their gradient elsewhere
         return jnp.concatenate([jnp.zeros((S, *p_E.shape[1:]), f32), g_R]).astype(p_E.dtype)
 
-    return (drows_PC, None, None, full(dw1_RHC, w1_EHC), full(db1_RH, b1_EH),
-            full(dw2_RCH, w2_ECH))
+    return (drows_PC, None, None, full(dw1b_RHK[..., :C], w1_EHC),
+            full(dw1b_RHK[..., C], b1_EH), full(dw2_RCH, w2_ECH))
 
 
 expert_mlp.defvjp(_mlp_fwd, _mlp_bwd)
@@ -227,5 +241,5 @@ def routed_experts(x_NC, top_gates_NK, top_idx_NK, s, params, S: int) -> jax.Arr
     counts_R = s.counts_R.at[0].add(PAD)
     pos_NK = (s.rank_A + PAD).reshape(N, K)
     rows_PC = dispatch_rows(x_NC, src_P, pos_NK)
-    y_PC = expert_mlp(rows_PC, counts_R, expert_P, w1_EHC, b1_EH, S, w2_ECH)
+    y_PC = expert_mlp(rows_PC, counts_R, src_P >= 0, w1_EHC, b1_EH, S, w2_ECH)
     return combine_rows(y_PC, b2_EC[S:], top_gates_NK, top_idx_NK, pos_NK, src_P, expert_P)

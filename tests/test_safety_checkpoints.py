@@ -191,6 +191,10 @@ def test_a_tokenizer_json_with_no_vocabulary_is_one_sentence(tmp_path, capsys):
                       capsys)
     assert rc == 2
     _one_sentence(err, "empty vocabulary")
+    # a vocabulary without its own unknown token: encoding an unknown word fails in Rust
+    Tokenizer(models.WordLevel({"a": 0}, unk_token="[UNK]")).save(path)
+    with pytest.raises(NanoMoeError, match="cannot encode the text .*Missing \\[UNK\\]"):
+        get_tokenizer(path).encode("b")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,6 +46,10 @@ def walk(folder: str, limit: int, error: type = NanoMoeError):
         seen.add(real)
         try:
             names = sorted(os.listdir(top))
+        except FileNotFoundError:
+            if top == folder:
+                raise error(f"{top}: no such folder") from None
+            continue  # removed while walking (a live run's finished temporary folder)
         except OSError as e:
             raise error(f"{top}: cannot list it ({e.strerror or e})") from None
         for name in names:

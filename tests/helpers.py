@@ -19,15 +19,16 @@ MODERN_CONFIGS = {
     "gqa-gated": ModernGPTConfig(**TINY, n_kv_head=2, use_gate_proj=True),
     "mha-nobias-double": ModernGPTConfig(**TINY, n_kv_head=4, use_bias=False,
                                          double_attn_scale=True),
+    # a RoPE base other than the default, so that a model ignoring rope_scaling fails
     "gqa-glu-double-ffn3": ModernGPTConfig(**TINY, n_kv_head=2, ffn_factor=3,
-                                           double_attn_scale=True),
+                                           double_attn_scale=True, rope_scaling=500.0),
 }
 MOE_CONFIGS = {
     "default": MoeGPTConfig(**TINY),
     "sigmoid-m2": MoeGPTConfig(**TINY, route_score_func="sigmoid", m_sub_experts=2,
                                n_activated_experts=3),
-    "s0-scale2-dim48": MoeGPTConfig(**TINY, n_experts=5, n_shared_experts=0, n_activated_experts=2, expert_dim=48,
-                              route_scale=2.0),
+    "s0-scale2-dim48": MoeGPTConfig(**TINY, n_experts=5, n_shared_experts=0, n_activated_experts=2,
+                                    expert_dim=48, route_scale=2.0, rope_scaling=500.0),
     "s2-nobias": MoeGPTConfig(**TINY, n_experts=6, n_shared_experts=2, n_activated_experts=2,
                               use_bias=False),
 }

@@ -143,9 +143,12 @@ def test_sequence_longer_than_block_size_is_refused(name):
         model(jnp.zeros((1, config.block_size + 1), jnp.int32))
 
 
-def test_options_are_validated():
-    with pytest.raises(ValueError, match="remat"):
-        nanomoe_jax.create_model(GPT_CONFIGS["gpt"], 0, remat="sometimes")
+@pytest.mark.parametrize("bad", [dict(remat="sometimes"), dict(loss_chunk_tokens=0),
+                                 dict(row_groups=0), dict(moe_dispatch="sparse")],
+                         ids=lambda d: next(iter(d)))
+def test_options_are_validated(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        nanomoe_jax.create_model(GPT_CONFIGS["gpt"], 0, **bad)
 
 
 def plain_loss(h_NC, w_VC, t_N, ignore_index, dtype):

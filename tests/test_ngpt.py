@@ -181,6 +181,19 @@ def test_decode_with_cache_equals_full_forward_and_sampling(name):
     assert generate(model, prompt, 8, temperature=0.0) == torch_generate(tm, prompt, 8, temperature=0.0)
 
 
+def test_scale_floor_and_norm_eps_in_both_frameworks():
+    """eff's floor (max|p| under 1e-6: p * c * 1e6) and justnorm's eps added to the norm, on
+    vectors small enough for them to matter (random test weights never are)."""
+    p = np.array([3e-7, -5e-7, 1e-7], np.float32)
+    want = p * np.float32(0.05 / 1e-6)
+    np.testing.assert_allclose(np.asarray(jax_ngpt.eff(jnp.asarray(p), 0.05)), want, rtol=1e-6)
+    np.testing.assert_allclose(torch_ngpt.eff(torch.from_numpy(p), 0.05).numpy(), want, rtol=1e-6)
+    x = np.array([[3e-8, 4e-8]], np.float32)  # norm 5e-8: the eps is a sixth of the divisor
+    want = x / np.float32(5e-8 + 1e-8)
+    np.testing.assert_allclose(np.asarray(jax_ngpt.justnorm(jnp.asarray(x))), want, rtol=1e-6)
+    np.testing.assert_allclose(torch_ngpt.justnorm(torch.from_numpy(x)).numpy(), want, rtol=1e-6)
+
+
 def test_normalize_weights_same_numbers_in_both_frameworks():
     tm = random_torch_model(TINY, seed=21)
     jm = jax_twin(tm, dtype=jnp.float32)

@@ -92,7 +92,11 @@ def memory_need(config, args, world: int = 1, device: bool = False) -> int:
 
 
 def available_memory() -> int | None:
-    """Bytes this process may still use: the kernel's MemAvailable, lowered by an
+    return host_memory()[0]
+
+
+def host_memory() -> tuple[int | None, str]:
+    """(bytes this process may still use, where): the kernel's MemAvailable, lowered by an
     address-space limit (ulimit -v) after what the runtime itself reserves."""
     free = None
     try:
@@ -103,9 +107,9 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     left = address_space_left()
-    if left is not None:
-        free = left if free is None else min(free, left)
-    return free
+    if left is not None and (free is None or left < free):
+        return left, "under this shell's address-space limit (ulimit -v)"
+    return free, "on this host"
 
 
 def address_space_left() -> int | None:

@@ -128,7 +128,7 @@ def check_memory(args, config, backend) -> None:
         free = device_memory() if device_memory else None
         where = f"on {backend.device_name}"
     else:
-        free, where = config_checks.available_memory(), "on this host"
+        free, where = config_checks.host_memory()
     config_checks.check_memory(config, args, free, where, world,
                                device=backend.has_accelerator)
 

@@ -69,8 +69,8 @@ def test_a_model_too_large_is_refused_at_once_not_hung():
 
 def test_an_address_space_limit_lowers_the_memory_available(monkeypatch):
     monkeypatch.setattr(resource, "getrlimit", lambda what: (2**30, resource.RLIM_INFINITY))
-    free = config_checks.available_memory()
-    assert free is not None and free <= 2**30
+    free, where = config_checks.host_memory()
+    assert free is not None and free <= 2**30 and "ulimit -v" in where
 
 
 def flags(*argv):

@@ -167,3 +167,27 @@ def test_torch_resumes_in_a_folder_named_like_a_pattern(text_file, tmp_path, cap
                 lambda: _backend("torch")) == 0
     assert [s for s, _ in step_losses(log)] == list(range(6))
     assert checkpoint_steps("torch", log)[-1] == 6
+
+
+def test_after_an_error_the_backend_is_closed_before_exit(text_file, tmp_path, capsys):
+    """orbax's writer threads and event loop are stopped when an error ends the run, so
+    nothing echoes "Event loop is closed" after the one sentence."""
+    closed = []
+
+    class Failing:
+        def __init__(self):
+            self.inner = _backend("jax")
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def setup(self, config, args):
+            raise MemoryError("Unable to allocate")
+
+        def close(self):
+            closed.append(True)
+            self.inner.close()
+
+    assert main(tiny("jax", text_file, tmp_path / "log"), Failing) == 2
+    one_sentence(capsys.readouterr().err, "out of memory")
+    assert closed == [True]

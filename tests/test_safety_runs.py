@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from nanomoe.train_loop import main
-from test_reliability import _backend, complete_checkpoints, step_losses, text_file, tiny  # noqa: F401
+from test_reliability import _backend, step_losses, text_file, tiny  # noqa: F401
 from test_run_safety import checkpoint_steps, one_sentence, run
 
 

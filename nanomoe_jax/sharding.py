@@ -3,9 +3,11 @@ axes and a ``NamedSharding`` for every array the train step touches.
 
 * ``data``: data parallel. Parameters and optimizer state are replicated; each device takes its
   own rows of the batch; XLA all-reduces the gradients.
-* ``fsdp``: fully sharded data parallel. Also takes its own rows, but every parameter (and its
-  AdamW moments) is split along its largest dimension divisible by the axis size; XLA gathers a
-  layer's weights just before use and reduce-scatters the gradients.
+* ``fsdp``: fully sharded data parallel. Also takes its own rows, but every weight matrix (and
+  its AdamW moments) is split along its largest dimension divisible by the axis size. Each
+  layer's weights are gathered in the compute dtype inside the layer scan, just before the
+  layer runs (:func:`layer_placement`), so activations stay on their rows; the gradients
+  come back reduce-scattered.
 * ``expert``: expert parallel (MoeGPT). Also takes its own rows; the MoE weights are split along
   the expert dimension, so each device holds E/K experts. Tokens travel to their experts: the
   capacity buffer is constrained to be sharded by expert, so XLA exchanges it with an
@@ -21,8 +23,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from functools import partial
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from nanomoe.config import MoeGPTConfig
@@ -85,7 +91,9 @@ def param_spec(path, shape: tuple[int, ...], mesh: Mesh, config) -> P:
                               "that divides n_experts * m_sub_experts")
         spec[first] = "expert"
         first += 1
-    if fsdp_size > 1:
+    # fsdp splits matrices only: a vector is a rounding error of the state, and gathering
+    # one would cost a collective per layer for nothing
+    if fsdp_size > 1 and len(shape) - (1 if "blocks" in keys else 0) >= 2:
         dims = [d for d in range(first, len(shape)) if shape[d] % fsdp_size == 0]
         if dims:  # the largest divisible dimension; small odd vectors stay replicated
             spec[max(dims, key=lambda d: shape[d])] = "fsdp"
@@ -114,3 +122,95 @@ def bytes_per_device(tree) -> dict[int, int]:
         for shard in x.addressable_shards:
             out[shard.device.id] = out.get(shard.device.id, 0) + shard.data.nbytes
     return out
+
+
+def compute_dtypes(module, default) -> dict[tuple, Any]:
+    """The dtype each parameter of ``module`` is computed in, as its own module declares it:
+    a module's ``dtype`` (nnx.Linear: bf16, the fp32 router, fp32 norms), else its ``opts.dtype``
+    (raw parameters such as the MoE experts', cast at use), else the parameter's own."""
+    owners = {path: node for path, node in nnx.iter_graph(module) if isinstance(node, nnx.Module)}
+    out = {}
+    for path, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.Param):
+            owner = owners.get(tuple(path[:-1]))
+            dtype = getattr(owner, "dtype", None) or getattr(getattr(owner, "opts", None),
+                                                                 "dtype", None) or default
+            out[tuple(path)] = dtype
+    return out
+
+
+class Placement:
+    """Where fsdp weights are gathered, from the parameters' NamedShardings. Called on each
+    layer just before it runs (the ``place_layer`` option, inside the layer scan): each
+    fsdp-split weight is cast to the dtype it is computed in and gathered whole (expert splits
+    kept), so the layer's matmuls run on the device's own rows. Unconstrained, XLA's
+    partitioner gathered activations instead (16x the bytes). :meth:`outside_layers` gathers the
+    weights outside the layers (embeddings, the tied head) once per micro-batch in their own
+    dtype: the lookup reads fp32, and one fp32 gather replaces a bf16 gather per loss chunk
+    plus an fp32 one for the lookup. Each gather's gradient is a reduce-scatter."""
+
+    def __init__(self, param_sharding):
+        self.layers, self.top, self.mesh = {}, {}, None
+        for path, s in jax.tree_util.tree_flatten_with_path(param_sharding)[0]:
+            keys = tuple(str(_key(k)) for k in path if _key(k) != "value")
+            if "fsdp" not in s.spec:
+                continue
+            self.mesh = s.mesh
+            if "blocks" in keys:  # the layer's slice: the stacked spec without its layer axis
+                self.layers[keys[keys.index("blocks") + 1:]] = P(*s.spec[1:])
+            else:
+                self.top[keys] = s.spec
+
+    def _gather(self, module, specs, dtypes):
+        for path, param in nnx.iter_graph(module):
+            spec = specs.get(tuple(str(k) for k in path))
+            if spec is None or not isinstance(param, nnx.Param):
+                continue
+            value = param[...]
+            whole = P(*[None if a == "fsdp" else a for a in spec])
+            dtype = jnp.dtype(dtypes.get(tuple(path)) or value.dtype)
+            param[...] = _gather(value, dtype.name, NamedSharding(self.mesh, whole),
+                                 NamedSharding(self.mesh, spec))
+
+    def __call__(self, block, x):
+        self._gather(block, self.layers, compute_dtypes(block, None))
+        return x
+
+    def outside_layers(self, params):
+        """``params`` (the model's nnx.State) with the weights outside the layers gathered."""
+        def one(path, value):
+            keys = tuple(str(_key(k)) for k in path if _key(k) != "value")
+            spec = self.top.get(keys)
+            if spec is None:
+                return value
+            whole = P(*[None if a == "fsdp" else a for a in spec])
+            return _gather(value, value.dtype.name, NamedSharding(self.mesh, whole),
+                           NamedSharding(self.mesh, spec))
+
+        return jax.tree_util.tree_map_with_path(one, params)
+
+
+def layer_placement(param_sharding) -> Placement | None:
+    """The fsdp :class:`Placement` of these parameters; None when nothing is split on fsdp."""
+    placement = Placement(param_sharding)
+    return placement if placement.mesh is not None else None
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _gather(w, dtype, whole, split):
+    return jax.lax.with_sharding_constraint(w.astype(dtype), whole)
+
+
+def _gather_fwd(w, dtype, whole, split):
+    return _gather(w, dtype, whole, split), jnp.zeros((), w.dtype)  # w's dtype, as a value
+
+
+def _gather_bwd(dtype, whole, split, w_zero, g):
+    # back to the parameter's dtype, then onto its shards: a reduce-scatter. For the embedding
+    # (gathered in fp32) that reduction is fp32; for bf16-gathered layer weights XLA's
+    # partitioner reduces the matmul's partial products where they are made, in bf16 (as
+    # torch FSDP's mixed precision does by default): the plan shows it
+    return (jax.lax.with_sharding_constraint(g.astype(w_zero.dtype), split),)
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)

@@ -4,15 +4,18 @@ export to the original's .pt) is ``nanomoe_jax.backend.JaxBackend``."""
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nanomoe.config import MoeGPTConfig
 
+from . import sharding as shd
 from .row_groups import grouped_losses
 
 
@@ -48,9 +51,14 @@ def make_optimizer(config, params, weight_decay=0.1, b1=0.9,
                        optax.add_decayed_weights(weight_decay, mask))
 
 
-def slice_loss(graphdef, params, x_BT, y_BT):
+def slice_loss(graphdef, params, x_BT, y_BT, place_layer=None):
     """Loss and metrics of one device's slice of the batch (the original's forward)."""
-    losses = grouped_losses(nnx.merge(graphdef, params), x_BT, y_BT)
+    if place_layer is not None:  # fsdp: gather the weights where they are used
+        params = place_layer.outside_layers(params)
+    model = nnx.merge(graphdef, params)
+    if place_layer is not None:  # set here, not at construction: the step knows the mesh
+        model.opts = dataclasses.replace(model.opts, place_layer=place_layer)
+    losses = grouped_losses(model, x_BT, y_BT)
     metrics = {"loss": losses["loss"]}
     if "moe" in losses:
         metrics.update(ce_loss=losses["ce_loss"], moe_loss=losses["moe_loss"],
@@ -58,44 +66,82 @@ def slice_loss(graphdef, params, x_BT, y_BT):
     return losses["loss"], metrics
 
 
-def loss_and_metrics(graphdef, params, x, y):
+def loss_and_metrics(graphdef, params, x, y, place_layer=None):
     """``x``: (B, T), or (D, B, T) for D data-parallel slices (one per device). Each slice's
     loss is computed on its own, as on one DDP rank (token mean, MoE capacity and balance loss
     per slice), and the D losses are averaged, as DDP averages gradients."""
+    one = partial(slice_loss, graphdef, params, place_layer=place_layer)
     if x.ndim == 2 or x.shape[0] == 1:
-        return slice_loss(graphdef, params, x.reshape(x.shape[-2:]), y.reshape(y.shape[-2:]))
-    losses_D, metrics = jax.vmap(partial(slice_loss, graphdef, params))(x, y)
+        return one(x.reshape(x.shape[-2:]), y.reshape(y.shape[-2:]))
+    losses_D, metrics = jax.vmap(one)(x, y)
     return jnp.mean(losses_D), jax.tree.map(jnp.mean, metrics)
 
 
-def accumulate_gradients(graphdef, params, x_ABT, y_ABT):
+def accumulate_gradients(graphdef, params, x_ABT, y_ABT, grad_sharding=None, place_layer=None):
     """Mean loss gradient over A micro-batches (the original's gradient accumulation), with a
     ``lax.scan`` so only one micro-batch's activations are alive at a time. The micro-batches
-    may be (A, B, T) or (A, D, B, T) (D device slices each)."""
-    grad_fn = jax.value_and_grad(partial(loss_and_metrics, graphdef), has_aux=True)
+    may be (A, B, T) or (A, D, B, T) (D device slices each).
+
+    On a mesh (``grad_sharding``: the parameters' NamedShardings) the D slices form one group
+    per index of the ``data`` axis, and each group differentiates its loss with respect to its
+    own copy of the parameters (a broadcast: on each device, its own shard). Each group's
+    gradient (summed over its fsdp/expert devices inside the backward: a reduce-scatter onto
+    the fsdp shards) is carried through the micro-batch loop on its own devices, and the
+    groups are summed once after it, in fp32: one data-parallel reduction per optimizer step
+    whatever A, the tied embedding's two uses included. Left to XLA, every micro-batch's
+    gradient was all-reduced, in bf16 for the layers."""
+    if x_ABT.ndim == 3:
+        x_ABT, y_ABT = x_ABT[:, None], y_ABT[:, None]
+    A, D = x_ABT.shape[:2]
+    mesh = jax.tree.leaves(grad_sharding)[0].mesh if grad_sharding is not None else None
+    G = mesh.shape["data"] if mesh is not None else 1
+    slice_losses = partial(loss_and_metrics, graphdef, place_layer=place_layer)
+    if G == 1:  # one group: no copies, the gradient of the parameters themselves
+        grad_fn = jax.value_and_grad(slice_losses, has_aux=True)
+        params_G, x, y, pin = params, x_ABT, y_ABT, (lambda g: g)
+    else:
+        def pin(tree):  # group g's copy (or gradient) lives on data index g
+            return jax.tree.map(lambda v, s: jax.lax.with_sharding_constraint(
+                v, NamedSharding(mesh, P("data", *s.spec))), tree, grad_sharding)
+
+        def group_losses(p_G, x_G, y_G):
+            loss_G, metrics_G = jax.vmap(slice_losses, spmd_axis_name="data")(p_G, x_G, y_G)
+            return jnp.sum(loss_G), jax.tree.map(jnp.mean, metrics_G)
+
+        grad_fn = jax.value_and_grad(group_losses, has_aux=True)
+        params_G = pin(jax.tree.map(lambda p: jnp.broadcast_to(p, (G, *p.shape)), params))
+        split = lambda v: v.reshape(A, G, D // G, *v.shape[2:])  # noqa: E731
+        x, y = split(x_ABT), split(y_ABT)
 
     def micro(grads, xy):
-        (_, metrics), g = grad_fn(params, *xy)
-        return jax.tree.map(jnp.add, grads, g), metrics
+        (_, metrics), g = grad_fn(params_G, *xy)
+        return jax.tree.map(jnp.add, grads, pin(g)), metrics
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, metrics = jax.lax.scan(micro, zeros, (x_ABT, y_ABT))
-    A = x_ABT.shape[0]
-    return jax.tree.map(lambda g: g / A, grads), jax.tree.map(jnp.mean, metrics)
+    if A == 1:  # no loop: the gradient goes straight to its reduction
+        (_, metrics), grads = grad_fn(params_G, x[0], y[0])
+        grads, metrics = pin(grads), jax.tree.map(lambda m: m[None], metrics)
+    else:
+        grads, metrics = jax.lax.scan(micro, pin(jax.tree.map(jnp.zeros_like, params_G)), (x, y))
+    if G > 1:  # the one cross-group reduction, fp32
+        grads = jax.lax.with_sharding_constraint(
+            jax.tree.map(lambda g: jnp.sum(g, 0), grads), grad_sharding)
+    return jax.tree.map(lambda g: g / (A * G), grads), jax.tree.map(jnp.mean, metrics)
 
 
 def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def train_step(graphdef, tx, lr_mult, state, x_ABT, y_ABT, lr, post_update=None):
+def train_step(graphdef, tx, lr_mult, state, x_ABT, y_ABT, lr, post_update=None,
+               grad_sharding=None, place_layer=None):
     """One optimizer step: accumulate, clip, AdamW with the host-computed learning rate.
 
     A step whose loss, gradient norm or new parameters are not finite is not applied (the
     state comes back unchanged and ``skipped`` is 1), so NaN never enters the weights; the
     host decides whether to stop."""
     params, opt_state = state
-    grads, metrics = accumulate_gradients(graphdef, params, x_ABT, y_ABT)
+    grads, metrics = accumulate_gradients(graphdef, params, x_ABT, y_ABT, grad_sharding,
+                                          place_layer)
     metrics["grad_norm"] = optax.tree.norm(grads)
     updates, new_opt_state = tx.update(grads, opt_state, params)
     updates = jax.tree.map(lambda u, m: -lr * m * u, updates, lr_mult)
@@ -109,8 +155,13 @@ def train_step(graphdef, tx, lr_mult, state, x_ABT, y_ABT, lr, post_update=None)
 
 
 def jit_train_step(graphdef, tx, state_sharding, batch_sharding, replicated, post_update=None):
-    """The jitted step train.py runs (state donated); the GPU plan compiles this same one."""
-    return jax.jit(partial(train_step, graphdef, tx, post_update=post_update), donate_argnums=(1,),
+    """The jitted step train.py runs (state donated); the GPU plan compiles this same one. On
+    a mesh the gradients are reduced once a step and fsdp weights gathered layer by layer."""
+    multi = batch_sharding.mesh.size > 1
+    step = partial(train_step, graphdef, tx, post_update=post_update,
+                   grad_sharding=state_sharding[0] if multi else None,
+                   place_layer=shd.layer_placement(state_sharding[0]) if multi else None)
+    return jax.jit(step, donate_argnums=(1,),
                    in_shardings=(replicated, state_sharding, batch_sharding, batch_sharding,
                                  replicated),
                    out_shardings=(state_sharding, replicated))

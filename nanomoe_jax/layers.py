@@ -144,8 +144,7 @@ class Attention(nnx.Module):
         self.out_proj = linear(n_embd, n_embd, opts, rngs, bias=bias, std=out_std)
         self.q_norm = rms_norm(self.head_dim, opts, rngs) if qk_norm else None
         self.k_norm = rms_norm(self.head_dim, opts, rngs) if qk_norm else None
-        # The original's quirk: 1/sqrt(hd) applied twice gives logits q.k / hd
-        # (docs/original.md#moderngpt).
+        # The original's quirk: 1/sqrt(hd) applied twice gives logits q.k / hd.
         self.scale = 1.0 / self.head_dim if double_scale else 1.0 / math.sqrt(self.head_dim)
 
     def __call__(self, x_BTC: jax.Array, cache: KVCache | None = None,
@@ -236,7 +235,7 @@ def run_stack(blocks: nnx.Module, x: jax.Array, opts: Options, cache: KVCache | 
         x, aux, layer_cache = block(x, layer_cache, pos)
         return x, (aux, layer_cache)
 
-    if False:
+    if opts.remat != "none":
         step = jax.checkpoint(step, policy=REMAT_POLICIES[opts.remat],
                               prevent_cse=not opts.scan_layers)
     if opts.scan_layers:

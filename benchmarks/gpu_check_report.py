@@ -50,6 +50,9 @@ def timing_table(report: dict) -> list[str]:
                 f"{r['tokens_per_s']:,.0f} | {_f(r.get('mfu_datasheet'), '{:.1%}')} | "
                 f"{_f(r.get('peak_mem_bytes'), '{:.2f}', 1 / GiB)} | "
                 f"{_f(planned, '{:.2f}', 1 / GiB)} | {_f(r.get('compile_s'))} | {speed} |")
+    ran = [f"- {m}: {r['jax_execution']}" for m, part in (report.get("timing") or {}).items()
+           for r in part.get("rows", []) if r.get("jax_execution")]
+    lines += ["", "JAX ran with:", *ran] if ran else []
     lines += ["", "JAX speed-up: that row's median step over JAX's (> 1: JAX is faster). MFU: "
               "6 N_active + 12 L C T FLOPs a token over the card's datasheet bf16 peak. Peak "
               "memory: JAX's peak_bytes_in_use in a process of its own; torch's "

@@ -1,4 +1,5 @@
-"""GPT-2 in Flax NNX: LayerNorm, learned positions, GELU(tanh) MLP, tied head."""
+"""GPT-2 in Flax NNX: LayerNorm, learned positions, GELU(tanh) MLP, tied head. Axis letters of
+names like ``x_BTC``: docs/dimensions.md."""
 
 from __future__ import annotations
 

@@ -144,7 +144,8 @@ class Attention(nnx.Module):
         self.out_proj = linear(n_embd, n_embd, opts, rngs, bias=bias, std=out_std)
         self.q_norm = rms_norm(self.head_dim, opts, rngs) if qk_norm else None
         self.k_norm = rms_norm(self.head_dim, opts, rngs) if qk_norm else None
-        # The original's quirk: 1/sqrt(hd) applied twice gives logits q.k / hd.
+        # The original's quirk: 1/sqrt(hd) applied twice gives logits q.k / hd
+        # (docs/original.md#moderngpt).
         self.scale = 1.0 / self.head_dim if double_scale else 1.0 / math.sqrt(self.head_dim)
 
     def __call__(self, x_BTC: jax.Array, cache: KVCache | None = None,

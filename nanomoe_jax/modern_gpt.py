@@ -1,4 +1,5 @@
-"""ModernGPT in Flax NNX: RMSNorm, interleaved RoPE, GQA/MQA, a*silu(b) or gated MLP."""
+"""ModernGPT in Flax NNX: RMSNorm, interleaved RoPE, GQA/MQA, a*silu(b) or gated MLP. Axis
+letters: docs/dimensions.md; the original's behaviours kept: docs/original.md#moderngpt."""
 
 from __future__ import annotations
 

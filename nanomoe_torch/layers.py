@@ -57,7 +57,8 @@ class Attention(nn.Module):
         self.c_qkv = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
         self.out_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.qk_norm = qk_norm
-        # The original scales q by 1/sqrt(hd) and SDPA scales again: logits q.k/hd.
+        # The original scales q by 1/sqrt(hd) and SDPA scales again: logits q.k/hd
+        # (docs/original.md#moderngpt).
         self.scale = 1.0 / self.head_dim if double_scale else 1.0 / math.sqrt(self.head_dim)
         self.register_buffer("rope_cache", rope_cache(block_size, self.head_dim, rope_base),
                              persistent=False)

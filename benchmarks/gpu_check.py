@@ -94,7 +94,8 @@ def run(args) -> int:
     deadline = t_start + args.budget_s
     sz = sizes(args)
     work = args.work
-    wheels = install_wheels(Path(args.wheels), work / "site")
+    wheels = (install_wheels(Path(args.wheels), work / "site") if args.wheels
+              else {"status": "none (dry run)"})
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",  # torch shares the device
                PYTHONWARNINGS="default::DeprecationWarning,default::FutureWarning")
     if args.dry_run:
@@ -215,8 +216,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps a round (default: 10)")
     p.add_argument("--train_steps", type=int, default=None,
                    help="train.py steps (default: 6 on a GPU, 3 in a dry run)")
-    p.add_argument("--wheels", default=str(ROOT / "wheels"),
-                   help="folder of optional wheels to install first (default: wheels/)")
+    p.add_argument("--wheels", default=None,
+                   help="folder of optional wheels to install first (default: wheels/, none "
+                        "for --dry-run: they are built for the GPU image's jax, and would "
+                        "shadow this machine's packages)")
     args = p.parse_args(argv)
     args.argv = list(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -229,6 +232,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--frameworks: choose among {', '.join(FRAMEWORKS)}")
     if args.rounds < 1 or args.steps < 1:
         p.error("--rounds and --steps must be at least 1")
+    if args.wheels is None:
+        args.wheels = "" if args.dry_run else str(ROOT / "wheels")
     args.budget_s = args.budget_s or (300.0 if args.dry_run else 480.0)
     args.train_steps = args.train_steps or (3 if args.dry_run else 6)
     return args

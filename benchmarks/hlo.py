@@ -110,7 +110,7 @@ def parse_module(hlo_text: str) -> dict[str, Computation]:
         index = int(args[:end]) if op.strip() == "parameter" else -1
         attrs = args[end + 1:]
         frame = re.search(r"stack_frame_id=(\d+)", attrs)
-        op_name = re.search(r'op_name="([^"]*)"', attrs)
+        op_name = re.search(r'op_name="((?:[^"\\]|\\.)*)"', attrs)  # may hold \" (tokamax's)
         cur.instrs.append(Instr(m.group(1), op.strip(), shapes_in(rtype), operands, attrs,
                                 index, int(frame.group(1)) if frame else 0,
                                 op_name.group(1) if op_name else ""))

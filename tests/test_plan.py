@@ -516,3 +516,13 @@ def test_moe_kernels_include_backward_passes_traced_outside_the_layer():
                           ops=frozenset({"multiply"})) for i in (1, 2, 3)]
     stats = hlo.ProgramStats(kernels=kernels, frames=frames)
     assert hlo_moe.moe_kernels(stats) == {0, 1}
+
+
+def test_op_names_with_escaped_quotes_are_read_whole():
+    text = _module("""(x: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  ROOT %y = f32[4]{0} custom-call(%x), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/moe_ffn/tokamax:{\\"k\\": 1}/ragged_dot/pallas_call" stack_frame_id=7}
+}""")
+    y = hlo.parse_module(text)["main"].instrs[-1]
+    assert y.op_name == 'jit(f)/moe_ffn/tokamax:{\\"k\\": 1}/ragged_dot/pallas_call'
+    assert y.frame == 7

@@ -202,6 +202,9 @@ def _gemm_backend(ins: Instr, kinds: Counter) -> str | None:
     """Which GEMM emitter runs a kernel with matmuls in it (tile GEMMs of a grouped GEMM too)."""
     cfg = json.dumps(backend_config(ins.attrs))
     if ins.op == "custom-call":
+        if kinds.get("grouped-gemm"):  # a kernel library's (tokamax) or our own Pallas kernel
+            t = target(ins)
+            return "triton-kernel" if "triton" in t else "mosaic-gpu" if "mosaic" in t else t
         return next((k for k in ("cublasLt", "cublas") if k in kinds), None)
     if ins.op != "fusion" or not (kinds.get("dot") or kinds.get("grouped-gemm")):
         return None

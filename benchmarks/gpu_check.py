@@ -202,7 +202,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="tiny sizes, any device (CPU included): checks the script end to end")
     p.add_argument("--budget_s", "--budget-s", type=float, default=None,
                    help="wall seconds for everything; parts that would not fit are skipped "
-                        "(default: 480 on a GPU, 600 for --dry-run, whose parts crawl on a loaded machine)")
+                        "(default: 480 on a GPU; 600 for --dry-run, whose parts crawl on a "
+                        "loaded machine)")
     # as benchmarks.bench: results land in the repository only when asked (--out)
     default_out = (Path(os.environ["OUT"]) / "benchmarks" / "results" if os.environ.get("OUT")
                    else Path.home() / ".cache" / "nanomoe" / "results")

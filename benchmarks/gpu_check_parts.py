@@ -47,7 +47,8 @@ def env_part(sz: dict) -> dict:
             pass
     site = os.environ.get("NANOMOE_GPU_CHECK_SITE")
     if site:  # the carried wheels, as this process sees them
-        env["carried"] = {d.metadata["Name"]: d.version for d in metadata.distributions(path=[site])}
+        env["carried"] = {d.metadata["Name"]: d.version
+                          for d in metadata.distributions(path=[site])}
     import jax
     import torch
 

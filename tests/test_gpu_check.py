@@ -130,7 +130,8 @@ def test_card_names_and_train_lines():
     assert card_slug("NVIDIA GH200 480GB") == "gh200"
     assert card_slug("NVIDIA GeForce RTX 4090") == "rtx-4090"
     assert card_slug("cpu") == "cpu"
-    lines = ["jax on gpu (...)", "step     0/6 | loss 10.9 | lr 1e-05 | norm 2.0 | compiling: 31.5 s",
+    lines = ["jax on gpu (...)",
+             "step     0/6 | loss 10.9 | lr 1e-05 | norm 2.0 | compiling: 31.5 s",
              "step     1/6 | loss 10.8 | lr 2e-05 | norm 2.1 | 640 ms | 409,600 tok/s | eta 0:03",
              "step     2/6 | loss 10.7 | lr 3e-05 | norm 2.2 | 655 ms | 400,000 tok/s | mfu 40.1% "
              "| eta 0:02"]

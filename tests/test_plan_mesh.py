@@ -125,3 +125,37 @@ def test_data_parallel_reduces_gradients_once_in_fp32(ci_rows):
     row = ci_rows[("gpt", "data=8", 2)]
     big = [c for c in row["collectives"] if c["bytes"] > 2**20]
     assert big and all(c["runs"] == 1 and c["buffer"].startswith("f32") for c in big), big
+
+
+CPU_SCRIPT = """
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax
+from benchmarks import mesh_hlo
+from benchmarks.plan import model_config
+from benchmarks.plan_mesh import build_step
+config = model_config("gpt", dict(n_layer=2, n_embd=64, n_head=4, vocab_size=256, block_size=64))
+step, args, _ = build_step(config, jax.devices(), "data=8", 2, 2, 32, {"dtype": "bfloat16"})
+colls = mesh_hlo.collectives(step.lower(*args).compile().as_text())
+print(json.dumps([[c.kind, c.dtype, c.bytes, c.runs, c.loop] for c in colls]))
+"""
+
+
+def test_two_micro_batches_one_fp32_reduction_on_cpu_devices():
+    """Runs without the CUDA plugin: train.py's step for data=8 with 2 micro-batches (bf16
+    compute) on 8 simulated CPU devices reduces each gradient once, after the micro-batch
+    loop, in fp32. Before issue 23 it all-reduced inside the loop, layers in bf16."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", CPU_SCRIPT], cwd=root, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": root,
+                                                       "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    colls = json.loads(proc.stdout.strip().splitlines()[-1])
+    grads = [c for c in colls if c[0] == "all-reduce" and c[2] >= 4096]  # not the metrics
+    assert grads, colls
+    assert all(c[1] == "f32" and c[3] == 1 and c[4] == "-" for c in grads), grads

@@ -275,4 +275,4 @@ def tokamax_dispatch(x_NC, r: Routing, params, S: int) -> jax.Array:
     """The sorted assignments through tokamax's grouped GEMM (``nanomoe_jax/ragged_gemm.py``):
     each expert's weights read once per GEMM, nothing drops; the numbers of ``ragged``."""
     s = sort_assignments(r.top_idx_NK, params[0].shape[0] - S)
-    return routed_experts(x_NC, r.top_gates_NK, r.top_idx_NK, s, params, S)
+    return routed_experts(x_NC, r.top_gates_NK, r.top_idx_NK, r.gates_NE[:, S:], s, params, S)

@@ -1,7 +1,8 @@
 """The routed experts as grouped GEMMs that read each expert's weights once: tokamax's
 ``ragged_dot`` (a maintained Pallas kernel library; its Triton kernels on NVIDIA GPUs), for the
 forward and for both gradients, inside our own ``custom_vjp``s so the backward keeps and
-re-reads only what it needs.
+re-reads only what it needs: per layer x (N rows), h (N k rows, the compute dtype) and the
+experts' output rows for the gates' gradient; the sorted input rows are gathered again from x.
 
 Rows are the (token, expert) assignments stably sorted by expert (``moe.sort_assignments``),
 with ``PAD`` zero rows in front, counted in the first expert's group, and ``PAD`` rows behind
@@ -111,54 +112,37 @@ def _wgrad(lhs_AM, rhs_AN, counts_G):
     return jnp.where(counts_G[:, None, None] > 0, out, 0.0)
 
 
-def _segment_sum(v_AX, group_A, n_groups):
-    return jax.ops.segment_sum(v_AX.astype(f32), group_A, n_groups, indices_are_sorted=True)
-
-
-# --- rows in and out: gathers both ways (autodiff would scatter-add the transposes) -------
+# --- the combine: a gather both ways (autodiff would scatter-add the transpose) ---------
 
 @jax.custom_vjp
-def dispatch_rows(x_NC, src_P, pos_NK):
-    """Padded sorted rows: ``rows[p] = x[src[p] // K]``, 0 where ``src[p] < 0`` (pads)."""
-    K = pos_NK.shape[1]
-    return jnp.where((src_P >= 0)[:, None], x_NC[jnp.maximum(src_P, 0) // K], 0).astype(x_NC.dtype)
-
-
-def _dispatch_fwd(x_NC, src_P, pos_NK):
-    return dispatch_rows(x_NC, src_P, pos_NK), pos_NK
-
-
-def _dispatch_bwd(pos_NK, drows_PC):  # rows are in x's dtype
-    # each token's K rows, summed: a gather, not a scatter-add
-    return drows_PC[pos_NK].astype(f32).sum(1).astype(drows_PC.dtype), None, None
-
-
-dispatch_rows.defvjp(_dispatch_fwd, _dispatch_bwd)
-
-
-@jax.custom_vjp
-def combine_rows(y_PC, b2_RC, gates_NK, expert_NK, pos_NK, src_P, expert_P):
+def combine_rows(y_PC, b2_RC, gates_NK, expert_NK, pos_NK, src_P, gates_NR):
     """``out[n] = sum_k gates[n, k] (y[pos[n, k]] + b2[expert[n, k]])`` in fp32 (the original
     weights the experts' outputs in fp32). The output bias is added here, where the rows are
-    read anyway, instead of in a pass of its own over the GEMM's output."""
+    read anyway, instead of in a pass of its own over the GEMM's output. ``gates_NR``: the
+    same gates as a (token, routed expert) matrix, for b2's gradient (a small matmul where a
+    segment sum over the rows would scatter)."""
     y_NKC = y_PC[pos_NK].astype(f32) + b2_RC[expert_NK].astype(f32)
     return jnp.einsum("nk,nkc->nc", gates_NK, y_NKC)
 
 
-def _combine_fwd(y_PC, b2_RC, gates_NK, expert_NK, pos_NK, src_P, expert_P):
-    out = combine_rows(y_PC, b2_RC, gates_NK, expert_NK, pos_NK, src_P, expert_P)
-    return out, (y_PC, b2_RC, gates_NK, expert_NK, pos_NK, src_P, expert_P)
+def _combine_fwd(y_PC, b2_RC, gates_NK, expert_NK, pos_NK, src_P, gates_NR):
+    out = combine_rows(y_PC, b2_RC, gates_NK, expert_NK, pos_NK, src_P, gates_NR)
+    return out, (y_PC, b2_RC, gates_NK, expert_NK, pos_NK, src_P, gates_NR)
 
 
 def _combine_bwd(res, dout_NC):
-    y_PC, b2_RC, gates_NK, expert_NK, pos_NK, src_P, expert_P = res
+    y_PC, b2_RC, gates_NK, expert_NK, pos_NK, src_P, gates_NR = res
     K = gates_NK.shape[1]
+    # the K gathers of each token's output gradient read it in the rows' dtype (half the
+    # bytes in bf16; the rows' gradient is rounded to it anyway)
+    # (the barrier: XLA would otherwise fuse the rounding into each gather, reading fp32)
+    dout_lo = jax.lax.optimization_barrier(dout_NC.astype(y_PC.dtype))
     y_NKC = y_PC[pos_NK].astype(f32) + b2_RC[expert_NK].astype(f32)
-    dgates_NK = jnp.einsum("nc,nkc->nk", dout_NC, y_NKC)
+    dgates_NK = jnp.einsum("nc,nkc->nk", dout_lo.astype(f32), y_NKC)
     src = jnp.maximum(src_P, 0)
     dy_PC = jnp.where((src_P >= 0)[:, None],
-                      gates_NK.reshape(-1)[src][:, None] * dout_NC[src // K], 0.0)
-    db2_RC = _segment_sum(dy_PC, expert_P, b2_RC.shape[0])
+                      gates_NK.reshape(-1)[src][:, None] * dout_lo[src // K].astype(f32), 0.0)
+    db2_RC = jnp.einsum("nr,nc->rc", gates_NR, dout_NC)
     return (dy_PC.astype(y_PC.dtype), db2_RC.astype(b2_RC.dtype), dgates_NK,
             None, None, None, None)
 
@@ -172,74 +156,83 @@ def _relu2(a):
     return jnp.square(jnp.maximum(a, 0.0))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def expert_mlp(rows_PC, counts_R, real_P, w1_EHC, b1_EH, S, w2_ECH):
-    """``relu(rows W1^T + b1)^2 W2^T`` per expert group (no output bias: ``combine_rows``
-    adds it); ``real_P``: the rows that are assignments (not pads). Weights are the stacked
-    (E, ...) parameters of all experts; the routed ones are ``[S:]``. Passing them whole and
-    casting here means the backward keeps the layer's own parameters (which a layer scan
-    does not stack) instead of a bf16 copy of them."""
-    return _mlp_forward(rows_PC, counts_R, real_P, w1_EHC, b1_EH, S, w2_ECH)[0]
+def _rows(x_NC, src_P, K):
+    """The padded sorted rows ``x[src // K]`` (0 where ``src < 0``: pads) with b1's input
+    columns (see ``_mlp_forward``): one gather fusion, in the forward and again in the
+    backward: recomputing them from x (N rows) is cheaper than keeping them (N K rows) in
+    the layer scan, which copies a kept kernel operand in and out of its stack."""
+    real_P = src_P >= 0
+    rows = jnp.where(real_P[:, None], x_NC[jnp.maximum(src_P, 0) // K], 0).astype(x_NC.dtype)
+    ones = jnp.zeros((src_P.shape[0], BIAS_COLS), x_NC.dtype).at[:, 0].set(real_P)
+    return jnp.concatenate([rows, ones], axis=1)
 
 
-def _mlp_forward(rows_PC, counts_R, real_P, w1_EHC, b1_EH, S, w2_ECH):
-    """The bias b1 rides in the first GEMM as one more input column (1 on real rows, with
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def expert_mlp(x_NC, src_P, pos_NK, counts_R, w1_EHC, b1_EH, w2_ECH, S):
+    """``relu(x[src // K] W1^T + b1)^2 W2^T`` per expert group, on the padded sorted rows
+    (no output bias: ``combine_rows`` adds it); ``pos_NK``: each assignment's row. Weights
+    are the stacked (E, ...) parameters of all experts; the routed ones are ``[S:]``.
+    Passing them whole and casting here means the backward keeps the layer's own parameters
+    (which a layer scan does not stack) instead of a bf16 copy of them."""
+    return _mlp_forward(x_NC, src_P, pos_NK, counts_R, w1_EHC, b1_EH, w2_ECH, S)[0]
+
+
+def _mlp_forward(x_NC, src_P, pos_NK, counts_R, w1_EHC, b1_EH, w2_ECH, S):
+    """b1 rides in the first GEMM as one more input column (1 on real rows, with
     ``BIAS_COLS - 1`` zero columns to keep rows 16-byte aligned), so the kernel applies relu^2
     to its fp32 accumulator and writes h directly: no pass of its own over (rows, H) for the
     bias and activation, and b1's gradient comes out of W1's (no segment sum). Costs
     BIAS_COLS / C more work in two of the six GEMMs."""
-    dt = rows_PC.dtype
+    dt = x_NC.dtype
     w1_RHC, b1_RH = w1_EHC[S:], b1_EH[S:]
     R, H, C = w1_RHC.shape
-    ones = jnp.zeros((rows_PC.shape[0], BIAS_COLS), dt).at[:, 0].set(real_P.astype(dt))
-    rows_PK = jnp.concatenate([rows_PC, ones], axis=1)
     w1b_RKH = jnp.concatenate([w1_RHC.mT, b1_RH[:, None, :],
                                jnp.zeros((R, BIAS_COLS - 1, H), w1_RHC.dtype)], axis=1)
+    rows_PK = _rows(x_NC, src_P, pos_NK.shape[1])
     h_PH = _dot(rows_PK, w1b_RKH.astype(dt), counts_R, dt, activation=_relu2)
-    return _dot(h_PH, w2_ECH[S:].astype(dt).mT, counts_R, dt), (rows_PK, h_PH)
+    return _dot(h_PH, w2_ECH[S:].astype(dt).mT, counts_R, dt), h_PH
 
 
-def _mlp_fwd(rows_PC, counts_R, real_P, w1_EHC, b1_EH, S, w2_ECH):
-    y_PC, (rows_PK, h_PH) = _mlp_forward(rows_PC, counts_R, real_P, w1_EHC, b1_EH, S, w2_ECH)
+def _mlp_fwd(x_NC, src_P, pos_NK, counts_R, w1_EHC, b1_EH, w2_ECH, S):
+    y_PC, h_PH = _mlp_forward(x_NC, src_P, pos_NK, counts_R, w1_EHC, b1_EH, w2_ECH, S)
     # h only (not relu's input as well): relu(v) = sqrt(h), so relu^2' = 2 sqrt(h)
-    return y_PC, (rows_PK, h_PH, counts_R, w1_EHC, b1_EH, w2_ECH)
+    return y_PC, (x_NC, src_P, pos_NK, h_PH, counts_R, w1_EHC, b1_EH, w2_ECH)
 
 
 def _mlp_bwd(S, res, dy_PC):
-    rows_PK, h_PH, counts_R, w1_EHC, b1_EH, w2_ECH = res
-    dt, C = rows_PK.dtype, w1_EHC.shape[2]
+    x_NC, src_P, pos_NK, h_PH, counts_R, w1_EHC, b1_EH, w2_ECH = res
+    dt, C = x_NC.dtype, w1_EHC.shape[2]
     dy_PC = dy_PC.astype(dt)
     dh_PH = _dot(dy_PC, w2_ECH[S:].astype(dt), counts_R, dt)       # W2 is (R, C, H) already
     dv_PH = (dh_PH.astype(f32) * 2.0 * jnp.sqrt(h_PH.astype(f32))).astype(dt)
     drows_PC = _dot(dv_PH, w1_EHC[S:].astype(dt), counts_R, dt)
+    # each token's K rows, summed: a gather, not a scatter-add
+    dx_NC = drows_PC[pos_NK].astype(f32).sum(1).astype(dt)
+    rows_PK = _rows(x_NC, src_P, pos_NK.shape[1])
     dw1b_RHK = _wgrad(dv_PH, rows_PK, counts_R)                    # the parameters' layouts
     dw2_RCH = _wgrad(dy_PC, h_PH, counts_R)
 
     def full(g_R, p_E):  # the shared experts' rows get their gradient elsewhere
         return jnp.concatenate([jnp.zeros((S, *p_E.shape[1:]), f32), g_R]).astype(p_E.dtype)
 
-    return (drows_PC, None, None, full(dw1b_RHK[..., :C], w1_EHC),
+    return (dx_NC, None, None, None, full(dw1b_RHK[..., :C], w1_EHC),
             full(dw1b_RHK[..., C], b1_EH), full(dw2_RCH, w2_ECH))
 
 
 expert_mlp.defvjp(_mlp_fwd, _mlp_bwd)
 
 
-def routed_experts(x_NC, top_gates_NK, top_idx_NK, s, params, S: int) -> jax.Array:
-    """The routed experts' gated sum per token (fp32), nothing dropped. ``s``: the
-    assignments sorted by expert (``moe.sort_assignments``); ``params``: the stacked
-    (fc_weight, fc_bias, proj_weight, proj_bias) of all E experts, the routed ones ``[S:]``."""
+def routed_experts(x_NC, top_gates_NK, top_idx_NK, gates_NR, s, params, S: int) -> jax.Array:
+    """The routed experts' gated sum per token (fp32), nothing dropped. ``gates_NR``: the
+    gates as a (token, routed expert) matrix; ``s``: the assignments sorted by expert
+    (``moe.sort_assignments``); ``params``: the stacked (fc_weight, fc_bias, proj_weight,
+    proj_bias) of all E experts, the routed ones ``[S:]``."""
     w1_EHC, b1_EH, w2_ECH, b2_EC = params
     N, K = top_idx_NK.shape
-    R = w1_EHC.shape[0] - S
     i32 = jnp.int32
     pad = jnp.full((PAD,), -1, i32)
     src_P = jnp.concatenate([pad, s.order_A.astype(i32), pad])
-    # rows behind belong to no expert: R, which the segment sums drop (out of range)
-    expert_P = jnp.concatenate([jnp.zeros(PAD, i32), s.expert_sorted_A.astype(i32),
-                                jnp.full((PAD,), R, i32)])
     counts_R = s.counts_R.at[0].add(PAD)
     pos_NK = (s.rank_A + PAD).reshape(N, K)
-    rows_PC = dispatch_rows(x_NC, src_P, pos_NK)
-    y_PC = expert_mlp(rows_PC, counts_R, src_P >= 0, w1_EHC, b1_EH, S, w2_ECH)
-    return combine_rows(y_PC, b2_EC[S:], top_gates_NK, top_idx_NK, pos_NK, src_P, expert_P)
+    y_PC = expert_mlp(x_NC, src_P, pos_NK, counts_R, w1_EHC, b1_EH, w2_ECH, S)
+    return combine_rows(y_PC, b2_EC[S:], top_gates_NK, top_idx_NK, pos_NK, src_P, gates_NR)

@@ -56,8 +56,8 @@ def build_step(config, devices, mesh_spec: str, A: int, B: int, T: int, options=
 
     mesh = shd.make_mesh(shd.parse_mesh(mesh_spec, len(devices)), devices=devices)
     expert = mesh.shape["expert"] > 1
-    opts = execution_options(devices[0], config, expert_mesh=mesh if expert else None,
-                             **(options or {}))
+    opts = execution_options(devices[0], config, devices=mesh.size,
+                             expert_mesh=mesh if expert else None, **(options or {}))
     model = nnx.eval_shape(lambda: model_class(config)(config, rngs=nnx.Rngs(0),
                                                        **options_kwargs(opts)))
     graphdef, params = nnx.split(model, nnx.Param)

@@ -77,12 +77,13 @@ class JaxBackend:
                               "dense (ragged and grouped have no expert-parallel partitioning)")
         # execution_options decides per device; flags given on the command line win
         self.options = execution_options(
-            jax.devices()[0], config, dtype=args.dtype, scan_layers=args.scan_layers,
+            jax.devices()[0], config, devices=self.mesh.size, dtype=args.dtype, scan_layers=args.scan_layers,
             remat=args.remat, attention_impl=args.attention_impl,
             loss_chunk_tokens=args.loss_chunk_tokens, row_groups=args.row_groups,
             moe_dispatch=getattr(args, "moe_dispatch", None),
             expert_mesh=self.mesh if expert_parallel else None)
-        for note in execution_notes(jax.devices()[0], config, dtype=args.dtype,
+        for note in execution_notes(jax.devices()[0], config, devices=self.mesh.size,
+                                    dtype=args.dtype,
                                     moe_dispatch=getattr(args, "moe_dispatch", None),
                                     expert_mesh=self.mesh if expert_parallel else None):
             if self.process_index == 0:  # once per run, before the run's first line

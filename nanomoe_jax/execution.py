@@ -114,7 +114,8 @@ def tokamax_refusal(device: Any, config: Any, dtype: Any) -> str | None:
     return unavailable_reason()
 
 
-def _moe_choice(device: Any, config: Any, given: dict, dtype: Any) -> tuple[str | None, str | None]:
+def _moe_choice(device: Any, config: Any, given: dict, dtype: Any,
+                devices: int = 1) -> tuple[str | None, str | None]:
     """(moe_dispatch, note). On an NVIDIA GPU MoeGPT's routed experts run as tokamax's grouped
     GEMM (each expert's weights read once per GEMM, the useful FLOPs plus 2 x 128 pad rows)
     when it takes the config, else as the ``grouped`` padded tiles (about 1.02x the useful
@@ -122,11 +123,17 @@ def _moe_choice(device: Any, config: Any, given: dict, dtype: Any) -> tuple[str 
     buffer (1.14x-1.27x on the 4090 plan). An expert-parallel mesh needs ``capacity`` (the only
     back end partitioned over experts), and on CPU the config's choice stays (the tested paths;
     no FLOP budget to meet there). A ``tokamax`` asked for where it refuses becomes
-    ``grouped``, with the reason as the note. None: the config decides."""
+    ``grouped``, with the reason as the note. On a mesh of several devices the default is
+    ``capacity``: tokamax's and grouped's kernels are custom calls the SPMD partitioner cannot
+    split, so every device would run every row (capacity's collectives are planned, see
+    benchmarks/plan_mesh.py). None: the config decides."""
     asked = given.get("moe_dispatch")
     if getattr(config, "moe_dispatch", None) is None or given.get("expert_mesh") is not None:
         return asked, None
     on_gpu = getattr(device, "platform", "cpu") in ("gpu", "cuda")
+    if on_gpu and asked is None and devices > 1:
+        return "capacity", (f"moe_dispatch=capacity on {devices} devices: the grouped GEMM "
+                            "kernels are not partitioned over devices yet")
     want = asked or (config.moe_dispatch if not on_gpu else "tokamax")
     if want != "tokamax":
         return asked, None
@@ -137,25 +144,28 @@ def _moe_choice(device: Any, config: Any, given: dict, dtype: Any) -> tuple[str 
                        f"tile) instead of tokamax's grouped GEMM: {refusal}")
 
 
-def moe_dispatch(device: Any, config: Any, given: dict) -> str | None:
+def moe_dispatch(device: Any, config: Any, given: dict, devices: int = 1) -> str | None:
     """The MoE back end :func:`execution_options` picks (see :func:`_moe_choice`)."""
     dtype = given.get("dtype") or default_compute_dtype(device)
-    return _moe_choice(device, config, given, dtype)[0]
+    return _moe_choice(device, config, given, dtype, devices)[0]
 
 
-def execution_notes(device: Any, config: Any = None, **overrides) -> list[str]:
+def execution_notes(device: Any, config: Any = None, devices: int = 1,
+                    **overrides) -> list[str]:
     """What :func:`execution_options` had to choose against (one line each; ``train.py``
-    prints them in its first lines): today, tokamax's grouped GEMM refused."""
+    prints them in its first lines): today, tokamax's grouped GEMM refused or not used."""
     given = {k: v for k, v in overrides.items() if v is not None}
     dtype = given.get("dtype") or default_compute_dtype(device)
-    note = _moe_choice(device, config, given, dtype)[1]
+    note = _moe_choice(device, config, given, dtype, devices)[1]
     return [note] if note else []
 
 
-def execution_options(device: Any, config: Any = None, **overrides) -> Options:
+def execution_options(device: Any, config: Any = None, devices: int = 1,
+                      **overrides) -> Options:
     """The :class:`Options` a model of ``config`` runs with on ``device`` (see the module
-    docstring). ``overrides``: any Options field; ``None`` values are ignored, so command-line
-    flags that default to None mean "let this function decide"."""
+    docstring), one of ``devices`` in the mesh. ``overrides``: any Options field; ``None``
+    values are ignored, so command-line flags that default to None mean "let this function
+    decide"."""
     given = {k: v for k, v in overrides.items() if v is not None}
     unknown = sorted(set(given) - {f.name for f in Options.__dataclass_fields__.values()})
     if unknown:
@@ -169,7 +179,7 @@ def execution_options(device: Any, config: Any = None, **overrides) -> Options:
                   scan_layers=not (cpu and n_layer <= CPU_UNROLL_MAX_LAYERS),
                   loss_chunk_tokens=8192, row_groups=CPU_ROW_GROUPS if cpu else 1)
     chosen.update(given)
-    chosen["moe_dispatch"] = _moe_choice(device, config, given, dtype)[0]
+    chosen["moe_dispatch"] = _moe_choice(device, config, given, dtype, devices)[0]
     return Options(**chosen)
 
 

@@ -98,6 +98,9 @@ def test_a_fifo_anywhere_in_a_checkpoint_is_refused_by_every_loader(ckpt, tmp_pa
     assert not (tmp_path / "o.pt").exists()
 
 
+# orbax leaves its read coroutines unawaited when a restore fails; in a short-lived command
+# they vanish at exit, in this long pytest process they are collected as "unraisable" noise
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("field,value", [("n_layer", 100_000), ("n_embd", 2**28),
                                          ("vocab_size", 2**30), ("block_size", 2**20)])
 def test_meta_asking_for_huge_dimensions_is_one_sentence(ckpt, tmp_path, capsys, field, value):

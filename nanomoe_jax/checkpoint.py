@@ -172,11 +172,16 @@ def _quiet_writer_threads():
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.CRITICAL)
+    # the echoes start while the manager closes, before the error reaches us: drop them from
+    # the start; after a failure keep dropping them (they come until exit), else restore
+    hooks = sys.unraisablehook, sys.excepthook
+    _drop_closed_loop_echoes()
     try:
         yield
     except Exception:
-        _drop_closed_loop_echoes()
         raise
+    else:
+        sys.unraisablehook, sys.excepthook = hooks
     finally:
         absl.setLevel(level)
 

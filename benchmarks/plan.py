@@ -58,8 +58,9 @@ def analytic_flops(config, B: int, T: int, flash: bool) -> float:
     return float((6 * active_params(config) + attention) * B * T)
 
 
-def abstract_step_inputs(config, opts, mesh, B: int, T: int):
-    """The step train.py builds (same optimizer, shardings and jit), with abstract values."""
+def abstract_step_inputs(config, opts, mesh, B: int, T: int, A: int = 1):
+    """The step train.py builds (same optimizer, shardings and jit), with abstract values:
+    A micro-batches of B x T rows on each of the mesh's devices."""
     model = nnx.eval_shape(lambda: model_class(config)(config, rngs=nnx.Rngs(0),
                                                        **options_kwargs(opts)))
     graphdef, params = nnx.split(model, nnx.Param)
@@ -77,7 +78,7 @@ def abstract_step_inputs(config, opts, mesh, B: int, T: int):
     state = jax.tree.map(sds, (params, opt_shape), state_sh)
     lr_mult = jax.tree.map(lambda _: jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated),
                            params)
-    batch = jax.ShapeDtypeStruct((1, 1, B, T), jnp.int32, sharding=batch_sh)  # (A, D, B, T)
+    batch = jax.ShapeDtypeStruct((A, mesh.size, B, T), jnp.int32, sharding=batch_sh)  # A,D,B,T
     lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
     return step, (lr_mult, state, batch, batch, lr)
 

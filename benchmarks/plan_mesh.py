@@ -45,40 +45,20 @@ def topology_devices(target, topology: str):
 def build_step(config, devices, mesh_spec: str, A: int, B: int, T: int, options=None):
     """The step JaxBackend.setup builds, with abstract inputs: (jitted step, args, parts)."""
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from nanomoe_jax import model_class
+    from benchmarks.plan import abstract_step_inputs
     from nanomoe_jax import sharding as shd
-    from nanomoe_jax.execution import execution_options, options_kwargs
-    from nanomoe_jax.train import jit_train_step, make_optimizer
+    from nanomoe_jax.execution import execution_options
 
     mesh = shd.make_mesh(shd.parse_mesh(mesh_spec, len(devices)), devices=devices)
     expert = mesh.shape["expert"] > 1
     opts = execution_options(devices[0], config, devices=mesh.size,
                              expert_mesh=mesh if expert else None, **(options or {}))
-    model = nnx.eval_shape(lambda: model_class(config)(config, rngs=nnx.Rngs(0),
-                                                       **options_kwargs(opts)))
-    graphdef, params = nnx.split(model, nnx.Param)
-    tx = make_optimizer(config, params)
-    replicated = NamedSharding(mesh, P())
-    param_sh = shd.tree_shardings(params, mesh, config)
-    opt_shape = jax.eval_shape(tx.init, params)
-    state_sh = (param_sh, shd.tree_shardings(opt_shape, mesh, config))
-    batch_sh = shd.batch_sharding(mesh)
-    step = jit_train_step(graphdef, tx, state_sh, batch_sh, replicated)
-
-    def sds(x, s):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-
-    state = jax.tree.map(sds, (params, opt_shape), state_sh)
-    lr_mult = jax.tree.map(lambda _: jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated),
-                           params)
-    batch = jax.ShapeDtypeStruct((A, len(devices), B, T), jnp.int32, sharding=batch_sh)
-    lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
-    return step, (lr_mult, state, batch, batch, lr), dict(mesh=mesh, opts=opts, params=params,
-                                                          param_sh=param_sh, state=state)
+    step, args = abstract_step_inputs(config, opts, mesh, B, T, A)
+    state = args[1]
+    params = state[0]  # abstract, each leaf carrying its sharding
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    return step, args, dict(mesh=mesh, opts=opts, params=params, param_sh=param_sh, state=state)
 
 
 def state_bytes_per_device(state) -> int:

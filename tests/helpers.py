@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+
 import numpy as np
 import torch
 from flax import nnx
@@ -81,3 +84,17 @@ def rel_err(a, b) -> float:
     """max |a - b| / max |b| (b the reference)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+@contextlib.contextmanager
+def fail_if_blocked(seconds: int):
+    """A read blocked on a FIFO fails the test (SIGALRM) instead of hanging the suite."""
+    def fail(*_):
+        raise TimeoutError(f"blocked for {seconds} s (a FIFO was opened?)")
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

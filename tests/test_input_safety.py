@@ -7,7 +7,6 @@ flags, and the permissions of what the verbs write."""
 import hashlib
 import json
 import os
-import signal
 import struct
 
 import numpy as np
@@ -18,7 +17,7 @@ import conversion
 import nanomoe_torch
 from conversion.checkpoints import init_arrays, load_checkpoint_file
 from conversion.cli import main as conversion_main
-from helpers import TINY, random_torch_model
+from helpers import TINY, fail_if_blocked, random_torch_model
 from nanomoe import GPTConfig, config_to_dict
 from nanomoe.errors import NanoMoeError
 
@@ -216,14 +215,8 @@ def test_jax_checkpoint_with_damaged_meta(pt, tmp_path, text):
 
 @pytest.fixture
 def alarm():
-    """Fail instead of hanging if something opens a FIFO."""
-    def hang(*_):
-        raise TimeoutError("blocked on a FIFO")
-    old = signal.signal(signal.SIGALRM, hang)
-    signal.alarm(20)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+    with fail_if_blocked(20):
+        yield
 
 
 def test_fifos_devices_and_folders_are_refused_at_once(tmp_path, alarm):

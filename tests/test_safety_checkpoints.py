@@ -6,7 +6,6 @@ disk that fills up while a conversion verb writes."""
 import gc
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from conversion.checkpoints import init_arrays
 from nanomoe import ConfigError, ConversionError, GPTConfig
 from nanomoe.errors import NanoMoeError
 from nanomoe_jax.checkpoint import load_model, read_meta, save_model
+from helpers import fail_if_blocked
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPT = GPTConfig(n_layer=1, n_embd=32, n_head=4, block_size=16, vocab_size=256)
@@ -26,14 +26,8 @@ GPT = GPTConfig(n_layer=1, n_embd=32, n_head=4, block_size=16, vocab_size=256)
 
 @pytest.fixture(autouse=True)
 def _no_hang():
-    """A reader blocked on a FIFO fails the test instead of hanging the suite."""
-    def fail(*_):
-        raise TimeoutError("blocked for 60 s")
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+    with fail_if_blocked(60):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from conversion.hf_folder import verified_copy  # noqa: E402
 from conversion.remote_code import REMOTE_MODELS  # noqa: E402
 from conversion.remote_export import write_remote_folder  # noqa: E402
 from nanomoe import ConversionError, MoeGPTConfig  # noqa: E402
+from helpers import fail_if_blocked  # noqa: E402
 
 MOE = MoeGPTConfig(n_layer=1, n_embd=32, n_head=4, block_size=16, vocab_size=64,
                    moe_dispatch="dense")
@@ -27,16 +28,8 @@ PROMPT = [1, 2, 3]
 
 @pytest.fixture(autouse=True)
 def _no_hang():
-    """A FIFO that blocks a reader fails the test instead of hanging the suite."""
-    import signal
-
-    def fail(*_):
-        raise TimeoutError("blocked for 120 s")
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(120)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+    with fail_if_blocked(120):
+        yield
 
 
 def _payload(marker) -> str:

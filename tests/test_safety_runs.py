@@ -3,13 +3,13 @@ exit 2, before anything is written, and no run is deleted or mixed with another.
 
 import json
 import os
-import signal
 
 import pytest
 
 from nanomoe.train_loop import main
 from test_reliability import _backend, step_losses, text_file, tiny  # noqa: F401
 from test_run_safety import checkpoint_steps, one_sentence, run
+from helpers import fail_if_blocked
 
 
 def snapshot(folder) -> dict:
@@ -39,13 +39,8 @@ def copy_of(log, dest):
 
 @pytest.fixture
 def alarm():
-    def hang(*_):
-        raise TimeoutError("blocked: a FIFO was opened")
-    old = signal.signal(signal.SIGALRM, hang)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+    with fail_if_blocked(60):
+        yield
 
 
 @pytest.mark.parametrize("flags, words", [

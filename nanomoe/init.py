@@ -40,80 +40,99 @@ def _norm(specs: dict, name: str, dim: int, bias: bool = False) -> None:
         specs[f"{name}.bias"] = ParamSpec((dim,), "zeros")
 
 
+def _gpt_specs(c: GPTConfig, s: dict[str, ParamSpec]) -> None:
+    C, V = c.n_embd, c.vocab_size
+    proj_std = STD * (2 * c.n_layer) ** -0.5  # GPT-2's residual-projection scaling
+    s["transformer.wte.weight"] = ParamSpec((V, C), "normal")
+    s["transformer.wpe.weight"] = ParamSpec((c.block_size, C), "normal")
+    for i in range(c.n_layer):
+        p = f"transformer.h.{i}"
+        _norm(s, f"{p}.ln_1", C, bias=True)
+        _linear(s, f"{p}.attn.c_attn", C, 3 * C, True)
+        _linear(s, f"{p}.attn.c_proj", C, C, True, proj_std)
+        _norm(s, f"{p}.ln_2", C, bias=True)
+        _linear(s, f"{p}.mlp.c_fc", C, 4 * C, True)
+        _linear(s, f"{p}.mlp.c_proj", 4 * C, C, True, proj_std)
+    _norm(s, "transformer.ln_f", C, bias=True)
+
+
+def _modern_gpt_specs(c: ModernGPTConfig, s: dict[str, ParamSpec]) -> None:
+    C, hd = c.n_embd, c.n_embd // c.n_head
+    H, b = c.ffn_factor * C, c.use_bias
+    s["wte.weight"] = ParamSpec((c.vocab_size, C), "normal")
+    for i in range(c.n_layer):
+        p = f"h.{i}"
+        _norm(s, f"{p}.ln1", C)
+        _linear(s, f"{p}.attn.c_qkv", C, (c.n_head + 2 * c.n_kv_head) * hd, b)
+        _linear(s, f"{p}.attn.out_proj", C, C, b)
+        _norm(s, f"{p}.ln2", C)
+        if c.use_gate_proj:
+            _linear(s, f"{p}.mlp.gate_proj", C, H, b)
+            _linear(s, f"{p}.mlp.up_proj", C, H, b)
+            _linear(s, f"{p}.mlp.down_proj", H, C, b)
+        else:
+            _linear(s, f"{p}.mlp.c_fc", C, 2 * H, b)
+            _linear(s, f"{p}.mlp.c_proj", H, C, b)
+    _norm(s, "ln_f", C)
+
+
+def _moe_gpt_specs(c: MoeGPTConfig, s: dict[str, ParamSpec]) -> None:
+    C, hd = c.n_embd, c.n_embd // c.n_head
+    E, H, b = c.n_total_experts, c.expert_hidden, c.use_bias
+    s["wte.weight"] = ParamSpec((c.vocab_size, C), "normal")
+    for i in range(c.n_layer):
+        p = f"blocks.{i}"
+        _norm(s, f"{p}.ln1", C)
+        _norm(s, f"{p}.attn.q_norm", hd)
+        _norm(s, f"{p}.attn.k_norm", hd)
+        _linear(s, f"{p}.attn.c_qkv", C, 3 * C, b)
+        _linear(s, f"{p}.attn.out_proj", C, C, b)
+        _norm(s, f"{p}.ln2", C)
+        s[f"{p}.mlp.impl.fc_weight"] = ParamSpec((E, H, C), "normal")
+        s[f"{p}.mlp.impl.fc_bias"] = ParamSpec((E, H), "zeros")
+        # The original re-initialises only nn.Linear modules after building the blocks,
+        # so the expert output projection really starts at zero.
+        s[f"{p}.mlp.impl.proj_weight"] = ParamSpec((E, C, H), "zeros")
+        s[f"{p}.mlp.impl.proj_bias"] = ParamSpec((E, C), "zeros")
+        # torch lists a module's own Parameters before its children's: gate_linear last
+        _linear(s, f"{p}.mlp.impl.gate_linear", C, E, b)
+    _norm(s, "ln_f", C)
+
+
+def _ngpt_specs(c: nGPTConfig, s: dict[str, ParamSpec]) -> None:
+    C, std = c.n_embd, c.base_scale  # every matrix N(0, base_scale^2), output projections too
+    s["wte.weight"] = ParamSpec((c.vocab_size, C), "normal", std)
+    for i in range(c.n_layer):
+        p = f"blocks.{i}"  # the block's own vectors come before its submodules'
+        s[f"{p}.attn_alpha"] = ParamSpec((C,), "constant", value=0.05 * std)
+        s[f"{p}.mlp_alpha"] = ParamSpec((C,), "constant", value=0.05 * std)
+        s[f"{p}.sqk"] = ParamSpec((C,), "constant", value=std)
+        s[f"{p}.suv"] = ParamSpec((8 * C,), "constant", value=std)
+        _linear(s, f"{p}.c_attn", C, 3 * C, False, std)
+        _linear(s, f"{p}.attn_out", C, C, False, std)
+        _linear(s, f"{p}.c_mlp", C, 8 * C, False, std)
+        _linear(s, f"{p}.mlp_out", 4 * C, C, False, std)
+        _norm(s, f"{p}.rms_att", C)
+        _norm(s, f"{p}.rms_mlp", C)
+
+
+# Insertion order is the original's state_dict order (the tied lm_head key goes last).
+_SPECS_BY_CONFIG = (
+    (GPTConfig, _gpt_specs),
+    (ModernGPTConfig, _modern_gpt_specs),
+    (MoeGPTConfig, _moe_gpt_specs),
+    (nGPTConfig, _ngpt_specs),
+)
+
+
 def param_specs(config: ModelConfig) -> dict[str, ParamSpec]:
     """Every parameter of the original's state_dict: name -> shape and initialiser."""
-    c = config
-    C, V = c.n_embd, c.vocab_size
-    hd = C // c.n_head
-    s: dict[str, ParamSpec] = {}
-    if isinstance(c, GPTConfig):
-        proj_std = STD * (2 * c.n_layer) ** -0.5  # GPT-2's residual-projection scaling
-        s["transformer.wte.weight"] = ParamSpec((V, C), "normal")
-        s["transformer.wpe.weight"] = ParamSpec((c.block_size, C), "normal")
-        for i in range(c.n_layer):
-            p = f"transformer.h.{i}"
-            _norm(s, f"{p}.ln_1", C, bias=True)
-            _linear(s, f"{p}.attn.c_attn", C, 3 * C, True)
-            _linear(s, f"{p}.attn.c_proj", C, C, True, proj_std)
-            _norm(s, f"{p}.ln_2", C, bias=True)
-            _linear(s, f"{p}.mlp.c_fc", C, 4 * C, True)
-            _linear(s, f"{p}.mlp.c_proj", 4 * C, C, True, proj_std)
-        _norm(s, "transformer.ln_f", C, bias=True)
-    elif isinstance(c, ModernGPTConfig):
-        H, b = c.ffn_factor * C, c.use_bias
-        s["wte.weight"] = ParamSpec((V, C), "normal")
-        for i in range(c.n_layer):
-            p = f"h.{i}"
-            _norm(s, f"{p}.ln1", C)
-            _linear(s, f"{p}.attn.c_qkv", C, (c.n_head + 2 * c.n_kv_head) * hd, b)
-            _linear(s, f"{p}.attn.out_proj", C, C, b)
-            _norm(s, f"{p}.ln2", C)
-            if c.use_gate_proj:
-                _linear(s, f"{p}.mlp.gate_proj", C, H, b)
-                _linear(s, f"{p}.mlp.up_proj", C, H, b)
-                _linear(s, f"{p}.mlp.down_proj", H, C, b)
-            else:
-                _linear(s, f"{p}.mlp.c_fc", C, 2 * H, b)
-                _linear(s, f"{p}.mlp.c_proj", H, C, b)
-        _norm(s, "ln_f", C)
-    elif isinstance(c, MoeGPTConfig):
-        E, H, b = c.n_total_experts, c.expert_hidden, c.use_bias
-        s["wte.weight"] = ParamSpec((V, C), "normal")
-        for i in range(c.n_layer):
-            p = f"blocks.{i}"
-            _norm(s, f"{p}.ln1", C)
-            _norm(s, f"{p}.attn.q_norm", hd)
-            _norm(s, f"{p}.attn.k_norm", hd)
-            _linear(s, f"{p}.attn.c_qkv", C, 3 * C, b)
-            _linear(s, f"{p}.attn.out_proj", C, C, b)
-            _norm(s, f"{p}.ln2", C)
-            s[f"{p}.mlp.impl.fc_weight"] = ParamSpec((E, H, C), "normal")
-            s[f"{p}.mlp.impl.fc_bias"] = ParamSpec((E, H), "zeros")
-            # The original re-initialises only nn.Linear modules after building the blocks,
-            # so the expert output projection really starts at zero.
-            s[f"{p}.mlp.impl.proj_weight"] = ParamSpec((E, C, H), "zeros")
-            s[f"{p}.mlp.impl.proj_bias"] = ParamSpec((E, C), "zeros")
-            # torch lists a module's own Parameters before its children's: gate_linear last
-            _linear(s, f"{p}.mlp.impl.gate_linear", C, E, b)
-        _norm(s, "ln_f", C)
-    elif isinstance(c, nGPTConfig):
-        std = c.base_scale  # every matrix N(0, base_scale^2), output projections too
-        s["wte.weight"] = ParamSpec((V, C), "normal", std)
-        for i in range(c.n_layer):
-            p = f"blocks.{i}"  # the block's own vectors come before its submodules'
-            s[f"{p}.attn_alpha"] = ParamSpec((C,), "constant", value=0.05 * std)
-            s[f"{p}.mlp_alpha"] = ParamSpec((C,), "constant", value=0.05 * std)
-            s[f"{p}.sqk"] = ParamSpec((C,), "constant", value=std)
-            s[f"{p}.suv"] = ParamSpec((8 * C,), "constant", value=std)
-            _linear(s, f"{p}.c_attn", C, 3 * C, False, std)
-            _linear(s, f"{p}.attn_out", C, C, False, std)
-            _linear(s, f"{p}.c_mlp", C, 8 * C, False, std)
-            _linear(s, f"{p}.mlp_out", 4 * C, C, False, std)
-            _norm(s, f"{p}.rms_att", C)
-            _norm(s, f"{p}.rms_mlp", C)
-    else:
+    fill = next((f for cls, f in _SPECS_BY_CONFIG if isinstance(config, cls)), None)
+    if fill is None:
         raise TypeError(f"not a model config: {type(config).__name__}")
-    tied, embedding = TIED["gpt" if isinstance(c, GPTConfig) else "other"]
+    s: dict[str, ParamSpec] = {}
+    fill(config, s)
+    tied, embedding = tied_names(config)
     s[tied] = s[embedding]
     return s
 

@@ -1,7 +1,8 @@
 """The original's MoE feed-forward (``moe_impl='parallel'``): every expert on every token.
 
 Mirrors ``nanomoe_jax/moe.py``, whose ``dense`` dispatch is this math and whose sparse
-dispatches must agree with it. Step numbers refer to the spec.
+dispatches must agree with it. The ``# 1`` .. ``# 7`` comments number the router's steps as
+docs/original.md lists them (MoeGPT, Router), each linked to the original's line.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Model configurations: one source of truth for both frameworks.
 
-Field names and defaults are exactly those of the original build-nano-moe (see
-``shared/spec/seed-architecture.md``); fields marked *ours* are additions that keep the
-original's behaviour at their defaults or only select an implementation. Every config is
-validated on construction and raises :class:`ConfigError` naming the field.
+Field names and defaults are exactly those of the original, spsanps/build-nano-moe
+(docs/original.md: its behaviours kept, each linked to its line); fields marked *ours* are
+additions that keep the original's behaviour at their defaults or only select an
+implementation. Every config is validated on construction (``config_fields.py``) and raises
+:class:`ConfigError` naming the field.
 """
 
 from __future__ import annotations
@@ -13,67 +14,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .config_fields import (attention_checks, dispatch_sizes, dropout_check, even_head_dim,
+                            expert_counts, finite_floats, one_of, positive_ints, require,
+                            router_weights, typed_value)
 from .errors import ConfigError
 
 MOE_DISPATCH = ("dense", "capacity", "ragged", "grouped", "tokamax")
 ROUTE_SCORE_FUNCS = ("softmax", "sigmoid")
-
-
-def _require(ok: bool, field: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{field}: {message}")
-
-
-def _positive_ints(cfg: Any, *fields: str) -> None:
-    for name in fields:
-        value = getattr(cfg, name)
-        _require(
-            isinstance(value, int) and not isinstance(value, bool) and value > 0,
-            name,
-            f"must be a positive integer, got {value!r}",
-        )
-
-
-def _attention_checks(cfg: Any, n_kv_head: int, rope: bool) -> None:
-    _require(
-        cfg.n_embd % cfg.n_head == 0,
-        "n_embd",
-        f"n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}",
-    )
-    _require(
-        cfg.n_head % n_kv_head == 0,
-        "n_kv_head",
-        f"n_head={cfg.n_head} must be divisible by n_kv_head={n_kv_head}",
-    )
-    if rope:
-        head_dim = cfg.n_embd // cfg.n_head
-        _require(
-            head_dim % 2 == 0,
-            "n_embd",
-            f"head size n_embd/n_head={head_dim} must be even for rotary embeddings",
-        )
-        _require(
-            cfg.rope_scaling > 0,
-            "rope_scaling",
-            f"the RoPE base must be positive, got {cfg.rope_scaling}",
-        )
-
-
-def _finite_floats(cfg: Any) -> None:
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, float):
-            _require(math.isfinite(value), f.name, f"must be a finite number, got {value}")
-
-
-def _dropout_check(cfg: Any) -> None:
-    # The original's recipe trains with dropout 0.0; a non-zero value would make the two
-    # frameworks' forward passes random and un-comparable, so it is refused, not ignored.
-    _require(
-        cfg.dropout == 0.0,
-        "dropout",
-        f"only dropout=0.0 is supported (the original trains with 0.0), got {cfg.dropout}",
-    )
 
 
 @dataclass(frozen=True)
@@ -87,8 +34,8 @@ class GPTConfig:
     n_embd: int = 768
 
     def __post_init__(self) -> None:
-        _positive_ints(self, "block_size", "vocab_size", "n_layer", "n_head", "n_embd")
-        _attention_checks(self, n_kv_head=1, rope=False)
+        positive_ints(self, "block_size", "vocab_size", "n_layer", "n_head", "n_embd")
+        attention_checks(self, n_kv_head=1, rope=False)
 
 
 @dataclass(frozen=True)
@@ -110,12 +57,12 @@ class ModernGPTConfig:
     double_attn_scale: bool = False
 
     def __post_init__(self) -> None:
-        _positive_ints(
+        positive_ints(
             self, "block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_factor"
         )
-        _attention_checks(self, n_kv_head=self.n_kv_head, rope=True)
-        _finite_floats(self)
-        _dropout_check(self)
+        attention_checks(self, n_kv_head=self.n_kv_head, rope=True)
+        finite_floats(self)
+        dropout_check(self)
 
 
 @dataclass(frozen=True)
@@ -150,7 +97,7 @@ class MoeGPTConfig:
     expert_dim: int | None = None
 
     def __post_init__(self) -> None:
-        _positive_ints(
+        positive_ints(
             self,
             "block_size",
             "vocab_size",
@@ -162,65 +109,16 @@ class MoeGPTConfig:
             "n_activated_experts",
             "ffn_factor",
         )
-        _attention_checks(self, n_kv_head=self.n_head, rope=True)
-        _finite_floats(self)
-        _dropout_check(self)
-        for name in ("n_shared_experts", "seed"):
-            value = getattr(self, name)
-            _require(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                name,
-                f"must be a non-negative integer, got {value!r}",
-            )
-        _require(
-            self.n_shared_experts < self.n_experts,
-            "n_shared_experts",
-            f"n_shared_experts={self.n_shared_experts} must be smaller than "
-            f"n_experts={self.n_experts} so that some experts are routed",
-        )
-        _require(
-            0 < self.n_activated_experts <= self.n_routed_experts,
-            "n_activated_experts",
-            f"must be between 1 and the number of routed experts "
-            f"(n_experts - n_shared_experts) * m_sub_experts = {self.n_routed_experts}, "
-            f"got {self.n_activated_experts}",
-        )
-        _require(
-            self.route_score_func in ROUTE_SCORE_FUNCS,
-            "route_score_func",
-            f"must be one of {ROUTE_SCORE_FUNCS}, got {self.route_score_func!r}",
-        )
-        _require(self.route_scale > 0, "route_scale", f"must be positive, got {self.route_scale}")
-        _require(
-            self.moe_loss_weight >= 0,
-            "moe_loss_weight",
-            f"must be non-negative, got {self.moe_loss_weight}",
-        )
-        _require(
-            self.moe_impl == "parallel",
-            "moe_impl",
-            f"only the original's default 'parallel' layout is supported, got {self.moe_impl!r} "
-            "(choose the JAX dispatch with moe_dispatch instead)",
-        )
-        _require(
-            self.moe_dispatch in MOE_DISPATCH,
-            "moe_dispatch",
-            f"must be one of {MOE_DISPATCH}, got {self.moe_dispatch!r}",
-        )
-        _require(
-            self.expert_dim is None
-            or (isinstance(self.expert_dim, int) and not isinstance(self.expert_dim, bool)
-                and self.expert_dim > 0),
-            "expert_dim",
-            f"must be a positive integer or None, got {self.expert_dim!r}",
-        )
-        _require(
-            self.capacity_factor > 0,
-            "capacity_factor",
-            f"must be positive, got {self.capacity_factor}",
-        )
+        attention_checks(self, n_kv_head=self.n_head, rope=True)
+        finite_floats(self)
+        dropout_check(self)
+        expert_counts(self)
+        one_of(self, "route_score_func", ROUTE_SCORE_FUNCS)
+        router_weights(self)
+        one_of(self, "moe_dispatch", MOE_DISPATCH)
+        dispatch_sizes(self)
 
-    # Derived sizes, named as in the spec: E, S, k, H.
+    # Derived sizes, with their axis letters in docs/dimensions.md: E, S, R, H.
     @property
     def n_total_experts(self) -> int:
         """E = n_experts * m_sub_experts."""
@@ -233,6 +131,7 @@ class MoeGPTConfig:
 
     @property
     def n_routed_experts(self) -> int:
+        """R = E - S, the experts top-k chooses among."""
         return self.n_total_experts - self.n_shared
 
     @property
@@ -268,14 +167,12 @@ class nGPTConfig:  # noqa: N801 - the original's class name
     standard_rope: bool = False
 
     def __post_init__(self) -> None:
-        _positive_ints(self, "block_size", "vocab_size", "n_layer", "n_head", "n_embd")
-        _attention_checks(self, n_kv_head=self.n_head, rope=False)
-        head_dim = self.n_embd // self.n_head
-        _require(head_dim % 2 == 0, "n_embd",
-                 f"head size n_embd/n_head={head_dim} must be even for rotary embeddings")
-        _finite_floats(self)
-        _dropout_check(self)
-        _require(self.base_scale > 0, "base_scale", f"must be positive, got {self.base_scale}")
+        positive_ints(self, "block_size", "vocab_size", "n_layer", "n_head", "n_embd")
+        attention_checks(self, n_kv_head=self.n_head, rope=False)
+        even_head_dim(self)
+        finite_floats(self)
+        dropout_check(self)
+        require(self.base_scale > 0, "base_scale", f"must be positive, got {self.base_scale}")
 
 
 ModelConfig = GPTConfig | ModernGPTConfig | MoeGPTConfig | nGPTConfig
@@ -313,40 +210,4 @@ def config_from_dict(d: dict[str, Any], model_type: str | None = None) -> ModelC
     unknown = sorted(str(k) for k in set(d) - known)
     if unknown:
         raise ConfigError(f"{unknown[0]}: not a field of {cls.__name__} (unknown fields: {unknown})"[:300])
-    return cls(**{k: _typed(cls, k, v) for k, v in d.items()})
-
-
-# config_from_dict's bounds: no model here comes near them; far past them a value is damage
-# (block_size=10**12 would ask for a 7 TiB RoPE table).
-_INT_LIMITS = {"block_size": 2**20, "seed": 2**32 - 1}
-_INT_LIMIT = 2**31 - 1
-
-
-def _typed(cls: type, name: str, value: Any) -> Any:
-    """``value`` as field ``name`` of ``cls`` declares it (bool a real bool; int not a bool;
-    float an int or float; str), else ConfigError naming the field."""
-    import typing
-
-    kind = typing.get_type_hints(cls)[name]
-    options = typing.get_args(kind) if typing.get_origin(kind) is not Literal else ()
-    if type(None) in options:
-        if value is None:
-            return None
-        kind = next(o for o in options if o is not type(None))
-    shown = repr(value) if isinstance(value, (bool, int, float, str, type(None))) else \
-        f"a {type(value).__name__}"
-    shown = shown if len(shown) <= 40 else shown[:37] + "..."
-    if kind is bool:
-        _require(isinstance(value, bool), name, f"must be true or false, got {shown}")
-    elif kind is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), name,
-                 f"must be an integer, got {shown}")
-        limit = _INT_LIMITS.get(name, _INT_LIMIT)
-        _require(value <= limit, name, f"must be at most {limit}, got {shown}")
-    elif kind is float:
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool)
-                 and abs(value) < 1e300, name, f"must be a number, got {shown}")
-        value = float(value)
-    elif kind is str or typing.get_origin(kind) is Literal:
-        _require(isinstance(value, str), name, f"must be a string, got {shown}")
-    return value
+    return cls(**{k: typed_value(cls, k, v) for k, v in d.items()})

@@ -16,9 +16,9 @@ import nanomoe
 from nanomoe import (ConfigError, GPTConfig, ModernGPTConfig, MoeGPTConfig, config_from_dict,
                      config_to_dict)
 
-# The spec's defaults (shared/spec/seed-architecture.md), written out as the independent source,
-# then the fields that are ours.
-SPEC_DEFAULTS = {
+# The original's defaults (spsanps/build-nano-moe; docs/original.md), written out as the
+# independent source, then the fields that are ours.
+ORIGINAL_DEFAULTS = {
     GPTConfig: dict(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768),
     ModernGPTConfig: dict(
         block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_kv_head=1, n_embd=768,
@@ -45,10 +45,10 @@ INT_FIELDS = {
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("cls", list(SPEC_DEFAULTS), ids=lambda c: c.__name__)
-def test_defaults_match_spec(cls):
+@pytest.mark.parametrize("cls", list(ORIGINAL_DEFAULTS), ids=lambda c: c.__name__)
+def test_defaults_match_original(cls):
     config = cls()
-    expected = SPEC_DEFAULTS[cls]
+    expected = ORIGINAL_DEFAULTS[cls]
     assert {f.name for f in dataclasses.fields(cls)} == set(expected)
     for name, value in expected.items():
         got = getattr(config, name)

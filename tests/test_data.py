@@ -155,7 +155,8 @@ def test_batch_order_two_ranks():
 
 
 def _reference(shards, B, T, rank, nproc, steps):
-    """The spec's algorithm, written out independently."""
+    """The original's loader (docs/original.md, Training loop: its data.py#L25-L47), written
+    out independently."""
     shard, pos, out = 0, B * T * rank, []
     for _ in range(steps):
         out.append(np.asarray(shards[shard][pos:pos + B * T + 1]))

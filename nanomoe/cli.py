@@ -61,13 +61,8 @@ def _eval_steps(text: str) -> int | str:
         return text.strip().lower()
 
 
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="train.py",
-        description="Train GPT, ModernGPT, MoeGPT or nGPT in JAX or PyTorch (build-nano-moe's recipe).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    g = p.add_argument_group("what to train")
+def _what_to_train_flags(g: argparse._ArgumentGroup) -> None:
+    """Framework, model, data, tokenizer, starting weights."""
     g.add_argument("--framework", choices=["jax", "torch"], default="jax")
     g.add_argument("--model", "--model_type", dest="model", choices=sorted(MODEL_CONFIGS),
                    default="moegpt", help="model type (--model_type is the original's name)")
@@ -81,7 +76,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--init_from", default=None,
                    help="start from weights: an original .pt checkpoint or one of ours")
 
-    g = p.add_argument_group("the original's recipe")
+
+def _original_recipe_flags(g: argparse._ArgumentGroup) -> None:
+    """The original's flags with its defaults, and its AdamW's."""
     g.add_argument("--max_steps", type=int, default=100)
     g.add_argument("--warmup_steps", type=int, default=10)
     g.add_argument("--max_lr", type=float, default=None,
@@ -110,7 +107,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "along the embedding axis to unit norm, as the nGPT paper (the "
                         "original's loop does not)")
 
-    g = p.add_argument_group("ours")
+
+def _run_flags(g: argparse._ArgumentGroup) -> None:
+    """Ours: seed, dtype, evals, data order, checkpoints, resuming, NaN steps."""
     g.add_argument("--seed", type=int, default=1337, help="initial weights (same in both frameworks)")
     g.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="compute dtype; default bfloat16 on GPU, float32 on CPU")
@@ -131,6 +130,10 @@ def make_parser() -> argparse.ArgumentParser:
                         "counted in metrics) before stopping; 0 stops at the first")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in a --log_dir that holds another run")
+
+
+def _output_flags(g: argparse._ArgumentGroup) -> None:
+    """Ours: logging, samples, HellaSwag, tracebacks."""
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
     g.add_argument("--sample_every", type=int, default=0,
                    help="print a sample every N steps and at the end (0: only at the end on CPU preset)")
@@ -145,8 +148,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="score only the first N examples (all 10042 by default)")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    g = p.add_argument_group("JAX execution")
-    # None = let nanomoe_jax.execution_options decide for the device (flags given win)
+
+def _jax_execution_flags(g: argparse._ArgumentGroup) -> None:
+    """How the JAX step runs; None lets nanomoe_jax.execution_options decide for the device."""
     g.add_argument("--scan_layers", type=_bool, default=None)
     g.add_argument("--remat", choices=["none", "full", "dots"], default=None)
     g.add_argument("--attention_impl", choices=["xla", "cudnn", "custom_vjp"], default=None,
@@ -166,7 +170,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "expert; data takes the devices the others leave); default: every "
                         "device on data")
 
-    g = p.add_argument_group("model config (any field of the chosen model's config)")
+
+def _model_config_flags(g: argparse._ArgumentGroup) -> None:
+    """One flag per model-config field, typed as the field."""
     for name, (field, hint) in _config_fields().items():
         kind = typing.get_origin(hint)
         if kind in (typing.Union, types.UnionType):  # "int | None": the non-None type
@@ -178,6 +184,22 @@ def make_parser() -> argparse.ArgumentParser:
             g.add_argument(f"--{name}", choices=list(typing.get_args(hint)), default=None)
         else:
             g.add_argument(f"--{name}", type=hint, default=None)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train GPT, ModernGPT, MoeGPT or nGPT in JAX or PyTorch (build-nano-moe's recipe).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _what_to_train_flags(p.add_argument_group("what to train"))
+    _original_recipe_flags(p.add_argument_group("the original's recipe"))
+    ours = p.add_argument_group("ours")
+    _run_flags(ours)
+    _output_flags(ours)
+    _jax_execution_flags(p.add_argument_group("JAX execution"))
+    _model_config_flags(
+        p.add_argument_group("model config (any field of the chosen model's config)"))
     return p
 
 

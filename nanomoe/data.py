@@ -33,7 +33,8 @@ import numpy as np
 from .errors import DataError
 from .files import check_regular_file
 # batches live in loader.py; these names stay importable from here
-from .loader import DataLoader, Prefetcher, check_token_range  # noqa: F401
+from .loader import DataLoader, check_token_range  # noqa: F401
+from .prefetch import Prefetcher  # noqa: F401
 from .tokenizer import ByteTokenizer, Tokenizer, encode_array, get_tokenizer
 
 SPLITS = ("train", "val")

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from .errors import DataError
-from .prefetch import Prefetcher  # noqa: F401 - re-exported: its home was this module
 
 DATA_ORDERS = ("sequential", "random")
 
@@ -29,7 +28,7 @@ def check_token_range(x: np.ndarray, vocab_size: int, source: str = "the data") 
         raise DataError(f"token id {lo} in {source} is negative: the data is corrupt")
 
 
-def _positive_int(name: str, value) -> int:
+def positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise DataError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
@@ -40,8 +39,8 @@ class _Shards:
 
     def __init__(self, shards: Sequence[np.ndarray], B: int, T: int, process_rank: int,
                  num_processes: int, vocab_size: int | None):
-        self.B, self.T = _positive_int("B", B), _positive_int("T", T)
-        self.num_processes = _positive_int("num_processes", num_processes)
+        self.B, self.T = positive_int("B", B), positive_int("T", T)
+        self.num_processes = positive_int("num_processes", num_processes)
         if isinstance(process_rank, bool) or not isinstance(process_rank, (int, np.integer)) \
                 or not 0 <= process_rank < num_processes:
             raise DataError(f"process_rank must be in [0, {num_processes}), got {process_rank!r}")

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .loader import positive_int
+
 
 @dataclass
 class _Failure:
@@ -51,9 +53,7 @@ class Prefetcher:
     """
 
     def __init__(self, loader, depth: int = 2):
-        from .loader import _positive_int  # not at the top: loader.py re-exports Prefetcher
-
-        self.loader, self.depth = loader, _positive_int("depth", depth)
+        self.loader, self.depth = loader, positive_int("depth", depth)
         self._state = loader.state_dict()
         self._worker: _Worker | None = None
         self._start()

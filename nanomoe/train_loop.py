@@ -19,14 +19,13 @@ import numpy as np
 from . import data_fingerprint, failures, run_dir
 from .cli import build_config, parse_args
 from .config import ModelConfig, config_to_dict
-from .errors import TrainError  # noqa: F401 - re-exported: its home was this module
 from .flops import device_peak_flops, flops_per_token
 from .metrics import MetricsLogger
 from .prefetch import Prefetcher
 from .schedule import lr_at
 from .step_log import StepLog
 from .train_eval import Run, close_run, evaluate, finish_run, sample
-from .train_setup import RUN_FILE, model_vocab  # noqa: F401 - RUN_FILE re-exported
+from .train_setup import model_vocab
 from . import train_setup as setup
 
 # Test hook: make the learning rate infinite at this step (the step must then be refused).

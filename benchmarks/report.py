@@ -27,7 +27,14 @@ def _fw_label(r):
 
 
 def render_markdown(report: dict) -> str:
-    m, rs = report["meta"], report["results"]
+    rs = report["results"]
+    return "\n".join(_header(report["meta"]) + render_rounds(rs) + _models(rs)
+                     + _sweep(report["meta"], rs) + _errors(rs) + _hlo(report.get("hlo"))
+                     + _cost(report.get("cost")))
+
+
+def _header(m: dict) -> list[str]:
+    """Command, preset and options, versions, the measured peak."""
     env = m["env"]
     commands = m.get("commands") or [m["command"]]  # several when merged
     lines = [f"# Benchmark: {env['device']}, {m['date']}", "",
@@ -37,14 +44,7 @@ def render_markdown(report: dict) -> str:
              f"{m['steps']} timed steps after {m['warmup']} warm-up (median), "
              f"JAX options {m['jax_options']}" + (", **fast-compile (timings not representative)**"
                                                    if m.get("fast_compile") else ""), "",
-             "versions: " + ", ".join(f"{k} {env.get(k)}" for k in
-                                      ("jax", "jaxlib", "flax", "optax", "torch", "torch_cuda",
-                                       "cudnn", "jax_platform_version", "python")
-                                      if env.get(k) is not None)
-             + (f"; nvidia-smi: {env['nvidia_smi']}" if env.get("nvidia_smi") else "")
-             + (f"; CPU: {env.get('cpu_affinity')} of {env.get('cpu_count')} cores usable, "
-                f"torch threads {env.get('torch_threads')}" if env["device"] == "cpu" else ""),
-             ""]
+             _versions(env), ""]
     peak = m.get("peak_flops")
     if peak:
         lines += [f"peak: {peak.get('matmul_dtype', 'bfloat16')} matmul {peak['matmul_n']}^3 "
@@ -56,88 +56,124 @@ def render_markdown(report: dict) -> str:
     if env["device"] == "cpu":
         lines += ["On CPU the absolute numbers mean little (tiny shapes, no tensor cores, bf16 "
                   "emulated, other processes share the cores); read the ratio columns.", ""]
-    lines += render_rounds(rs)
+    return lines
+
+
+def _versions(env: dict) -> str:
+    return ("versions: " + ", ".join(f"{k} {env.get(k)}" for k in
+                                     ("jax", "jaxlib", "flax", "optax", "torch", "torch_cuda",
+                                      "cudnn", "jax_platform_version", "python")
+                                     if env.get(k) is not None)
+            + (f"; nvidia-smi: {env['nvidia_smi']}" if env.get("nvidia_smi") else "")
+            + (f"; CPU: {env.get('cpu_affinity')} of {env.get('cpu_count')} cores usable, "
+               f"torch threads {env.get('torch_threads')}" if env["device"] == "cpu" else ""))
+
+
+def _models(rs: list[dict]) -> list[str]:
+    """One row per model cell, then tokens/s ratios between the frameworks."""
     models = [r for r in rs if r["section"] == "models"]
-    if models:
-        lines += ["## Models", "", "| model | framework | tokens/s | step ms | MFU (measured peak) "
-                  "| MFU (datasheet) | peak memory GiB | memory source | compile s | loss |",
-                  "|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
-        for r in models:
-            lines.append(_row(r, [r["model"], _fw_label(r)]))
-        lines += ["", "### Ratios (tokens/s)", "",
-                  "| model | jax | torch | torch-compile | JAX/torch | JAX/torch-compile |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for name in dict.fromkeys(r["model"] for r in models):
-            tps = {r["framework"]: r.get("tokens_per_s") for r in models if r["model"] == name}
-            j, t, tc = tps.get("jax"), tps.get("torch"), tps.get("torch-compile")
-            lines.append(f"| {name} | {_fmt(j)} | {_fmt(t)} | {_fmt(tc)} | "
-                         f"{_fmt(_ratio(j, t), '.2f')} | {_fmt(_ratio(j, tc), '.2f')} |")
-        lines.append("")
+    if not models:
+        return []
+    lines = ["## Models", "", "| model | framework | tokens/s | step ms | MFU (measured peak) "
+             "| MFU (datasheet) | peak memory GiB | memory source | compile s | loss |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in models:
+        lines.append(_row(r, [r["model"], _fw_label(r)]))
+    lines += ["", "### Ratios (tokens/s)", "",
+              "| model | jax | torch | torch-compile | JAX/torch | JAX/torch-compile |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for name in dict.fromkeys(r["model"] for r in models):
+        tps = {r["framework"]: r.get("tokens_per_s") for r in models if r["model"] == name}
+        j, t, tc = tps.get("jax"), tps.get("torch"), tps.get("torch-compile")
+        lines.append(f"| {name} | {_fmt(j)} | {_fmt(t)} | {_fmt(tc)} | "
+                     f"{_fmt(_ratio(j, t), '.2f')} | {_fmt(_ratio(j, tc), '.2f')} |")
+    return lines + [""]
+
+
+def _sweep(m: dict, rs: list[dict]) -> list[str]:
+    """The MoE sweep's cells (each against its ceiling), then ratios against torch eager."""
     sweep = [r for r in rs if r["section"] in ("sweep", "ceiling")]
-    if sweep:
-        sw = m["sweep"]
-        lines += [f"## MoE sweep ({sw['mode']}: S={sw['shared']} shared expert, "
-                  f"capacity_factor {sw['capacity_factor']})", "",
-                  "Rows `ceiling` are the same model with every routed expert active (E = k): "
-                  "a dense FFN of the active width, the throughput a perfect dispatch reaches.",
-                  "", "| E | k | H | total params | active params | framework | tokens/s | "
-                  "step ms | MFU (measured peak) | MFU (datasheet) | peak memory GiB | "
-                  "memory source | compile s | loss | dropped | ÷ ceiling |",
-                  "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
-        for r in sweep:
-            e = f"ceiling (E={r['E']})" if r["section"] == "ceiling" else str(r["E"])
-            c = _ceiling(rs, r)
-            lines.append(_row(r, [e, r["k"], r["H"], f"{r['params_total'] / 1e6:.1f}M",
-                                  f"{r['params_active'] / 1e6:.1f}M", _fw_label(r)])
-                         + f" {_fmt(r.get('dropped_fraction'), '.3f')} |"
-                         + f" {_fmt(_ratio(r.get('tokens_per_s'), c), '.2f')} |")
-        lines += ["", "### Ratios against PyTorch eager (tokens/s of the column ÷ torch)", ""]
-        fws = list(dict.fromkeys(_fw_label(r) for r in sweep))
-        lines += ["| E | " + " | ".join(fws) + " | " + " | ".join(
-                      f"{f}/torch" for f in fws if f != "torch") + " |",
-                  "|---|" + "---:|" * (2 * len(fws) - ("torch" in fws)) ]
-        keys = list(dict.fromkeys((r["section"], r["E"]) for r in sweep))
-        for sec, E in keys:
-            tps = {_fw_label(r): r.get("tokens_per_s") for r in sweep
-                   if r["section"] == sec and r["E"] == E}
-            t = tps.get("torch")
-            name = f"ceiling (E={E})" if sec == "ceiling" else str(E)
-            lines.append(f"| {name} | " + " | ".join(_fmt(tps.get(f)) for f in fws) + " | "
-                         + " | ".join(_fmt(_ratio(tps.get(f), t), ".2f") for f in fws
-                                      if f != "torch") + " |")
-        lines.append("")
+    if not sweep:
+        return []
+    sw = m["sweep"]
+    lines = [f"## MoE sweep ({sw['mode']}: S={sw['shared']} shared expert, "
+             f"capacity_factor {sw['capacity_factor']})", "",
+             "Rows `ceiling` are the same model with every routed expert active (E = k): "
+             "a dense FFN of the active width, the throughput a perfect dispatch reaches.",
+             "", "| E | k | H | total params | active params | framework | tokens/s | "
+             "step ms | MFU (measured peak) | MFU (datasheet) | peak memory GiB | "
+             "memory source | compile s | loss | dropped | ÷ ceiling |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for r in sweep:
+        e = f"ceiling (E={r['E']})" if r["section"] == "ceiling" else str(r["E"])
+        c = _ceiling(rs, r)
+        lines.append(_row(r, [e, r["k"], r["H"], f"{r['params_total'] / 1e6:.1f}M",
+                              f"{r['params_active'] / 1e6:.1f}M", _fw_label(r)])
+                     + f" {_fmt(r.get('dropped_fraction'), '.3f')} |"
+                     + f" {_fmt(_ratio(r.get('tokens_per_s'), c), '.2f')} |")
+    return lines + _sweep_ratios(sweep) + [""]
+
+
+def _sweep_ratios(sweep: list[dict]) -> list[str]:
+    lines = ["", "### Ratios against PyTorch eager (tokens/s of the column ÷ torch)", ""]
+    fws = list(dict.fromkeys(_fw_label(r) for r in sweep))
+    lines += ["| E | " + " | ".join(fws) + " | " + " | ".join(
+                  f"{f}/torch" for f in fws if f != "torch") + " |",
+              "|---|" + "---:|" * (2 * len(fws) - ("torch" in fws))]
+    for sec, E in dict.fromkeys((r["section"], r["E"]) for r in sweep):
+        tps = {_fw_label(r): r.get("tokens_per_s") for r in sweep
+               if r["section"] == sec and r["E"] == E}
+        t = tps.get("torch")
+        name = f"ceiling (E={E})" if sec == "ceiling" else str(E)
+        lines.append(f"| {name} | " + " | ".join(_fmt(tps.get(f)) for f in fws) + " | "
+                     + " | ".join(_fmt(_ratio(tps.get(f), t), ".2f") for f in fws
+                                  if f != "torch") + " |")
+    return lines
+
+
+def _errors(rs: list[dict]) -> list[str]:
     errors = [r for r in rs if r.get("error")]
-    if errors:
-        lines += ["## Failed cells", ""] + [
-            f"- {r['section']} {r['model']} {_fw_label(r)}"
-            + (f" E={r['E']}" if "E" in r else "") + f": {r['error']}" for r in errors] + [""]
-    if report.get("hlo"):
-        lines += ["## HLO check: ops whose size grows with E", ""]
-        for h in report["hlo"]:
-            lines += [f"`{h['dispatch']}` dispatch, E = {h['experts'][0]} vs {h['experts'][1]} "
-                      f"(tiny model, B={h['B']} T={h['T']}): **{len(h['grows_with_E'])}** "
-                      f"unexpected growing shapes, {len(h['expected_growth'])} expected "
-                      f"(expert weights/grads/moments, router (N, E), O(E) bookkeeping); "
-                      f"{len(h['unmatched'])} larger and {len(h['unmatched_small'])} O(E)-small "
-                      f"shapes present only at the larger E"
-                      + (f"; size collisions {h['collisions']}" if h["collisions"] else ""), ""]
-            for r in h["grows_with_E"][:10]:
-                lines.append(f"- grows: {r['dtype']}[{','.join(r['symbolic'])}] = "
-                             f"{r['shape']} (x{r['growth']:.1f}, {r['count']} ops)")
-            for r in h["unmatched"][:5]:
-                lines.append(f"- only at E={h['experts'][1]}: {r['dtype']}{r['shape']} "
-                             f"({r['elements']:,} elements)")
-            lines.append("")
-    if report.get("cost"):
-        lines += ["## XLA cost analysis of the compiled train step (tiny model, layers unrolled)",
-                  "", "| dispatch | E | k | H | XLA GFLOP/step | ÷ first E | analytic 6N+12LCT "
-                  "GFLOP/step |", "|---|---:|---:|---:|---:|---:|---:|"]
-        for r in report["cost"]:
-            lines.append(f"| {r['dispatch']} | {r['E']} | {r['k']} | {r['H']} | "
-                         f"{r['xla_flops'] / 1e9:.3f} | {r['vs_first_E']:.2f} | "
-                         f"{r['analytic_flops'] / 1e9:.3f} |")
+    if not errors:
+        return []
+    return ["## Failed cells", ""] + [
+        f"- {r['section']} {r['model']} {_fw_label(r)}"
+        + (f" E={r['E']}" if "E" in r else "") + f": {r['error']}" for r in errors] + [""]
+
+
+def _hlo(hlo: list[dict] | None) -> list[str]:
+    """Per dispatch: how many HLO shapes grow with E beyond those expected, the first few."""
+    if not hlo:
+        return []
+    lines = ["## HLO check: ops whose size grows with E", ""]
+    for h in hlo:
+        lines += [f"`{h['dispatch']}` dispatch, E = {h['experts'][0]} vs {h['experts'][1]} "
+                  f"(tiny model, B={h['B']} T={h['T']}): **{len(h['grows_with_E'])}** "
+                  f"unexpected growing shapes, {len(h['expected_growth'])} expected "
+                  f"(expert weights/grads/moments, router (N, E), O(E) bookkeeping); "
+                  f"{len(h['unmatched'])} larger and {len(h['unmatched_small'])} O(E)-small "
+                  f"shapes present only at the larger E"
+                  + (f"; size collisions {h['collisions']}" if h["collisions"] else ""), ""]
+        for r in h["grows_with_E"][:10]:
+            lines.append(f"- grows: {r['dtype']}[{','.join(r['symbolic'])}] = "
+                         f"{r['shape']} (x{r['growth']:.1f}, {r['count']} ops)")
+        for r in h["unmatched"][:5]:
+            lines.append(f"- only at E={h['experts'][1]}: {r['dtype']}{r['shape']} "
+                         f"({r['elements']:,} elements)")
         lines.append("")
-    return "\n".join(lines)
+    return lines
+
+
+def _cost(cost: list[dict] | None) -> list[str]:
+    if not cost:
+        return []
+    lines = ["## XLA cost analysis of the compiled train step (tiny model, layers unrolled)",
+             "", "| dispatch | E | k | H | XLA GFLOP/step | ÷ first E | analytic 6N+12LCT "
+             "GFLOP/step |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in cost:
+        lines.append(f"| {r['dispatch']} | {r['E']} | {r['k']} | {r['H']} | "
+                     f"{r['xla_flops'] / 1e9:.3f} | {r['vs_first_E']:.2f} | "
+                     f"{r['analytic_flops'] / 1e9:.3f} |")
+    return lines + [""]
 
 
 def _ceiling(results: list[dict], r: dict) -> float | None:

@@ -23,26 +23,20 @@ the name, not a pattern); for modded-nanogpt's ``fineweb_train_*.bin`` give thei
 from __future__ import annotations
 
 import os
-import sysconfig
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 
 import numpy as np
 
 from .errors import DataError
 from .files import check_regular_file
-# batches live in loader.py; these names stay importable from here
-from .loader import DataLoader, check_token_range  # noqa: F401
-from .prefetch import Prefetcher  # noqa: F401
-from .tokenizer import ByteTokenizer, Tokenizer, encode_array, get_tokenizer
+from .shard_formats import LLMC_MAGIC, llmc_header, read_llmc_bin, read_nanogpt_bin, read_npy
+from .text_corpus import DEFAULT_CORPUS_BYTES, embedded_corpus, tokenise_once
+from .tokenizer import ByteTokenizer, Tokenizer, get_tokenizer
 
 SPLITS = ("train", "val")
 VAL_FRACTION = 0.1  # of a text token stream
-DEFAULT_CORPUS_BYTES = 8 * 2**20
-LLMC_MAGIC = 20240520
-LLMC_VERSION = 1
-LLMC_HEADER_INTS = 256
 
 
 @dataclass
@@ -64,127 +58,6 @@ class TokenSplit(Sequence):
     @property
     def num_tokens(self) -> int:
         return sum(len(s) for s in self.shards)
-
-
-# ---------------------------------------------------------------------------------------------
-# readers
-
-
-def _check_tokens(arr: np.ndarray, path: Path) -> np.ndarray:
-    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise DataError(f"{path} holds a {arr.dtype} array of shape {arr.shape}, not a 1-D "
-                        "integer token array: write shards with python -m nanomoe.prepare")
-    if len(arr) == 0:
-        raise DataError(f"{path} holds no tokens: delete it or prepare the data again")
-    return arr
-
-
-def read_npy(path: str | Path) -> np.ndarray:
-    """One ``.npy`` shard, memory-mapped."""
-    path = Path(path)
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as e:
-        raise DataError(f"cannot read {path} as a .npy token shard ({e}): "
-                        "the file is corrupt or not a NumPy array") from e
-    return _check_tokens(arr, path)
-
-
-def read_nanogpt_bin(path: str | Path) -> np.ndarray:
-    """nanoGPT's headerless uint16 ``train.bin`` / ``val.bin``, memory-mapped."""
-    path = Path(path)
-    size = path.stat().st_size
-    if size == 0 or size % 2:
-        raise DataError(f"{path} has {size} bytes, not a whole number of uint16 tokens: "
-                        "the file is empty or truncated, prepare it again")
-    return np.memmap(path, dtype=np.uint16, mode="r")
-
-
-def _llmc_header(path: Path) -> np.ndarray | None:
-    with open(path, "rb") as f:
-        data = f.read(LLMC_HEADER_INTS * 4)
-    return np.frombuffer(data, dtype="<i4") if len(data) == LLMC_HEADER_INTS * 4 else None
-
-
-def read_llmc_bin(path: str | Path) -> np.ndarray:
-    """An llm.c / modded-nanogpt shard: 256 x int32 header, then uint16 tokens, memory-mapped."""
-    path = Path(path)
-    header = _llmc_header(path)
-    if header is None or header[0] != LLMC_MAGIC:
-        found = "a file shorter than the header" if header is None else f"magic {header[0]}"
-        raise DataError(f"{path} is not an llm.c token shard (found {found}, expected magic "
-                        f"{LLMC_MAGIC}): give llm.c/modded-nanogpt .bin shards, or name "
-                        "nanoGPT's raw files train.bin/val.bin")
-    if header[1] != LLMC_VERSION:
-        raise DataError(f"{path} is llm.c shard version {header[1]}, only version "
-                        f"{LLMC_VERSION} (uint16 tokens) is supported")
-    ntok = int(header[2])
-    expected = LLMC_HEADER_INTS * 4 + 2 * ntok
-    size = path.stat().st_size
-    if size != expected or ntok <= 0:
-        raise DataError(f"{path} has {size} bytes but its header promises {ntok} tokens "
-                        f"({expected} bytes): the file is truncated or corrupt, download it again")
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=LLMC_HEADER_INTS * 4, shape=(ntok,))
-
-
-# ---------------------------------------------------------------------------------------------
-# text and the embedded corpus
-
-# Folders of the standard library that are not ordinary library code (or are huge test data).
-_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "idlelib",
-              "lib2to3", "turtledemo", "ensurepip", "__pycache__"}
-
-
-def _stdlib_files() -> list[Path]:
-    roots = [sysconfig.get_paths()["stdlib"], os.path.dirname(os.__file__)]
-    for root in map(Path, roots):
-        files = [p for p in root.rglob("*.py")
-                 if not any(d in _SKIP_DIRS or d.startswith("config-")
-                            for d in p.relative_to(root).parts[:-1])]
-        if files:
-            return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-    return []
-
-
-def embedded_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> str:
-    """The standard library's ``*.py`` source in sorted order, cut at ``max_bytes`` of UTF-8.
-
-    Needs no network and no package; the same text for the same Python installation.
-    """
-    if max_bytes <= 0:
-        raise DataError(f"max_bytes must be positive, got {max_bytes}")
-    parts, total = [], 0
-    for path in _stdlib_files():
-        try:
-            data = path.read_bytes()
-        except OSError:
-            continue  # an unreadable file in an odd installation: the rest is plenty
-        parts.append(data)
-        total += len(data)
-        if total >= max_bytes:
-            break
-    if not parts:
-        raise DataError("found no Python standard library source to use as the default corpus: "
-                        "give training data with --data")
-    # Cut by bytes, then drop a multi-byte character split by the cut.
-    return b"".join(parts)[:max_bytes].decode("utf-8", errors="ignore")
-
-
-_TEXT_CACHE: dict = {}  # one entry: train and val of the same text are tokenised once
-
-
-def _tokenise_once(key, tokenizer: Tokenizer, texts) -> np.ndarray:
-    key = (key, tokenizer.name)
-    if key not in _TEXT_CACHE:
-        pieces = []
-        for i, text in enumerate(texts()):
-            if i and tokenizer.eot is not None:
-                pieces.append(np.array([tokenizer.eot], dtype=np.uint32))
-            pieces.append(encode_array(tokenizer, text))
-        tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.uint16)
-        _TEXT_CACHE.clear()
-        _TEXT_CACHE[key] = tokens.astype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32)
-    return _TEXT_CACHE[key]
 
 
 def _split_text(tokens: np.ndarray, split: str, source: str, fmt: str) -> TokenSplit:
@@ -230,7 +103,7 @@ def _is_nanogpt(path: Path) -> bool:
     # (20240520 = tokens 55240, 308), so the magic tells the two .bin kinds apart.
     if path.name not in ("train.bin", "val.bin"):
         return False
-    header = _llmc_header(path)
+    header = llmc_header(path)
     return header is None or header[0] != LLMC_MAGIC
 
 
@@ -273,7 +146,7 @@ def open_dataset(data: str | os.PathLike | None, tokenizer: Tokenizer | str | No
         tokenizer = get_tokenizer(tokenizer)
     if data is None:
         tok = tokenizer or ByteTokenizer()
-        tokens = _tokenise_once(("<embedded>", max_bytes), tok,
+        tokens = tokenise_once(("<embedded>", max_bytes), tok,
                                 lambda: [embedded_corpus(max_bytes)])
         return _split_text(tokens, split, "the embedded stdlib corpus", "embedded")
 
@@ -289,7 +162,7 @@ def _open_files(data: str, tokenizer: Tokenizer | None, split: str) -> TokenSpli
     if kind == "text":
         tok = tokenizer or ByteTokenizer()
         key = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
-        tokens = _tokenise_once(key, tok,
+        tokens = tokenise_once(key, tok,
                                 lambda: (p.read_text("utf-8", errors="replace") for p in files))
         return _split_text(tokens, split, data, "text")
 

@@ -1,14 +1,15 @@
-"""Data layer: every format reads back what was written, the original's batch order, errors."""
-
-import sys
+"""Data sources: every shard format and text reads back what was written, the embedded corpus,
+and the one-sentence errors for missing, empty, corrupt or unreadable data."""
 
 import numpy as np
 import pytest
 
 from nanomoe import data
-from nanomoe.data import (LLMC_MAGIC, DataError, DataLoader, Prefetcher, check_token_range,
-                          data_format, default_tokenizer, embedded_corpus, open_dataset)
-from nanomoe.tokenizer import ByteTokenizer, TiktokenGPT2, TokenizerError, get_tokenizer
+from nanomoe.data import data_format, default_tokenizer, open_dataset
+from nanomoe.errors import DataError
+from nanomoe.shard_formats import LLMC_MAGIC
+from nanomoe.text_corpus import embedded_corpus
+from nanomoe.tokenizer import ByteTokenizer, get_tokenizer
 
 rng = np.random.default_rng(0)
 
@@ -27,9 +28,6 @@ def _write_llmc(path, tokens, magic=LLMC_MAGIC, ntok=None):
 
 def _concat(split):
     return np.concatenate([np.asarray(s) for s in split])
-
-
-# ------------------------------------------------------------------------------- formats
 
 
 def test_npy_shards_read_back(tmp_path):
@@ -115,119 +113,6 @@ def test_text_with_a_tokenizer_json(tmp_path):
     np.testing.assert_array_equal(tokens, [2, 3] * 10 + [0] + [3, 2] * 10)  # joined by eot
 
 
-# ------------------------------------------------------------------------------- batch order
-
-
-def _starts(shards, B, T, rank, nproc, steps):
-    """(shard, start) of each step's x window, read off the token values (shard i = i*1000+k)."""
-    loader = DataLoader(shards, B, T, rank, nproc)
-    out = []
-    for _ in range(steps):
-        x, y = loader.next_batch()
-        assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == np.int32
-        np.testing.assert_array_equal(x.reshape(-1)[1:], y.reshape(-1)[:-1])
-        assert y.reshape(-1)[-1] == x.reshape(-1)[-1] + 1
-        np.testing.assert_array_equal(np.diff(x.reshape(-1)), 1)  # one contiguous window
-        out.append(divmod(int(x[0, 0]), 1000))
-    return out
-
-
-SHARDS = [np.arange(25, dtype=np.uint16), np.arange(1000, 1040, dtype=np.uint16)]
-
-
-def test_batch_order_single_process_switches_shards_and_wraps():
-    # B*T = 6: shard 0 (25 tokens) gives windows at 0, 6, 12, 18 (18 + 7 = 25 still fits),
-    # shard 1 (40 tokens) at 0..30, then back to shard 0.
-    expected = [(0, 0), (0, 6), (0, 12), (0, 18)] + [(1, s) for s in range(0, 31, 6)]
-    assert _starts(SHARDS, 2, 3, 0, 1, 2 * len(expected)) == expected * 2
-
-
-def test_batch_order_two_ranks():
-    # Each rank starts at B*T*rank and strides B*T*2 = 12; it changes shard when its own next
-    # window would not fit, so (as in the original) rank 1 changes shard one step early.
-    rank0 = [(0, 0), (0, 12), (1, 0), (1, 12), (1, 24)]
-    rank1 = [(0, 6), (1, 6), (1, 18)]
-    got0 = _starts(SHARDS, 2, 3, 0, 2, 15)
-    got1 = _starts(SHARDS, 2, 3, 1, 2, 15)
-    assert got0 == rank0 * 3 and got1 == rank1 * 5
-    for (s0, p0), (s1, p1) in zip(got0, got1):  # same step: never the same tokens
-        assert s0 != s1 or abs(p0 - p1) >= 6
-
-
-def _reference(shards, B, T, rank, nproc, steps):
-    """The original's loader (docs/original.md, Training loop: its data.py#L25-L47), written
-    out independently."""
-    shard, pos, out = 0, B * T * rank, []
-    for _ in range(steps):
-        out.append(np.asarray(shards[shard][pos:pos + B * T + 1]))
-        pos += B * T * nproc
-        if pos + B * T * nproc + 1 > len(shards[shard]):
-            shard, pos = (shard + 1) % len(shards), B * T * rank
-    return out
-
-
-@pytest.mark.parametrize("B,T,nproc", [(1, 1, 1), (2, 5, 1), (3, 4, 2), (1, 7, 3)])
-def test_batch_order_matches_reference(B, T, nproc):
-    shards = [_tokens(n) for n in (97, 64, 150)]
-    for rank in range(nproc):
-        loader = DataLoader(shards, B, T, rank, nproc)
-        for buf in _reference(shards, B, T, rank, nproc, 60):
-            x, y = loader.next_batch()
-            np.testing.assert_array_equal(x, buf[:-1].reshape(B, T))
-            np.testing.assert_array_equal(y, buf[1:].reshape(B, T))
-
-
-def test_batches_are_int32_copies_not_views(tmp_path):
-    np.save(tmp_path / "d_train_1.npy", np.arange(100, dtype=np.uint16))
-    split = open_dataset(tmp_path, split="train")
-    x, y = DataLoader(split, 2, 4).next_batch()
-    assert not np.shares_memory(x, split[0]) and not np.shares_memory(x, y)
-    x[:] = 0  # writable, and the memmap is untouched
-    assert split[0][1] == 1 and y[0, 0] == 1
-
-
-def test_state_dict_resumes_exactly():
-    shards = [_tokens(97), _tokens(64)]
-    loader = DataLoader(shards, 2, 5, 1, 2)
-    for _ in range(7):
-        loader.next_batch()
-    state = loader.state_dict()
-    assert set(state) == {"shard", "position"}
-    expected = [loader.next_batch() for _ in range(10)]
-    fresh = DataLoader(shards, 2, 5, 1, 2)
-    fresh.load_state_dict(state)
-    for x, y in expected:
-        x2, y2 = fresh.next_batch()
-        np.testing.assert_array_equal(x, x2)
-        np.testing.assert_array_equal(y, y2)
-    fresh.reset()
-    first = DataLoader(shards, 2, 5, 1, 2).next_batch()[0]
-    np.testing.assert_array_equal(fresh.next_batch()[0], first)
-    with pytest.raises(DataError, match="does not fit"):
-        fresh.load_state_dict({"shard": 5, "position": 0})
-
-
-# ------------------------------------------------------------------------------- errors
-
-
-def test_shard_shorter_than_one_batch(tmp_path):
-    np.save(tmp_path / "x_train_000001.npy", _tokens(1000))
-    np.save(tmp_path / "x_train_000002.npy", _tokens(20))
-    split = open_dataset(tmp_path, split="train")
-    with pytest.raises(DataError) as e:
-        DataLoader(split, 4, 8, 0, 2)
-    msg = str(e.value)
-    assert "x_train_000002.npy" in msg and "20 tokens" in msg and "65" in msg and "--B/--T" in msg
-
-
-@pytest.mark.parametrize("kwargs", [dict(B=0), dict(T=-1), dict(B=1.5), dict(process_rank=2),
-                                    dict(process_rank=-1), dict(num_processes=0)])
-def test_loader_validates_arguments(kwargs):
-    args = dict(B=1, T=4, process_rank=0, num_processes=2) | kwargs
-    with pytest.raises(DataError):
-        DataLoader([_tokens(100)], **args)
-
-
 def test_missing_and_empty_folders(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         open_dataset(str(tmp_path / "nope"))
@@ -286,22 +171,6 @@ def test_unreadable_file(tmp_path, monkeypatch):
         open_dataset(tmp_path)
 
 
-def test_token_ids_out_of_range():
-    check_token_range(np.array([0, 255]), 256)
-    with pytest.raises(DataError, match="token id 50300 in shard.npy is >= vocab_size 256"):
-        check_token_range(np.array([1, 50300]), 256, "shard.npy")
-    with pytest.raises(DataError, match="negative"):
-        check_token_range(np.array([-1, 3]), 256)
-    loader = DataLoader([np.array([1, 2, 3, 300, 4, 5, 6, 7, 8], np.uint16)], 1, 2,
-                        vocab_size=256)
-    loader.next_batch()
-    with pytest.raises(DataError, match="token id 300 in shard 0 at position 2"):
-        loader.next_batch()
-
-
-# ------------------------------------------------------------------------------- embedded corpus
-
-
 def test_embedded_corpus():
     text = embedded_corpus()
     assert len(text.encode()) > 2**20 and text == embedded_corpus()
@@ -314,106 +183,3 @@ def test_embedded_corpus():
     ids = np.concatenate([_concat(train), _concat(val)])
     assert ids.max() < 256
     np.testing.assert_array_equal(ids, np.frombuffer(text.encode(), np.uint8))
-
-
-# ------------------------------------------------------------------------------- prefetching
-
-
-def test_prefetcher_yields_the_loader_sequence_and_consumed_state():
-    shards = [_tokens(97), _tokens(64), _tokens(150)]
-    expected = DataLoader(shards, 2, 5, 1, 2)
-    states = []
-    with Prefetcher(DataLoader(shards, 2, 5, 1, 2), depth=3) as pf:
-        assert pf.state_dict() == {"shard": 0, "position": 10}
-        for _ in range(25):
-            x, y = pf.next_batch()
-            ex, ey = expected.next_batch()
-            np.testing.assert_array_equal(x, ex)
-            np.testing.assert_array_equal(y, ey)
-            assert pf.state_dict() == expected.state_dict()  # not the read-ahead position
-            states.append(pf.state_dict())
-        # resume from the state after batch 10: the next batch is batch 11
-        resumed = DataLoader(shards, 2, 5, 1, 2)
-        resumed.load_state_dict(states[9])
-        ref = DataLoader(shards, 2, 5, 1, 2)
-        for _ in range(10):
-            ref.next_batch()
-        np.testing.assert_array_equal(resumed.next_batch()[0], ref.next_batch()[0])
-        pf.load_state_dict(states[9])
-        np.testing.assert_array_equal(pf.next_batch()[0],
-                                      _reference(shards, 2, 5, 1, 2, 11)[10][:-1].reshape(2, 5))
-    # closing rewinds the loader to what was consumed
-    assert pf.loader.state_dict() == pf.state_dict()
-    with pytest.raises(RuntimeError, match="closed"):
-        pf.next_batch()
-
-
-def test_prefetcher_raises_the_threads_error():
-    bad = np.arange(0, 40, dtype=np.uint16)
-    bad[20] = 999
-    pf = Prefetcher(DataLoader([bad], 2, 4, vocab_size=256))
-    pf.next_batch()
-    pf.next_batch()
-    with pytest.raises(DataError, match="token id 999"):
-        pf.next_batch()
-    assert pf.state_dict() == {"shard": 0, "position": 16}
-    pf.close()
-
-
-# ------------------------------------------------------------------------------- tokenizers
-
-
-def test_byte_tokenizer_round_trip():
-    tok = get_tokenizer("byte")
-    text = "naïve ☃ text\n"
-    ids = tok.encode(text)
-    assert (tok.name, tok.vocab_size, tok.eot) == ("byte", 256, None)
-    assert max(ids) < 256 and tok.decode(ids) == text
-    assert tok.decode(ids[:3]) == "na\ufffd"  # a split character becomes U+FFFD
-    assert tok.decode(np.array(ids + [300])) == text  # padded-vocab ids are dropped
-
-
-def test_unknown_tokenizer_names_the_choices():
-    with pytest.raises(TokenizerError, match="byte.*gpt2"):
-        get_tokenizer("sentencepiece")
-    with pytest.raises(TokenizerError, match="does not exist"):
-        get_tokenizer("missing/tokenizer.json")
-
-
-def test_gpt2_without_tiktoken(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tiktoken", None)  # import tiktoken -> ImportError
-    with pytest.raises(TokenizerError, match="pip install tiktoken"):
-        get_tokenizer("gpt2")
-
-
-def test_gpt2_offline(monkeypatch):
-    import tiktoken
-
-    def offline(name):
-        raise ConnectionError("no network")
-
-    monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(TokenizerError, match="network.*--tokenizer byte"):
-        TiktokenGPT2()
-
-
-def test_gpt2_wrapper(monkeypatch):
-    """Our wrapper around tiktoken (whose BPE files need a download): the GPT-2 encoding is
-    asked for, documents are encoded with encode_ordinary (no special tokens parsed) and ids
-    past the vocabulary (padding rows of the model) are dropped when decoding."""
-    import tiktoken
-
-    class FakeEncoding:
-        def encode_ordinary(self, text):
-            return [ord(c) for c in text]
-
-        def decode(self, ids):
-            return "".join(chr(i) for i in ids)
-
-    asked = []
-    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: asked.append(name) or FakeEncoding())
-    tok = get_tokenizer("gpt2")
-    assert asked == ["gpt2"] and tok.name == "gpt2"
-    assert (tok.vocab_size, tok.eot) == (50257, 50256)
-    assert tok.encode("Hi<|endoftext|>") == [ord(c) for c in "Hi<|endoftext|>"]
-    assert tok.decode([72, 105, 50300]) == "Hi"

@@ -14,7 +14,6 @@ from .tokenizer import Tokenizer, encode_array
 
 DEFAULT_CORPUS_BYTES = 8 * 2**20
 
-
 # Folders of the standard library that are not ordinary library code (or are huge test data).
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "idlelib",
               "lib2to3", "turtledemo", "ensurepip", "__pycache__"}
@@ -59,6 +58,8 @@ _TEXT_CACHE: dict = {}  # one entry: train and val of the same text are tokenise
 
 
 def tokenise_once(key, tokenizer: Tokenizer, texts) -> np.ndarray:
+    """The tokens of ``texts()`` joined by the tokenizer's eot; ``key`` names the text, so a
+    second call (the val split after train) reuses them."""
     key = (key, tokenizer.name)
     if key not in _TEXT_CACHE:
         pieces = []

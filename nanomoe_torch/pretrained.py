@@ -97,14 +97,14 @@ def read_pretrained(directory: str) -> tuple[object, dict[str, torch.Tensor]]:
     """(config, state_dict with the tie restored) of a folder written by write_pretrained."""
     from safetensors.torch import load_file
 
-    from conversion.pt_files import read_config_json
+    from nanomoe.pt_files import read_config_json
 
     paths = [os.path.join(directory, n) for n in (CONFIG_NAME, WEIGHTS_NAME)]
     missing = [p for p in paths if not os.path.lexists(p)]
     if missing:
         raise ConversionError(f"{missing[0]}: no such file (expected a folder written by "
                               "save_pretrained)")
-    from conversion.pt_files import check_tensors
+    from nanomoe.weight_checks import check_tensors
     from nanomoe.errors import ConfigError
 
     try:

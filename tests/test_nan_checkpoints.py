@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import nanomoe_jax
-from conversion.pt_files import check_finite_arrays
+from nanomoe.weight_checks import check_finite_arrays
 from nanomoe import GPTConfig, MoeGPTConfig
 from nanomoe.errors import NanoMoeError
 from nanomoe_jax.checkpoint import load_model, save_model

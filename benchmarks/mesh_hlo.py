@@ -125,7 +125,10 @@ def ideal_bytes(params, param_sharding, mesh, config, A: int, B: int, T: int,
       micro-batch loop instead would hold 4 bytes per parameter unsharded, the memory fsdp
       exists to save;
     * expert (MoeGPT): each micro-batch sends the N k routed rows (compute dtype) through 4
-      all-to-alls per MoE layer (tokens out and back, forward and backward).
+      all-to-alls per MoE layer (tokens out and back, forward and backward). Not in the total
+      but beside it, ``expert_buffer``: the same 4 all-to-alls of the routed-only buffer that
+      nanomoe_jax/expert_parallel.py sends with its capacity, X x cap rows per slice (cap the
+      rows a slice may send one device, ``device_capacity``): the floor of that design.
     """
     fsdp, expert = mesh.shape["fsdp"], mesh.shape["expert"]
     n_batch = int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")]))
@@ -139,9 +142,15 @@ def ideal_bytes(params, param_sharding, mesh, config, A: int, B: int, T: int,
             gather += 2 * A * compute_bytes * local * fsdp
         if holders > 1:
             reduce += 4 * local
-    routed = 0.0
+    routed = buffer = 0.0
     if expert > 1:
+        from nanomoe_jax.expert_parallel import device_capacity
+
         k = config.n_activated_experts  # routed experts per token (shared ones stay local)
-        routed = 4 * A * config.n_layer * B * T * k * config.n_embd * compute_bytes
+        per_row = 4 * A * config.n_layer * config.n_embd * compute_bytes
+        routed = per_row * B * T * k
+        N, E = B * T, config.n_total_experts
+        cap = device_capacity(N, k, E, config.n_shared, expert, config.capacity(N) >= N)
+        buffer = per_row * expert * cap
     return {"gradient_reduction": reduce, "fsdp_gather": gather, "expert_all_to_all": routed,
-            "total": reduce + gather + routed}
+            "expert_buffer": buffer, "total": reduce + gather + routed}

@@ -34,6 +34,7 @@ def render(report: dict) -> str:
               "expert = 4 all-to-alls of the "
               "N k routed rows per MoE layer and micro-batch. State: parameters, AdamW moments "
               "and an fp32 gradient of the device's shard.", ""]
+    lines += _expert_buffers(report["rows"])
     for r in report["rows"]:
         if "error" in r:
             continue
@@ -51,3 +52,17 @@ def render(report: dict) -> str:
     lines += ["Bounds (compiles, collectives <= 1.15x ideal): "
               + ("all hold" if not broken else "; ".join(broken)), ""]
     return "\n".join(lines)
+
+
+def _expert_buffers(rows) -> list[str]:
+    """One line per expert layout: the routed-only buffer's all-to-alls against the N k rows
+    (its capacity's floor, mesh_hlo.ideal_bytes), so a ratio above 1 is read against it."""
+    out = []
+    for r in rows:
+        ideal = r.get("ideal") or {}
+        if ideal.get("expert_buffer") and ideal.get("expert_all_to_all"):
+            out.append(f"- {r['model']} {r['mesh']} A={r['A']}: the routed-only buffer (X x "
+                       f"cap rows, expert_parallel.py) sends {ideal['expert_buffer'] / GiB:.3f} "
+                       f"GiB, {ideal['expert_buffer'] / ideal['expert_all_to_all']:.2f}x the "
+                       f"N k routed rows' {ideal['expert_all_to_all'] / GiB:.3f} GiB")
+    return out + [""] if out else []

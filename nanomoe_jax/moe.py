@@ -13,10 +13,8 @@ the other E - S are routed (top-k per token). Back ends (``config.moe_dispatch``
 * ``grouped``: the sorted assignments padded to whole tiles per expert, one batched matmul of
   tiles (nanomoe_jax/grouped.py): the work of the assignments plus at most a tile per expert,
   nothing drops.
-* ``tokamax``: the sorted assignments, shared experts' included, through tokamax's grouped
-  GEMM (nanomoe_jax/ragged_gemm.py): NVIDIA GPUs; its XLA reference elsewhere.
 
-Shared experts run as one dense MLP of width S*H in the other sparse back ends.
+Shared experts always run as one dense MLP of width S*H in the sparse back ends.
 """
 
 from __future__ import annotations
@@ -146,10 +144,9 @@ class MoE(nnx.Module):
         if dispatch == "dense":
             y_NC, dropped = dense_dispatch(x_NC, r, w), jnp.zeros((), f32)
         elif self.opts.expert_mesh is not None and dispatch == "capacity":
-            y_NC, dropped = expert_parallel_dispatch(x_NC, r, w, c.n_shared, c.capacity(B * T),
-                                                     self.opts.expert_mesh)
-        elif dispatch == "tokamax":  # shared and routed; the parameters whole: see expert_mlp
-            y_NC, dropped = tokamax_dispatch(x_NC, r, params, c.n_shared), jnp.zeros((), f32)
+            from .expert_parallel import expert_parallel_dispatch  # routed rows over devices
+
+            y_NC, dropped = expert_parallel_dispatch(x_NC, r, w, c, self.opts.expert_mesh)
         else:
             S = c.n_shared
             y_NC = shared_experts(x_NC, r.gates_NE[:, :S], [a[:S] for a in w])
@@ -158,6 +155,8 @@ class MoE(nnx.Module):
                 y_r, dropped = capacity_dispatch(x_NC, r, routed_w, c.capacity(B * T))
             elif dispatch == "grouped":
                 y_r, dropped = grouped_dispatch(x_NC, r, routed_w), jnp.zeros((), f32)
+            elif dispatch == "tokamax":  # the stacked parameters whole: see expert_mlp
+                y_r, dropped = tokamax_dispatch(x_NC, r, params, S), jnp.zeros((), f32)
             else:
                 y_r, dropped = ragged_dispatch(x_NC, r, routed_w), jnp.zeros((), f32)
             y_NC = y_NC + y_r
@@ -220,26 +219,6 @@ def capacity_dispatch(x_NC, r: Routing, w, capacity: int, top_idx_NK=None,
     return y_NC, jnp.sum(~kept_A).astype(f32)
 
 
-def expert_parallel_dispatch(x_NC, r: Routing, w, S: int, capacity: int, mesh):
-    """Shared and routed experts with the (E, ...) expert weights sharded over the mesh's
-    ``expert`` axis, none of them ever gathered:
-
-    * the S shared experts are picked out of the sharded weights with a one-hot contraction
-      over E (each device contributes the experts it holds: an all-reduce of S experts'
-      weights, not an all-gather of all E);
-    * the routed tokens fill one (E, capacity, C) buffer over *all* E experts (the shared
-      experts' rows stay empty) so its expert axis lines up with the weights' shards; the
-      buffer is constrained to the experts' devices, which XLA realises as an all-to-all of
-      tokens there and back. Same numbers as ``capacity_dispatch``."""
-    E = w[0].shape[0]
-    pick_SE = jnp.eye(S, E, dtype=w[0].dtype)
-    shared_w = [jnp.einsum("se,e...->s...", pick_SE, a) for a in w]
-    y_NC = shared_experts(x_NC, r.gates_NE[:, :S], shared_w)
-    y_r, dropped = capacity_dispatch(x_NC, r, w, capacity, top_idx_NK=r.top_idx_NK + S,
-                                     buffer_sharding=NamedSharding(mesh, P("expert", None, None)))
-    return y_NC + y_r, dropped
-
-
 def ragged_dispatch(x_NC, r: Routing, w) -> jax.Array:
     """Grouped matmuls over the expert-sorted assignments (no capacity, nothing drops)."""
     w1_RHC, b1_RH, w2_RCH, b2_RC = w
@@ -274,14 +253,7 @@ def grouped_dispatch(x_NC, r: Routing, w, tile: int | None = None) -> jax.Array:
 
 
 def tokamax_dispatch(x_NC, r: Routing, params, S: int) -> jax.Array:
-    """Shared and routed experts together through tokamax's grouped GEMM
-    (``nanomoe_jax/ragged_gemm.py``): each token has S + k assignments, the S shared
-    experts' groups are every token in order; each expert's weights read once per GEMM,
-    nothing drops. One kernel path for both kinds of expert: the shared experts' own MLP kept
-    three (N, H) residuals per layer and took the gates' gradient over the hidden width."""
-    N, K = r.top_idx_NK.shape
-    expert_NJ = jnp.concatenate([jnp.broadcast_to(jnp.arange(S, dtype=r.top_idx_NK.dtype),
-                                                  (N, S)), r.top_idx_NK + S], axis=1)
-    gates_NJ = jnp.concatenate([r.gates_NE[:, :S], r.top_gates_NK], axis=1)
-    s = sort_assignments(expert_NJ, params[0].shape[0])
-    return routed_experts(x_NC, gates_NJ, expert_NJ, r.gates_NE, s, params, 0)
+    """The sorted assignments through tokamax's grouped GEMM (``nanomoe_jax/ragged_gemm.py``):
+    each expert's weights read once per GEMM, nothing drops; the numbers of ``ragged``."""
+    s = sort_assignments(r.top_idx_NK, params[0].shape[0] - S)
+    return routed_experts(x_NC, r.top_gates_NK, r.top_idx_NK, r.gates_NE[:, S:], s, params, S)

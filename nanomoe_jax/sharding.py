@@ -9,9 +9,10 @@ axes and a ``NamedSharding`` for every array the train step touches.
   layer runs (:func:`layer_placement`), so activations stay on their rows; the gradients
   come back reduce-scattered.
 * ``expert``: expert parallel (MoeGPT). Also takes its own rows; the MoE weights are split along
-  the expert dimension, so each device holds E/K experts. Tokens travel to their experts: the
-  capacity buffer is constrained to be sharded by expert, so XLA exchanges it with an
-  all-to-all on the way in and on the way back, and expert weights never move.
+  the expert dimension, so each device holds E/X experts (X: the axis size, which must divide
+  E). Only routed rows travel: each slice fills a routed-only buffer of a capacity per
+  destination device, which XLA exchanges with one all-to-all on the way in and one on the
+  way back (nanomoe_jax/expert_parallel.py); expert weights never move.
 
 Every device is one data-parallel replica in the original's sense: the global batch is split
 into one slice of ``B`` rows per device (device d of the mesh reads the rows rank d of the

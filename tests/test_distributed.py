@@ -26,6 +26,10 @@ def base_flags(model: str, data: str, log_dir, *extra, total: int = 512) -> list
     size = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--block_size", "64"]
     if model == "moegpt":
         size += ["--n_experts", "8"]  # 8 experts: 2 per device on an expert axis of 4
+        # R / k: no token can drop on one device, nor on an expert mesh, whose capacity is
+        # per (slice, device) rather than per expert (tests/test_expert_parallel.py compares
+        # its drops with a one-device run of the same semantics)
+        size += ["--capacity_factor", "3.5"]
     if model == "moderngpt":
         size += ["--n_kv_head", "2"]
     return ["--model", model, *size, "--data", data, "--log_dir", str(log_dir), "--B", "2",

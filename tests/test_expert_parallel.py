@@ -1,0 +1,135 @@
+"""Expert parallelism at the routed rows (nanomoe_jax/expert_parallel.py).
+
+On one device: with a capacity that cannot drop, the expert-parallel math equals the MoE's
+single-device capacity dispatch. On 8 simulated CPU devices (a subprocess: XLA's device count
+is fixed when JAX starts): the mesh's outputs, drops and gradients equal the same function on
+one device with ``groups=X`` (its capacity semantics, per slice and destination device, differ
+from capacity_dispatch's per-expert slots, so that is the reference), and the compiled program
+moves tokens with all-to-all, never gathering expert weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nanomoe.config import MoeGPTConfig
+from nanomoe_jax.expert_parallel import device_capacity, expert_parallel_dispatch, send_layout
+from nanomoe_jax.moe import capacity_dispatch, route, shared_experts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _inputs(c: MoeGPTConfig, N: int, seed: int = 0):
+    E, H, C = c.n_total_experts, c.expert_hidden, c.n_embd
+    ks = jax.random.split(jax.random.key(seed), 6)
+    x_NC = jax.random.normal(ks[0], (N, C))
+    gate_CE = jax.random.normal(ks[1], (C, E))
+    w = [jax.random.normal(ks[2], (E, H, C)) / C ** 0.5, jax.random.normal(ks[3], (E, H)) * 0.1,
+         jax.random.normal(ks[4], (E, C, H)) / H ** 0.5, jax.random.normal(ks[5], (E, C)) * 0.1]
+    return x_NC, gate_CE, w
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_dropless_equals_single_device_capacity(groups):
+    c = MoeGPTConfig(n_embd=16, n_experts=8, n_activated_experts=2, capacity_factor=3.5,
+                     expert_dim=24)
+    x_NC, gate_CE, w = _inputs(c, 40)
+    r = route(x_NC @ gate_CE, c)
+    got, dropped = expert_parallel_dispatch(x_NC, r, w, c, groups=groups)
+    S = c.n_shared
+    want = shared_experts(x_NC, r.gates_NE[:, :S], [a[:S] for a in w])
+    want = want + capacity_dispatch(x_NC, r, [a[S:] for a in w], c.capacity(40))[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert float(dropped) == 0.0
+
+
+def test_capacity_keeps_earlier_tokens_per_device():
+    """Slice of 6 tokens, 4 experts (1 shared), 2 devices of 2 experts, k=1, 2 slots each:
+    device 1 (experts 2, 3) gets tokens 0, 1, 3, 5 and keeps the first two; within the chunk
+    its rows are ordered by local expert."""
+    top_idx_NK = jnp.array([[2], [1], [0], [1], [2], [2]])  # routed ids: global = +1
+    dev_A, slot_A, kept_A, token_XM, filled_XM, counts_XL = send_layout(top_idx_NK, 1, 2, 2, 2)
+    assert dev_A.tolist() == [1, 1, 0, 1, 1, 1]
+    assert kept_A.tolist() == [True, True, True, False, False, False]
+    assert token_XM[1].tolist() == [1, 0] and filled_XM.tolist() == [[True, False], [True, True]]
+    assert counts_XL.tolist() == [[0, 1], [1, 1]]
+    assert slot_A[:3].tolist() == [1, 0, 0]
+
+
+def test_device_capacity():
+    # MoeGPT-64 on expert=8: 8 routed experts on 7 devices, 4 on the first
+    assert device_capacity(16384, 8, 64, 4, 8, dropless=False) == 18351
+    assert device_capacity(64, 2, 8, 1, 4, dropless=True) == 128
+    assert device_capacity(64, 2, 4, 1, 4, dropless=True) == 64  # one expert a device
+
+
+MESH_SCRIPT = """
+import json, os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_default_matmul_precision", "highest")
+from jax.sharding import NamedSharding, PartitionSpec as P
+from nanomoe.config import MoeGPTConfig
+from nanomoe_jax import sharding as shd
+from nanomoe_jax.expert_parallel import expert_parallel_dispatch
+from nanomoe_jax.moe import route
+from tests.test_expert_parallel import _inputs
+
+c = MoeGPTConfig(n_embd=16, n_experts=8, n_activated_experts=2, capacity_factor=1.0,
+                 expert_dim=24)
+mesh = shd.make_mesh(shd.parse_mesh("data=2,expert=4", 8))
+D, N = 8, 48
+x_NC, gate_CE, w = _inputs(c, D * N, seed=1)
+x_DNC = x_NC.reshape(D, N, -1)
+
+def loss(x_DNC, w, mesh):
+    def one(x_NC):
+        r = route(x_NC @ gate_CE, c)
+        return expert_parallel_dispatch(x_NC, r, w, c, mesh, groups=None if mesh else 4)
+    y, dropped = jax.vmap(one)(x_DNC)
+    return jnp.sum(jnp.sin(y)), (y, dropped)
+
+grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+ref = jax.jit(lambda x, w: grad(x, w, None))(x_DNC, w)
+xs = jax.device_put(x_DNC, NamedSharding(mesh, P(shd.BATCH_AXES)))
+ws = jax.device_put(w, NamedSharding(mesh, P("expert")))
+step = jax.jit(lambda x, w: grad(x, w, mesh))
+got = step(xs, ws)
+text = step.lower(xs, ws).compile().as_text()
+lines = [l for l in text.splitlines() if " = " in l]
+print(json.dumps({
+    "y": float(np.max(np.abs(got[0][1][0] - ref[0][1][0]))),
+    "scale": float(np.max(np.abs(ref[0][1][0]))),
+    "dropped": [np.asarray(got[0][1][1]).tolist(), np.asarray(ref[0][1][1]).tolist()],
+    "grad": max(float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+                for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(ref[1]))),
+    "all_to_all": sum(" all-to-all(" in l for l in lines),
+    "all_gather": [l.split(" = ", 1)[1].split(" all-gather", 1)[0].strip()
+                   for l in lines if " all-gather(" in l],
+}))
+"""
+
+
+def test_mesh_equals_one_device_with_the_same_semantics():
+    """data=2 x expert=4, 8 slices of 48 tokens, capacity factor 1 (drops happen): outputs,
+    drop counts and gradients of the mesh equal one device's; tokens move by all-to-all and
+    no expert weight is gathered."""
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": ROOT,
+                                                       "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["y"] <= 1e-5 * got["scale"], got
+    assert got["dropped"][0] == got["dropped"][1] and sum(got["dropped"][1]) > 0, got
+    assert got["grad"] <= 1e-5, got
+    assert got["all_to_all"] >= 4, got
+    # expert weights are (H=24, C=16) a piece: no gathered buffer has both dimensions
+    dims = [set(s[s.index("[") + 1:s.index("]")].split(",")) for s in got["all_gather"]]
+    assert not any({"24", "16"} <= d for d in dims), got["all_gather"]

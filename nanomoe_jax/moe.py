@@ -13,8 +13,10 @@ the other E - S are routed (top-k per token). Back ends (``config.moe_dispatch``
 * ``grouped``: the sorted assignments padded to whole tiles per expert, one batched matmul of
   tiles (nanomoe_jax/grouped.py): the work of the assignments plus at most a tile per expert,
   nothing drops.
+* ``tokamax``: the sorted assignments, shared experts' included, through tokamax's grouped
+  GEMM (nanomoe_jax/ragged_gemm.py): NVIDIA GPUs; its XLA reference elsewhere.
 
-Shared experts always run as one dense MLP of width S*H in the sparse back ends.
+Shared experts run as one dense MLP of width S*H in the other sparse back ends.
 """
 
 from __future__ import annotations
@@ -147,6 +149,8 @@ class MoE(nnx.Module):
             from .expert_parallel import expert_parallel_dispatch  # routed rows over devices
 
             y_NC, dropped = expert_parallel_dispatch(x_NC, r, w, c, self.opts.expert_mesh)
+        elif dispatch == "tokamax":  # shared and routed; the parameters whole: see expert_mlp
+            y_NC, dropped = tokamax_dispatch(x_NC, r, params, c.n_shared), jnp.zeros((), f32)
         else:
             S = c.n_shared
             y_NC = shared_experts(x_NC, r.gates_NE[:, :S], [a[:S] for a in w])
@@ -155,8 +159,6 @@ class MoE(nnx.Module):
                 y_r, dropped = capacity_dispatch(x_NC, r, routed_w, c.capacity(B * T))
             elif dispatch == "grouped":
                 y_r, dropped = grouped_dispatch(x_NC, r, routed_w), jnp.zeros((), f32)
-            elif dispatch == "tokamax":  # the stacked parameters whole: see expert_mlp
-                y_r, dropped = tokamax_dispatch(x_NC, r, params, S), jnp.zeros((), f32)
             else:
                 y_r, dropped = ragged_dispatch(x_NC, r, routed_w), jnp.zeros((), f32)
             y_NC = y_NC + y_r
@@ -253,7 +255,14 @@ def grouped_dispatch(x_NC, r: Routing, w, tile: int | None = None) -> jax.Array:
 
 
 def tokamax_dispatch(x_NC, r: Routing, params, S: int) -> jax.Array:
-    """The sorted assignments through tokamax's grouped GEMM (``nanomoe_jax/ragged_gemm.py``):
-    each expert's weights read once per GEMM, nothing drops; the numbers of ``ragged``."""
-    s = sort_assignments(r.top_idx_NK, params[0].shape[0] - S)
-    return routed_experts(x_NC, r.top_gates_NK, r.top_idx_NK, r.gates_NE[:, S:], s, params, S)
+    """Shared and routed experts together through tokamax's grouped GEMM
+    (``nanomoe_jax/ragged_gemm.py``): each token has S + k assignments, the S shared
+    experts' groups are every token in order; each expert's weights read once per GEMM,
+    nothing drops. One kernel path for both kinds of expert: the shared experts' own MLP kept
+    three (N, H) residuals per layer and took the gates' gradient over the hidden width."""
+    N, K = r.top_idx_NK.shape
+    expert_NJ = jnp.concatenate([jnp.broadcast_to(jnp.arange(S, dtype=r.top_idx_NK.dtype),
+                                                  (N, S)), r.top_idx_NK + S], axis=1)
+    gates_NJ = jnp.concatenate([r.gates_NE[:, :S], r.top_gates_NK], axis=1)
+    s = sort_assignments(expert_NJ, params[0].shape[0])
+    return routed_experts(x_NC, gates_NJ, expert_NJ, r.gates_NE, s, params, 0)

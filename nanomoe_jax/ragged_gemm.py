@@ -5,9 +5,9 @@ re-reads only what it needs: per layer x (N rows), h (N k rows, the compute dtyp
 experts' output rows for the gates' gradient; the sorted input rows are gathered again from x.
 
 Rows are the (token, expert) assignments stably sorted by expert (``moe.sort_assignments``),
-with ``PAD`` zero rows in front, counted in the first expert's group, and ``PAD`` rows behind
-in no group at all. Why: tokamax 0.0.12's Triton kernels read up to a block of rows *before* a
-group's start (weight gradient of an empty group) and up to a block *after* its end (the
+with ``PAD`` pad rows in front, counted in the first expert's group, and ``PAD`` rows behind
+in no group at all (a pad reads x's row 0 with a b1 column of 0; see ``_rows``). Why:
+tokamax 0.0.12's Triton kernels read up to a block of rows *before* a group's start (weight gradient of an empty group) and up to a block *after* its end (the
 forward has no bounds check on rows); with the pads every such read stays inside the buffer,
 and a row only ever affects its own output row. The front pad costs PAD / rows of the expert
 FLOPs (0.4 % for MoeGPT at B=16, T=1024) and adds nothing to any gradient (its output
@@ -139,9 +139,11 @@ def _combine_bwd(res, dout_NC):
     dout_lo = jax.lax.optimization_barrier(dout_NC.astype(y_PC.dtype))
     y_NKC = y_PC[pos_NK].astype(f32) + b2_RC[expert_NK].astype(f32)
     dgates_NK = jnp.einsum("nc,nkc->nk", dout_lo.astype(f32), y_NKC)
+    # pads have gate 0, so their rows' gradient is 0 without a select against a zero array
+    # (XLA hoists such an array out of the layer loop and reads it whole every layer)
     src = jnp.maximum(src_P, 0)
-    dy_PC = jnp.where((src_P >= 0)[:, None],
-                      gates_NK.reshape(-1)[src][:, None] * dout_lo[src // K].astype(f32), 0.0)
+    gate_P = jnp.where(src_P >= 0, gates_NK.reshape(-1)[src], 0.0)
+    dy_PC = gate_P[:, None] * dout_lo[src // K].astype(f32)
     db2_RC = jnp.einsum("nr,nc->rc", gates_NR, dout_NC)
     return (dy_PC.astype(y_PC.dtype), db2_RC.astype(b2_RC.dtype), dgates_NK,
             None, None, None, None)
@@ -157,12 +159,15 @@ def _relu2(a):
 
 
 def _rows(x_NC, src_P, K):
-    """The padded sorted rows ``x[src // K]`` (0 where ``src < 0``: pads) with b1's input
-    columns (see ``_mlp_forward``): one gather fusion, in the forward and again in the
-    backward: recomputing them from x (N rows) is cheaper than keeping them (N K rows) in
-    the layer scan, which copies a kept kernel operand in and out of its stack."""
+    """The padded sorted rows ``x[src // K]`` with b1's input columns (see ``_mlp_forward``):
+    one gather fusion, in the forward and again in the backward: recomputing them from x
+    (N rows) is cheaper than keeping them (N K rows) in the layer scan, which copies a kept
+    kernel operand in and out of its stack. Pads (``src < 0``) read row 0 with a b1 column
+    of 0: their outputs are never read and their output gradient is 0, so they add 0 to
+    every weight gradient. (A select against zeros made XLA hoist an (N k, C) zero array out
+    of the layer loop and read it whole every layer.)"""
     real_P = src_P >= 0
-    rows = jnp.where(real_P[:, None], x_NC[jnp.maximum(src_P, 0) // K], 0).astype(x_NC.dtype)
+    rows = x_NC[jnp.maximum(src_P, 0) // K].astype(x_NC.dtype)
     ones = jnp.zeros((src_P.shape[0], BIAS_COLS), x_NC.dtype).at[:, 0].set(real_P)
     return jnp.concatenate([rows, ones], axis=1)
 
@@ -223,10 +228,12 @@ expert_mlp.defvjp(_mlp_fwd, _mlp_bwd)
 
 
 def routed_experts(x_NC, top_gates_NK, top_idx_NK, gates_NR, s, params, S: int) -> jax.Array:
-    """The routed experts' gated sum per token (fp32), nothing dropped. ``gates_NR``: the
-    gates as a (token, routed expert) matrix; ``s``: the assignments sorted by expert
+    """The experts' gated sum per token (fp32), nothing dropped, for the (N, K) assignments
+    ``top_idx_NK`` (experts numbered from S) with gates ``top_gates_NK``. ``gates_NR``: the
+    gates as a (token, expert >= S) matrix; ``s``: the assignments sorted by expert
     (``moe.sort_assignments``); ``params``: the stacked (fc_weight, fc_bias, proj_weight,
-    proj_bias) of all E experts, the routed ones ``[S:]``."""
+    proj_bias) of all E experts, those used ``[S:]`` (``moe.tokamax_dispatch`` passes S = 0
+    and the shared experts as assignments of every token)."""
     w1_EHC, b1_EH, w2_ECH, b2_EC = params
     N, K = top_idx_NK.shape
     i32 = jnp.int32

@@ -95,10 +95,27 @@ def test_moe_kernels_from_the_python_stack():
     assert names == {"tiles", "h", "mm", "cp", "rows"}
 
 
-def test_moe_bytes_split_tile_weights_from_activations_of_the_same_shape():
+def test_gathers_from_a_cached_table_are_charged_the_table_once(monkeypatch):
+    """A gather reads its rows, but never more than the table when the table fits the cache
+    (a bias per expert gathered for every token); above CACHED_BYTES, every row it reads."""
+    from benchmarks import hlo_bytes
+
+    def gather_read():
+        k = next(k for k in hlo.program_stats(MOE).kernels if k.name == "tiles")
+        return k.parts[0].bytes  # (5 tiles, 6, 4) f32 gathered from a (2, 6, 4) table
+
+    assert gather_read() == 2 * 6 * 4 * 4
+    monkeypatch.setattr(hlo_bytes, "CACHED_BYTES", 2 * 6 * 4 * 4 - 1)
+    assert gather_read() == 5 * 6 * 4 * 4
+
+
+def test_moe_bytes_split_tile_weights_from_activations_of_the_same_shape(monkeypatch):
     from types import SimpleNamespace
 
-    from benchmarks import hlo_moe
+    from benchmarks import hlo_bytes, hlo_moe
+
+    # tables this small would count as cached (read once): the split is what is tested here
+    monkeypatch.setattr(hlo_bytes, "CACHED_BYTES", 0)
 
     cfg = SimpleNamespace(n_embd=4, expert_hidden=6, n_total_experts=3, n_routed_experts=2,
                           n_shared=1, n_layer=1, n_activated_experts=1)

@@ -124,75 +124,96 @@ def add_mfu(results: list[dict], peak: dict) -> None:
 
 
 def run(args) -> dict:
-    preset = PRESETS[args.preset]
     env = environment()
     print(f"device: {env['device']}  jax {env['jax']}  torch {env.get('torch')}  "
           f"preset {args.preset}  B={args.B} T={args.T} dtype={args.dtype}")
-    report: dict[str, Any] = {
-        "meta": {
-            "command": "python -m benchmarks.bench " + shlex.join(args.argv),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "preset": args.preset, "overrides": args.shape, "B": args.B, "T": args.T,
-            "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup,
-            "isolate": args.isolate, "fast_compile": args.fast_compile,
-            "rounds": args.rounds,
-            "jax_options": dict(scan_layers=args.scan_layers, remat=args.remat,
-                                attention_impl=args.attention_impl,
-                                loss_chunk_tokens=args.loss_chunk_tokens,
-                                row_groups=args.row_groups),
-            "sweep": dict(mode=args.sweep_mode, experts=list(args.experts), shared=1,
-                          capacity_factor=args.capacity_factor, backends=list(args.backends)),
-            "env": env,
-        },
-        "results": [], "hlo": None, "cost": None,
-    }
-    cells = build_cells(args, preset)
+    report: dict[str, Any] = {"meta": _meta(args, env), "results": [], "hlo": None, "cost": None}
+    cells = build_cells(args, PRESETS[args.preset])
     if args.list:
-        for spec in cells:
-            c = config_from_dict(spec["config"])
-            print(f"{_describe(spec):45s} params {total_params(c) / 1e6:8.1f}M  active "
-                  f"{active_params(c) / 1e6:6.1f}M  {flops_per_token(c, args.T) / 1e6:8.1f} "
-                  "MFLOP/token")
+        _list_cells(cells, args.T)
         return report
     if cells:
-        peak = {"matmul_n": args.matmul_n, "matmul_dtype": args.dtype}
-        peak.update({f"measured_{k}": v for k, v in measure_matmul_peak(
-            args.matmul_n, args.dtype, tuple(args.frameworks)).items()})
-        peak["measured"] = max(v for k, v in peak.items() if k.startswith("measured_"))
-        peak["datasheet"] = device_peak_flops(env["device"]) if env["device"] != "cpu" else None
-        report["meta"]["peak_flops"] = peak
-        print(f"{args.dtype} matmul {args.matmul_n}^3: "
-              + ", ".join(f"{k[9:]} {v / 1e12:.3g} TFLOP/s" for k, v in peak.items()
-                          if k.startswith("measured_"))
-              + (f"; datasheet {peak['datasheet'] / 1e12:.0f}" if peak["datasheet"] else ""))
+        report["meta"]["peak_flops"] = _measure_peak(args, env)
+    report["results"] += _time_cells(args, cells)
+    if cells:
+        add_mfu(report["results"], report["meta"]["peak_flops"])
+    if args.hlo:
+        report["hlo"], report["cost"] = _hlo_checks(args)
+    return report
+
+
+def _meta(args, env: dict) -> dict:
+    return {
+        "command": "python -m benchmarks.bench " + shlex.join(args.argv),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "preset": args.preset, "overrides": args.shape, "B": args.B, "T": args.T,
+        "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup,
+        "isolate": args.isolate, "fast_compile": args.fast_compile,
+        "rounds": args.rounds,
+        "jax_options": dict(scan_layers=args.scan_layers, remat=args.remat,
+                            attention_impl=args.attention_impl,
+                            loss_chunk_tokens=args.loss_chunk_tokens,
+                            row_groups=args.row_groups),
+        "sweep": dict(mode=args.sweep_mode, experts=list(args.experts), shared=1,
+                      capacity_factor=args.capacity_factor, backends=list(args.backends)),
+        "env": env,
+    }
+
+
+def _list_cells(cells: list[dict], T: int) -> None:
+    for spec in cells:
+        c = config_from_dict(spec["config"])
+        print(f"{_describe(spec):45s} params {total_params(c) / 1e6:8.1f}M  active "
+              f"{active_params(c) / 1e6:6.1f}M  {flops_per_token(c, T) / 1e6:8.1f} "
+              "MFLOP/token")
+
+
+def _measure_peak(args, env: dict) -> dict:
+    """A square matmul's FLOP/s in each framework, and the datasheet's where the card is known."""
+    peak = {"matmul_n": args.matmul_n, "matmul_dtype": args.dtype}
+    peak.update({f"measured_{k}": v for k, v in measure_matmul_peak(
+        args.matmul_n, args.dtype, tuple(args.frameworks)).items()})
+    peak["measured"] = max(v for k, v in peak.items() if k.startswith("measured_"))
+    peak["datasheet"] = device_peak_flops(env["device"]) if env["device"] != "cpu" else None
+    print(f"{args.dtype} matmul {args.matmul_n}^3: "
+          + ", ".join(f"{k[9:]} {v / 1e12:.3g} TFLOP/s" for k, v in peak.items()
+                      if k.startswith("measured_"))
+          + (f"; datasheet {peak['datasheet'] / 1e12:.0f}" if peak["datasheet"] else ""))
+    return peak
+
+
+def _time_cells(args, cells: list[dict]) -> list[dict]:
+    results = []
     if args.rounds > 1:  # the model cells in turn; the sweep (if any) after them as usual
         models = [c for c in cells if c["labels"]["section"] == "models"]
         cells = [c for c in cells if c["labels"]["section"] != "models"]
         print(f"{len(models)} cells interleaved, {args.rounds} rounds of {args.steps} steps",
               flush=True)
-        report["results"] += run_interleaved(models, args.rounds)
+        results += run_interleaved(models, args.rounds)
     for i, spec in enumerate(cells, 1):
         print(f"[{i}/{len(cells)}] {_describe(spec)}", flush=True)
         res = run_isolated(spec) if args.isolate else run_cell(spec)
-        report["results"].append(res)
+        results.append(res)
         if "tokens_per_s" in res:
             print(f"    {res['tokens_per_s']:,.0f} tok/s  step {1e3 * res['step_s']:.1f} ms"
                   + (f"  compile {res['compile_s']:.1f} s" if "compile_s" in res else ""),
                   flush=True)
-    if cells:
-        add_mfu(report["results"], report["meta"]["peak_flops"])
-    if args.hlo:
-        base = model_configs(PRESETS["tiny"], args.shape)["moegpt"]
-        tb, tt = PRESETS["tiny"].B, PRESETS["tiny"].T
-        opts = FAST_COMPILE if args.fast_compile else None
-        print(f"HLO check: {', '.join(args.hlo_dispatches)} at E = {args.hlo_experts} "
-              f"(tiny model, B={tb} T={tt})")
-        report["hlo"] = [hlo_growth_check(base, tb, tt, tuple(args.hlo_experts), d,
-                                          compiler_options=opts) for d in args.hlo_dispatches]
-        print("cost analysis:", ", ".join(args.cost_dispatches), "at E =", args.cost_experts)
-        report["cost"] = cost_table(base, tb, tt, tuple(args.cost_experts),
-                                    tuple(args.cost_dispatches), compiler_options=opts)
-    return report
+    return results
+
+
+def _hlo_checks(args) -> tuple[list, list]:
+    """The HLO growth check and the FLOP table, on the tiny model."""
+    base = model_configs(PRESETS["tiny"], args.shape)["moegpt"]
+    tb, tt = PRESETS["tiny"].B, PRESETS["tiny"].T
+    opts = FAST_COMPILE if args.fast_compile else None
+    print(f"HLO check: {', '.join(args.hlo_dispatches)} at E = {args.hlo_experts} "
+          f"(tiny model, B={tb} T={tt})")
+    hlo = [hlo_growth_check(base, tb, tt, tuple(args.hlo_experts), d, compiler_options=opts)
+           for d in args.hlo_dispatches]
+    print("cost analysis:", ", ".join(args.cost_dispatches), "at E =", args.cost_experts)
+    cost = cost_table(base, tb, tt, tuple(args.cost_experts), tuple(args.cost_dispatches),
+                      compiler_options=opts)
+    return hlo, cost
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

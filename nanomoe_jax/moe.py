@@ -33,7 +33,7 @@ from nanomoe.config import MoeGPTConfig
 from .activations import relu_squared
 from .grouped import pick_tile, tile_layout, tiled_matmul
 from .layers import Options, linear, normal
-from .ragged_gemm import routed_experts
+from .ragged_gemm import experts
 
 f32 = jnp.float32
 SCOPE = "moe_ffn"
@@ -265,4 +265,4 @@ def tokamax_dispatch(x_NC, r: Routing, params, S: int) -> jax.Array:
                                                   (N, S)), r.top_idx_NK + S], axis=1)
     gates_NJ = jnp.concatenate([r.gates_NE[:, :S], r.top_gates_NK], axis=1)
     s = sort_assignments(expert_NJ, params[0].shape[0])
-    return routed_experts(x_NC, gates_NJ, expert_NJ, r.gates_NE, s, params, 0)
+    return experts(x_NC, gates_NJ, expert_NJ, r.gates_NE, s, params)

@@ -1,8 +1,8 @@
-"""The routed experts as grouped GEMMs that read each expert's weights once: tokamax's
-``ragged_dot`` (a maintained Pallas kernel library; its Triton kernels on NVIDIA GPUs), for the
-forward and for both gradients, inside our own ``custom_vjp``s so the backward keeps and
-re-reads only what it needs: per layer x (N rows), h (N k rows, the compute dtype) and the
-experts' output rows for the gates' gradient; the sorted input rows are gathered again from x.
+"""The experts as grouped GEMMs that read each expert's weights once: tokamax's ``ragged_dot``
+(a maintained Pallas kernel library; its Triton kernels on NVIDIA GPUs), for the forward and
+for both gradients, inside our own ``custom_vjp`` so the backward keeps and re-reads only what
+it needs: per layer x (N rows) and h (N J rows, the compute dtype); the sorted input rows are
+gathered again from x, and the gates' gradient comes from h, not from kept output rows.
 
 Rows are the (token, expert) assignments stably sorted by expert (``moe.sort_assignments``),
 with ``PAD`` pad rows in front, counted in the first expert's group, and ``PAD`` rows behind
@@ -112,134 +112,109 @@ def _wgrad(lhs_AM, rhs_AN, counts_G):
     return jnp.where(counts_G[:, None, None] > 0, out, 0.0)
 
 
-# --- the combine: a gather both ways (autodiff would scatter-add the transpose) ---------
-
-@jax.custom_vjp
-def combine_rows(y_PC, b2_RC, gates_NK, expert_NK, pos_NK, src_P, gates_NR):
-    """``out[n] = sum_k gates[n, k] (y[pos[n, k]] + b2[expert[n, k]])`` in fp32 (the original
-    weights the experts' outputs in fp32). The output bias is added here, where the rows are
-    read anyway, instead of in a pass of its own over the GEMM's output. ``gates_NR``: the
-    same gates as a (token, routed expert) matrix, for b2's gradient (a small matmul where a
-    segment sum over the rows would scatter)."""
-    y_NKC = y_PC[pos_NK].astype(f32) + b2_RC[expert_NK].astype(f32)
-    return jnp.einsum("nk,nkc->nc", gates_NK, y_NKC)
-
-
-def _combine_fwd(y_PC, b2_RC, gates_NK, expert_NK, pos_NK, src_P, gates_NR):
-    out = combine_rows(y_PC, b2_RC, gates_NK, expert_NK, pos_NK, src_P, gates_NR)
-    return out, (y_PC, b2_RC, gates_NK, expert_NK, pos_NK, src_P, gates_NR)
-
-
-def _combine_bwd(res, dout_NC):
-    y_PC, b2_RC, gates_NK, expert_NK, pos_NK, src_P, gates_NR = res
-    K = gates_NK.shape[1]
-    # the K gathers of each token's output gradient read it in the rows' dtype (half the
-    # bytes in bf16; the rows' gradient is rounded to it anyway)
-    # (the barrier: XLA would otherwise fuse the rounding into each gather, reading fp32)
-    dout_lo = jax.lax.optimization_barrier(dout_NC.astype(y_PC.dtype))
-    y_NKC = y_PC[pos_NK].astype(f32) + b2_RC[expert_NK].astype(f32)
-    dgates_NK = jnp.einsum("nc,nkc->nk", dout_lo.astype(f32), y_NKC)
-    # pads have gate 0, so their rows' gradient is 0 without a select against a zero array
-    # (XLA hoists such an array out of the layer loop and reads it whole every layer)
-    src = jnp.maximum(src_P, 0)
-    gate_P = jnp.where(src_P >= 0, gates_NK.reshape(-1)[src], 0.0)
-    dy_PC = gate_P[:, None] * dout_lo[src // K].astype(f32)
-    db2_RC = jnp.einsum("nr,nc->rc", gates_NR, dout_NC)
-    return (dy_PC.astype(y_PC.dtype), db2_RC.astype(b2_RC.dtype), dgates_NK,
-            None, None, None, None)
-
-
-combine_rows.defvjp(_combine_fwd, _combine_bwd)
-
-
-# --- the experts' MLP on the sorted rows ---------------------------------------------------
+# --- the experts on the sorted rows, and their gated sum per token --------------------------
 
 def _relu2(a):
     return jnp.square(jnp.maximum(a, 0.0))
 
 
-def _rows(x_NC, src_P, K):
-    """The padded sorted rows ``x[src // K]`` with b1's input columns (see ``_mlp_forward``):
-    one gather fusion, in the forward and again in the backward: recomputing them from x
-    (N rows) is cheaper than keeping them (N K rows) in the layer scan, which copies a kept
-    kernel operand in and out of its stack. Pads (``src < 0``) read row 0 with a b1 column
-    of 0: their outputs are never read and their output gradient is 0, so they add 0 to
-    every weight gradient. (A select against zeros made XLA hoist an (N k, C) zero array out
-    of the layer loop and read it whole every layer.)"""
+def _rows(x_NC, src_P, J):
+    """The padded sorted rows ``x[src // J]`` with b1's input columns (see ``_weights``): one
+    gather fusion, in the forward and again in the backward: recomputing them from x (N rows)
+    is cheaper than keeping them (N J rows) in the layer scan, which copies a kept kernel
+    operand in and out of its stack. Pads (``src < 0``) read row 0 with a b1 column of 0:
+    their outputs are never read and their gate is 0, so they add 0 to every gradient. (A
+    select against zeros made XLA hoist an (N J, C) zero array out of the layer loop and read
+    it whole every layer.)"""
     real_P = src_P >= 0
-    rows = x_NC[jnp.maximum(src_P, 0) // K].astype(x_NC.dtype)
+    rows = x_NC[jnp.maximum(src_P, 0) // J].astype(x_NC.dtype)
     ones = jnp.zeros((src_P.shape[0], BIAS_COLS), x_NC.dtype).at[:, 0].set(real_P)
     return jnp.concatenate([rows, ones], axis=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def expert_mlp(x_NC, src_P, pos_NK, counts_R, w1_EHC, b1_EH, w2_ECH, S):
-    """``relu(x[src // K] W1^T + b1)^2 W2^T`` per expert group, on the padded sorted rows
-    (no output bias: ``combine_rows`` adds it); ``pos_NK``: each assignment's row. Weights
-    are the stacked (E, ...) parameters of all experts; the routed ones are ``[S:]``.
-    Passing them whole and casting here means the backward keeps the layer's own parameters
-    (which a layer scan does not stack) instead of a bf16 copy of them."""
-    return _mlp_forward(x_NC, src_P, pos_NK, counts_R, w1_EHC, b1_EH, w2_ECH, S)[0]
+def _weights(w1_EHC, b1_EH, w2_ECH, dt):
+    """W1 as (E, C + BIAS_COLS, H) with b1 as the row that meets the rows' 1 column (zeros
+    after it keep rows 16-byte aligned): the kernel applies relu^2 to its fp32 accumulator
+    and writes h directly (no pass of its own for the bias and activation), and b1's gradient
+    comes out of W1's (no segment sum). Costs BIAS_COLS / C more work in two of six GEMMs."""
+    E, H, C = w1_EHC.shape
+    w1_EKH = jnp.concatenate([w1_EHC.mT, b1_EH[:, None, :],
+                              jnp.zeros((E, BIAS_COLS - 1, H), w1_EHC.dtype)], axis=1)
+    return w1_EKH.astype(dt), w2_ECH.astype(dt)
 
 
-def _mlp_forward(x_NC, src_P, pos_NK, counts_R, w1_EHC, b1_EH, w2_ECH, S):
-    """b1 rides in the first GEMM as one more input column (1 on real rows, with
-    ``BIAS_COLS - 1`` zero columns to keep rows 16-byte aligned), so the kernel applies relu^2
-    to its fp32 accumulator and writes h directly: no pass of its own over (rows, H) for the
-    bias and activation, and b1's gradient comes out of W1's (no segment sum). Costs
-    BIAS_COLS / C more work in two of the six GEMMs."""
+@jax.custom_vjp
+def expert_sum(x_NC, gates_NJ, expert_NJ, gates_NE, src_P, pos_NJ, counts_E, w1_EHC, b1_EH,
+               w2_ECH, b2_EC):
+    """``out[n] = sum_j gates[n, j] (relu(x[n] W1_e^T + b1_e)^2 W2_e^T + b2_e)``, e =
+    ``expert[n, j]``, in fp32 (the original weights the experts' outputs in fp32), on the
+    padded sorted rows (``src_P``: each row's assignment, token-major, -1 on pads;
+    ``pos_NJ``: each assignment's row; ``counts_E``: rows per expert). ``gates_NE``: the
+    gates as a (token, expert) matrix, for b2's gradient. Weights are the layer's own
+    parameters, cast here: the backward keeps them (a layer scan does not stack them), not a
+    bf16 copy."""
+    return _forward(x_NC, gates_NJ, expert_NJ, src_P, pos_NJ, counts_E, w1_EHC, b1_EH,
+                    w2_ECH, b2_EC)[0]
+
+
+def _forward(x_NC, gates_NJ, expert_NJ, src_P, pos_NJ, counts_E, w1_EHC, b1_EH, w2_ECH, b2_EC):
     dt = x_NC.dtype
-    w1_RHC, b1_RH = w1_EHC[S:], b1_EH[S:]
-    R, H, C = w1_RHC.shape
-    w1b_RKH = jnp.concatenate([w1_RHC.mT, b1_RH[:, None, :],
-                               jnp.zeros((R, BIAS_COLS - 1, H), w1_RHC.dtype)], axis=1)
-    rows_PK = _rows(x_NC, src_P, pos_NK.shape[1])
-    h_PH = _dot(rows_PK, w1b_RKH.astype(dt), counts_R, dt, activation=_relu2)
-    return _dot(h_PH, w2_ECH[S:].astype(dt).mT, counts_R, dt), h_PH
+    w1_EKH, w2_ECH = _weights(w1_EHC, b1_EH, w2_ECH, dt)
+    h_PH = _dot(_rows(x_NC, src_P, pos_NJ.shape[1]), w1_EKH, counts_E, dt, activation=_relu2)
+    y_PC = _dot(h_PH, w2_ECH.mT, counts_E, dt)
+    # the output bias where the rows are read anyway (b2 is a small, cached table)
+    y_NJC = y_PC[pos_NJ].astype(f32) + b2_EC[expert_NJ].astype(f32)
+    return jnp.einsum("nj,njc->nc", gates_NJ, y_NJC), h_PH
 
 
-def _mlp_fwd(x_NC, src_P, pos_NK, counts_R, w1_EHC, b1_EH, w2_ECH, S):
-    y_PC, h_PH = _mlp_forward(x_NC, src_P, pos_NK, counts_R, w1_EHC, b1_EH, w2_ECH, S)
-    # h only (not relu's input as well): relu(v) = sqrt(h), so relu^2' = 2 sqrt(h)
-    return y_PC, (x_NC, src_P, pos_NK, h_PH, counts_R, w1_EHC, b1_EH, w2_ECH)
+def _fwd(x_NC, gates_NJ, expert_NJ, gates_NE, src_P, pos_NJ, counts_E, *w):
+    out, h_PH = _forward(x_NC, gates_NJ, expert_NJ, src_P, pos_NJ, counts_E, *w)
+    # h only: not relu's input (relu(v) = sqrt(h), so relu^2' = 2 sqrt(h)), nor the experts'
+    # outputs (the gates' gradient is <dout W2, h> + <dout, b2>, see _bwd)
+    return out, (x_NC, gates_NJ, expert_NJ, gates_NE, src_P, pos_NJ, counts_E, h_PH, *w)
 
 
-def _mlp_bwd(S, res, dy_PC):
-    x_NC, src_P, pos_NK, h_PH, counts_R, w1_EHC, b1_EH, w2_ECH = res
-    dt, C = x_NC.dtype, w1_EHC.shape[2]
-    dy_PC = dy_PC.astype(dt)
-    dh_PH = _dot(dy_PC, w2_ECH[S:].astype(dt), counts_R, dt)       # W2 is (R, C, H) already
-    dv_PH = (dh_PH.astype(f32) * 2.0 * jnp.sqrt(h_PH.astype(f32))).astype(dt)
-    drows_PC = _dot(dv_PH, w1_EHC[S:].astype(dt), counts_R, dt)
-    # each token's K rows, summed: a gather, not a scatter-add
-    dx_NC = drows_PC[pos_NK].astype(f32).sum(1).astype(dt)
-    rows_PK = _rows(x_NC, src_P, pos_NK.shape[1])
-    dw1b_RHK = _wgrad(dv_PH, rows_PK, counts_R)                    # the parameters' layouts
-    dw2_RCH = _wgrad(dy_PC, h_PH, counts_R)
+def _bwd(res, dout_NC):
+    x_NC, gates_NJ, expert_NJ, gates_NE, src_P, pos_NJ, counts_E, h_PH, *w = res
+    w1_EHC, b1_EH, w2_ECH, b2_EC = w
+    dt, J, C = x_NC.dtype, pos_NJ.shape[1], x_NC.shape[1]
+    w2_ECH_dt = w2_ECH.astype(dt)
+    # each row's output gradient, ungated, gathered in the compute dtype
+    # (the barrier: XLA would otherwise fuse the rounding into the gather, reading fp32)
+    dout_lo = jax.lax.optimization_barrier(dout_NC.astype(dt))
+    src = jnp.maximum(src_P, 0)
+    drow_PC = dout_lo[src // J]
+    gate_P = jnp.where(src_P >= 0, gates_NJ.reshape(-1)[src], 0.0)[:, None]   # 0 on pads
+    dhu_PH = _dot(drow_PC, w2_ECH_dt, counts_E, dt).astype(f32)     # dout W2, ungated
+    h32_PH = h_PH.astype(f32)
+    dv_PH = (gate_P * dhu_PH * 2.0 * jnp.sqrt(h32_PH)).astype(dt)
+    hg_PH = (gate_P * h32_PH).astype(dt)                             # for W2's gradient
+    # d gates = <dout, y + b2> = <dout W2, h> + <dout, b2>: read where h is read anyway
+    dg_P = jnp.sum(dhu_PH * h32_PH, axis=1)
+    db2_NE = jnp.dot(dout_NC, b2_EC.astype(f32).T, precision=jax.lax.Precision.HIGHEST)
+    dgates_NJ = dg_P[pos_NJ] + jnp.take_along_axis(db2_NE, expert_NJ, axis=1)
+    drows_PC = _dot(dv_PH, w1_EHC.astype(dt), counts_E, dt)         # W1 is (E, H, C) already
+    dx_NC = drows_PC[pos_NJ].astype(f32).sum(1).astype(dt)          # a gather, no scatter-add
+    dw1_EHK = _wgrad(dv_PH, _rows(x_NC, src_P, J), counts_E)        # the parameters' layouts
+    dw2_ECH = _wgrad(drow_PC, hg_PH, counts_E)
+    db2_EC = jnp.einsum("ne,nc->ec", gates_NE, dout_NC)
+    return (dx_NC, dgates_NJ, None, None, None, None, None, dw1_EHK[..., :C].astype(w1_EHC.dtype),
+            dw1_EHK[..., C].astype(b1_EH.dtype), dw2_ECH.astype(w2_ECH.dtype),
+            db2_EC.astype(b2_EC.dtype))
 
-    def full(g_R, p_E):  # the shared experts' rows get their gradient elsewhere
-        return jnp.concatenate([jnp.zeros((S, *p_E.shape[1:]), f32), g_R]).astype(p_E.dtype)
 
-    return (dx_NC, None, None, None, full(dw1b_RHK[..., :C], w1_EHC),
-            full(dw1b_RHK[..., C], b1_EH), full(dw2_RCH, w2_ECH))
+expert_sum.defvjp(_fwd, _bwd)
 
 
-expert_mlp.defvjp(_mlp_fwd, _mlp_bwd)
-
-
-def routed_experts(x_NC, top_gates_NK, top_idx_NK, gates_NR, s, params, S: int) -> jax.Array:
-    """The experts' gated sum per token (fp32), nothing dropped, for the (N, K) assignments
-    ``top_idx_NK`` (experts numbered from S) with gates ``top_gates_NK``. ``gates_NR``: the
-    gates as a (token, expert >= S) matrix; ``s``: the assignments sorted by expert
-    (``moe.sort_assignments``); ``params``: the stacked (fc_weight, fc_bias, proj_weight,
-    proj_bias) of all E experts, those used ``[S:]`` (``moe.tokamax_dispatch`` passes S = 0
-    and the shared experts as assignments of every token)."""
-    w1_EHC, b1_EH, w2_ECH, b2_EC = params
-    N, K = top_idx_NK.shape
+def experts(x_NC, gates_NJ, expert_NJ, gates_NE, s, params) -> jax.Array:
+    """The experts' gated sum per token (fp32), nothing dropped, for the (N, J) assignments
+    ``expert_NJ`` with gates ``gates_NJ`` (``gates_NE``: the same as a (token, expert)
+    matrix); ``s``: the assignments sorted by expert (``moe.sort_assignments``); ``params``:
+    the stacked (fc_weight, fc_bias, proj_weight, proj_bias) of the E experts."""
+    N, J = expert_NJ.shape
     i32 = jnp.int32
     pad = jnp.full((PAD,), -1, i32)
     src_P = jnp.concatenate([pad, s.order_A.astype(i32), pad])
-    counts_R = s.counts_R.at[0].add(PAD)
-    pos_NK = (s.rank_A + PAD).reshape(N, K)
-    y_PC = expert_mlp(x_NC, src_P, pos_NK, counts_R, w1_EHC, b1_EH, w2_ECH, S)
-    return combine_rows(y_PC, b2_EC[S:], top_gates_NK, top_idx_NK, pos_NK, src_P, gates_NR)
+    counts_E = s.counts_R.at[0].add(PAD)
+    pos_NJ = (s.rank_A + PAD).reshape(N, J)
+    return expert_sum(x_NC, gates_NJ, expert_NJ, gates_NE, src_P, pos_NJ, counts_E, *params)

@@ -42,7 +42,7 @@ def routed(x_NC, gates_NK, top_idx_NK, params, S):
     N, R = x_NC.shape[0], params[0].shape[0] - S
     s = sort_assignments(top_idx_NK, R)
     gates_NR = jnp.zeros((N, R)).at[jnp.arange(N)[:, None], top_idx_NK].set(gates_NK)
-    return ragged_gemm.routed_experts(x_NC, gates_NK, top_idx_NK, gates_NR, s, params, S)
+    return ragged_gemm.experts(x_NC, gates_NK, top_idx_NK, gates_NR, s, [p[S:] for p in params])
 
 
 def value_and_grads(fn, x, gates, top_idx, params, S, dtype=jnp.float32):
@@ -111,27 +111,3 @@ def test_triton_kernels_interpreted_match_autodiff(triton_interpreted):
                               for f in (routed, reference))
     np.testing.assert_allclose(v, v_ref, rtol=1e-5)
     assert_close(g, g_ref, 1e-5)
-
-
-def test_combine_transposes_by_gathers():
-    """combine_rows: its custom backward (gathers, no scatter-add) equals autodiff's."""
-    x, gates, top_idx, params, S = case(seed=3)
-    N, K = top_idx.shape
-    s = sort_assignments(top_idx, 5)
-    P = ragged_gemm.PAD
-    src = jnp.concatenate([jnp.full(P, -1), s.order_A, jnp.full(P, -1)]).astype(jnp.int32)
-    gates_NR = jnp.zeros((N, 5)).at[jnp.arange(N)[:, None], top_idx].set(gates)
-    pos = (s.rank_A + P).reshape(N, K)
-    y = jax.random.normal(jax.random.key(9), (N * K + 2 * P, x.shape[1]))
-    b2 = params[3][S:]
-
-    def plain(y, b2, gates):
-        return jnp.sum(jnp.cos(jnp.einsum("nk,nkc->nc", gates, y[pos] + b2[top_idx])))
-
-    def custom(y, b2, gates):
-        return jnp.sum(jnp.cos(ragged_gemm.combine_rows(y, b2, gates, top_idx, pos, src,
-                                                        gates_NR)))
-
-    args = (y, b2, gates)
-    assert_close(jax.value_and_grad(custom, argnums=(0, 1, 2))(*args),
-                 jax.value_and_grad(plain, argnums=(0, 1, 2))(*args), 1e-5)

@@ -149,7 +149,7 @@ class MoE(nnx.Module):
             from .expert_parallel import expert_parallel_dispatch  # routed rows over devices
 
             y_NC, dropped = expert_parallel_dispatch(x_NC, r, w, c, self.opts.expert_mesh)
-        elif dispatch == "tokamax":  # shared and routed; the parameters whole: see expert_mlp
+        elif dispatch == "tokamax":  # shared and routed; the parameters whole: see expert_sum
             y_NC, dropped = tokamax_dispatch(x_NC, r, params, c.n_shared), jnp.zeros((), f32)
         else:
             S = c.n_shared

@@ -191,13 +191,17 @@ def _bwd(res, dout_NC):
     hg_PH = (gate_P * h32_PH).astype(dt)                             # for W2's gradient
     # d gates = <dout, y + b2> = <dout W2, h> + <dout, b2>: read where h is read anyway
     dg_P = jnp.sum(dhu_PH * h32_PH, axis=1)
-    db2_NE = jnp.dot(dout_NC, b2_EC.astype(f32).T, precision=jax.lax.Precision.HIGHEST)
+    # the small matmuls with b2 read the output gradient in the compute dtype too, as every
+    # other weight gradient here does (fp32 runs: fp32)
+    hi = _precision(dt)
+    db2_NE = jnp.dot(dout_lo, b2_EC.astype(dt).T, precision=hi, preferred_element_type=f32)
     dgates_NJ = dg_P[pos_NJ] + jnp.take_along_axis(db2_NE, expert_NJ, axis=1)
     drows_PC = _dot(dv_PH, w1_EHC.astype(dt), counts_E, dt)         # W1 is (E, H, C) already
     dx_NC = drows_PC[pos_NJ].astype(f32).sum(1).astype(dt)          # a gather, no scatter-add
     dw1_EHK = _wgrad(dv_PH, _rows(x_NC, src_P, J), counts_E)        # the parameters' layouts
     dw2_ECH = _wgrad(drow_PC, hg_PH, counts_E)
-    db2_EC = jnp.einsum("ne,nc->ec", gates_NE, dout_NC)
+    db2_EC = jnp.einsum("ne,nc->ec", gates_NE.astype(dt), dout_lo, precision=hi,
+                        preferred_element_type=f32)
     return (dx_NC, dgates_NJ, None, None, None, None, None, dw1_EHK[..., :C].astype(w1_EHC.dtype),
             dw1_EHK[..., C].astype(b1_EH.dtype), dw2_ECH.astype(w2_ECH.dtype),
             db2_EC.astype(b2_EC.dtype))

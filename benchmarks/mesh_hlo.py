@@ -149,8 +149,6 @@ def ideal_bytes(params, param_sharding, mesh, config, A: int, B: int, T: int,
         k = config.n_activated_experts  # routed experts per token (shared ones stay local)
         per_row = 4 * A * config.n_layer * config.n_embd * compute_bytes
         routed = per_row * B * T * k
-        N, E = B * T, config.n_total_experts
-        cap = device_capacity(N, k, E, config.n_shared, expert, config.capacity(N) >= N)
-        buffer = per_row * expert * cap
+        buffer = per_row * expert * device_capacity(B * T, config, expert)
     return {"gradient_reduction": reduce, "fsdp_gather": gather, "expert_all_to_all": routed,
             "expert_buffer": buffer, "total": reduce + gather + routed}

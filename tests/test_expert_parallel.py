@@ -64,10 +64,17 @@ def test_capacity_keeps_earlier_tokens_per_device():
 
 
 def test_device_capacity():
-    # MoeGPT-64 on expert=8: 8 routed experts on 7 devices, 4 on the first
-    assert device_capacity(16384, 8, 64, 4, 8, dropless=False) == 18351
-    assert device_capacity(64, 2, 8, 1, 4, dropless=True) == 128
-    assert device_capacity(64, 2, 4, 1, 4, dropless=True) == 64  # one expert a device
+    """MoeGPT-64 on expert=8: 8 routed experts a device (4 on the first), capacity_factor 2.0
+    -> 1.05 x the mean; a config that cannot drop on one device cannot drop here either."""
+    fine = MoeGPTConfig(n_experts=16, m_sub_experts=4, n_activated_experts=8)
+    assert device_capacity(16384, fine, 8) == 18351  # ceil(1.05 x 16384 x 8 x 8 / 60)
+    wide = MoeGPTConfig(n_experts=16, m_sub_experts=4, n_activated_experts=8, capacity_factor=4)
+    assert device_capacity(16384, wide, 8) == 36701
+    dropless = MoeGPTConfig(n_experts=8, capacity_factor=3.5)
+    assert device_capacity(64, dropless, 4) == 128  # 64 tokens x min(k=2, 2 experts)
+    assert device_capacity(64, MoeGPTConfig(), 4) == 64  # default MoeGPT: one expert a device
+    one = MoeGPTConfig(n_experts=8, capacity_factor=2.0)  # 7 routed, one a device on 8
+    assert device_capacity(64, one, 8) == one.capacity(64)  # one expert keeps its slack
 
 
 MESH_SCRIPT = """
@@ -118,7 +125,7 @@ print(json.dumps({
 
 
 def test_mesh_equals_one_device_with_the_same_semantics():
-    """data=2 x expert=4, 8 slices of 48 tokens, capacity factor 1 (drops happen): outputs,
+    """data=2 x expert=4, 8 slices of 48 tokens, capacity_factor 1 (drops happen): outputs,
     drop counts and gradients of the mesh equal one device's; tokens move by all-to-all and
     no expert weight is gathered."""
     proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], cwd=ROOT, capture_output=True,

@@ -18,14 +18,18 @@ def _note(signum, frame) -> None:
 
 
 def make_backend(argv: list[str]):
+    """The backend of --framework; the other framework is never imported (a JAX run without
+    torch installed), hence the imports here."""
     if framework_of(argv) == "torch":
         from nanomoe_torch.threads import choose_cpu_threads
-        from nanomoe_torch.train import TorchBackend
+        from nanomoe_train.torch_backend import TorchBackend
 
         choose_cpu_threads()  # on a busy CPU torch's default thread count stalls
         return TorchBackend()
-    from nanomoe_jax.backend import JaxBackend
+    from nanomoe_jax.quiet import quiet_checkpoint_echoes
+    from nanomoe_train.jax_backend import JaxBackend
 
+    quiet_checkpoint_echoes()  # process-wide, so here: a failed write is one sentence
     return JaxBackend()
 
 

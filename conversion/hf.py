@@ -9,6 +9,9 @@
   ``nanomoe_torch`` by ``remote_code.py``, written by ``remote_export.py``.
 * GPT-2 weights (a folder, or a hub name when the hub is reachable) -> our GPT in JAX, as the
   original's ``GPT.from_pretrained`` does.
+
+transformers, torch and huggingface_hub are optional (the hf extra): each is imported inside
+the function that uses it, so ``import conversion`` works without them.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ import numpy as np
 from nanomoe.config import GPTConfig, ModernGPTConfig
 from nanomoe.errors import ConversionError
 from nanomoe.init import param_specs
+from nanomoe.pt_source import Log, Source, check_arrays
 
-from .checkpoints import (Log, Source, atomic_output, check_arrays, check_output, load_source,
-                          save_jax)
+from .checkpoints import load_source, save_jax
 from .hf_folder import verified_copy
-from .pt_files import read_config_json
+from .hf_tokenizer import write_tokenizer
+from .outputs import atomic_output, check_output
+from nanomoe.pt_files import read_config_json
 from .remote_code import remote_model_of
 from .remote_export import has_remote_export, write_remote_folder
 
@@ -163,7 +168,7 @@ def to_hf(ckpt: str, out: str, force: bool = False, model: str | None = None,
           log: Log = print) -> str:
     """A checkpoint (JAX, .pt or ours) -> a folder ``AutoModelForCausalLM.from_pretrained``
     loads (GPT, ModernGPT; MoeGPT and nGPT with ``trust_remote_code=True``)."""
-    import torch
+    import torch  # torch and transformers are optional (the hf extra): imported where used
 
     check_output(out, force, [ckpt], "folder")
     source = load_source(ckpt, model, log=log)
@@ -187,8 +192,6 @@ def to_hf(ckpt: str, out: str, force: bool = False, model: str | None = None,
                               state.items()}, strict=True)
     with atomic_output(out, force) as staging:
         hf_model.save_pretrained(staging)
-        from .hf_tokenizer import write_tokenizer
-
         tokenizer = write_tokenizer(staging, source.meta.get("tokenizer"), c.vocab_size,
                                     c.block_size)
     log(f"wrote {out}: {type(hf_model).__name__} for transformers.AutoModelForCausalLM"
@@ -199,7 +202,7 @@ def to_hf(ckpt: str, out: str, force: bool = False, model: str | None = None,
 def _download(name: str) -> str:
     """A hub model's config.json and safetensors weights (nothing else: no code, no pickles)
     in the hub's cache; the folder they are in."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # optional, as transformers
 
     try:
         return snapshot_download(name, allow_patterns=list(HUB_FILES))

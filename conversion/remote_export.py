@@ -9,26 +9,17 @@ available offline, the tokenizer files.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
 from nanomoe.config import config_to_dict, model_type_of
 from nanomoe.init import tied_names
+from nanomoe.pt_source import Log, Source
 
-from .checkpoints import Log, Source
+from .hf_tokenizer import write_tokenizer
 from .remote_code import REMOTE_MODELS, generate_files
-
-# tiktoken's GPT-2 files are GPT-2's own vocab.json and merges.txt: (url, name in the export)
-GPT2_FILES = (("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-               "vocab.json"),
-              ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-               "merges.txt"))
 
 
 def has_remote_export(config) -> bool:
@@ -61,42 +52,9 @@ def hf_config(source: Source, files: dict[str, str]):
     return cfg
 
 
-def _tiktoken_cache_dir() -> str:
-    # where tiktoken keeps downloaded files (its own rule): never fetched here
-    return (os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
-            or os.path.join(tempfile.gettempdir(), "data-gym-cache"))
-
-
-def write_tokenizer(staging: str, tokenizer: str | None, block_size: int) -> str:
-    """Copy the run's tokenizer files, if they are on disk; returns what was done, in words."""
-    special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-               "unk_token": "<|endoftext|>"}
-    if tokenizer == "gpt2":
-        cache = _tiktoken_cache_dir()
-        found = [(os.path.join(cache, hashlib.sha1(url.encode()).hexdigest()), name)
-                 for url, name in GPT2_FILES]
-        if not all(os.path.isfile(p) for p, _ in found):
-            return ("no tokenizer files: tiktoken's GPT-2 files are not cached here (use "
-                    "transformers' GPT2TokenizerFast, the same BPE)")
-        for path, name in found:
-            shutil.copyfile(path, os.path.join(staging, name))
-        extra = {"tokenizer_class": "GPT2Tokenizer", **special}
-    elif tokenizer and tokenizer.endswith(".json") and os.path.isfile(tokenizer):
-        shutil.copyfile(tokenizer, os.path.join(staging, "tokenizer.json"))
-        with open(tokenizer, encoding="utf-8") as f:
-            added = {t.get("content") for t in json.load(f).get("added_tokens") or []}
-        extra = {"tokenizer_class": "PreTrainedTokenizerFast",
-                 **{k: v for k, v in special.items() if v in added}}
-    else:
-        return f"no tokenizer files (the run's tokenizer: {tokenizer or 'not recorded'})"
-    with open(os.path.join(staging, "tokenizer_config.json"), "w") as f:
-        json.dump({**extra, "model_max_length": block_size}, f, indent=2)
-    return "the tokenizer files"
-
-
 def write_remote_folder(staging: str, source: Source, log: Log = print) -> str:
     """Everything transformers needs to run ``source`` with remote code, into ``staging``."""
-    import torch
+    import torch  # torch, safetensors and transformers are optional (the hf extra)
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
@@ -114,6 +72,4 @@ def write_remote_folder(staging: str, source: Source, log: Log = print) -> str:
               metadata={"format": "pt", "step": str(source.step)})
     eot = _eot(c.vocab_size)
     GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot).save_pretrained(staging)
-    from .hf_tokenizer import write_tokenizer as write_any  # byte-level too
-
-    return write_any(staging, source.meta.get("tokenizer"), c.vocab_size, c.block_size)
+    return write_tokenizer(staging, source.meta.get("tokenizer"), c.vocab_size, c.block_size)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from typing import Callable
 
 from .errors import NanoMoeError
 from .prompts import check_prompt
+from .pt_files import reuse_loads
+from .pt_source import read_pt
 from .tokenizer import get_tokenizer
 
 
@@ -116,16 +119,11 @@ def _load(load: Callable, path: str):
     """``load(path)``, after a .pt file has passed the checks ``python -m conversion`` makes
     (config fields, weights' names, shapes, dtypes and values), so that the sampler refuses
     what conversion refuses, in the same sentence; the file is read once."""
-    import os
-
     if not os.path.exists(path) and os.path.lexists(path):
         raise NanoMoeError(f"--checkpoint {path}: a link to nothing (a broken symlink); give "
                            "the checkpoint it should point to")
     if os.path.isdir(path) or not os.path.exists(path):
         return load(path)
-    from conversion.checkpoints import load_source
-    from conversion.pt_files import reuse_loads
-
     with reuse_loads():
-        load_source(path, log=lambda *_: None)
+        read_pt(path, log=lambda *_: None)  # what python -m conversion checks in a .pt file
         return load(path)

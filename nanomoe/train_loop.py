@@ -1,7 +1,7 @@
 """The training loop both frameworks share: data, schedule, eval, checkpoints, logging.
 
-A framework plugs in a backend (``nanomoe_jax.backend.JaxBackend``,
-``nanomoe_torch.train.TorchBackend``) that builds the model and optimizer and runs one
+A framework plugs in a backend (``nanomoe_train.jax_backend.JaxBackend``,
+``nanomoe_train.torch_backend.TorchBackend``) that builds the model and optimizer and runs one
 optimizer step, evaluation, checkpointing, export and sampling. Everything a user sees or
 compares across frameworks (batch order, lr per step, metric names, file layout) lives here;
 what runs before the first step is in train_setup.py, evaluation and sampling in
@@ -42,7 +42,7 @@ class Backend(Protocol):
 
     def setup(self, config: ModelConfig, args: argparse.Namespace) -> None: ...
     def load_weights(self, path: str) -> None: ...
-    def train_step(self, x_ABT: np.ndarray, y_ABT: np.ndarray, lr: float) -> Any: ...
+    def train_step(self, x_WBT: np.ndarray, y_WBT: np.ndarray, lr: float) -> Any: ...
     def fetch(self, handle: Any) -> dict[str, float]: ...
     def evaluate(self, batches: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]: ...
     def logits(self, tokens_BT: np.ndarray) -> np.ndarray: ...
@@ -171,12 +171,12 @@ def _step(r: Run, prefetch: Prefetcher, steps: StepLog, step: int, grad_accum: i
     """One optimizer step over grad_accum micro-batches; its metrics are read one step late."""
     args, backend = r.args, r.backend
     batches = [prefetch.next_batch() for _ in range(grad_accum)]
-    x_ABT = np.stack([b[0] for b in batches])
-    y_ABT = np.stack([b[1] for b in batches])
+    x_WBT = np.stack([b[0] for b in batches])
+    y_WBT = np.stack([b[1] for b in batches])
     lr = lr_at(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
     if nan:  # the NAN_HOOK test hook
         lr = float("inf")
-    handle = backend.train_step(x_ABT, y_ABT, lr)
+    handle = backend.train_step(x_WBT, y_WBT, lr)
     steps.flush()  # the previous step's metrics: the device already works on this one
     steps.pending = (step, handle, lr)
     if not backend.async_dispatch:

@@ -11,6 +11,7 @@ from .execution import execution_options
 from .modern_gpt import ModernGPT
 from .moe_gpt import MoeGPT
 from .ngpt import nGPT
+from .weights import load_arrays
 
 MODELS = {"gpt": GPT, "moderngpt": ModernGPT, "moegpt": MoeGPT, "ngpt": nGPT}
 
@@ -27,8 +28,6 @@ def create_model(config, seed: int | None = None, **options):
     """The model for ``config`` holding the framework-free NumPy init of ``seed``: the same
     weights ``nanomoe_torch.create_model(config, seed)`` holds. ``seed`` defaults to
     ``config.seed`` where the config has one (MoeGPT), else 1337. ``options``: see Options."""
-    from conversion.torch_jax import load_arrays  # the name table lives in conversion/
-
     seed = getattr(config, "seed", 1337) if seed is None else seed
     model = model_class(config)(config, rngs=nnx.Rngs(seed), **options)
     return load_arrays(model, init_params(config, seed))

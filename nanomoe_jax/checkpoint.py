@@ -8,34 +8,33 @@ folder or one step folder, and rebuilds the model from the config stored beside 
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import re
-import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import orbax.checkpoint as ocp
 from flax import nnx
 
-from nanomoe.config import config_from_dict
+from nanomoe.config import config_from_dict, config_to_dict, model_type_of
 from nanomoe.errors import ConfigError, ConversionError
 from nanomoe.files import check_regular_file, is_special, refuse_special_files
+from nanomoe.weight_checks import check_finite_arrays, non_finite_error
+
+from . import model_class
+from .quiet import writer_echoes_muted
+from .weights import export_arrays
 
 CHECKPOINTS = "checkpoints"
 
 
 def manager(directory: str, keep: int | None = None, async_save: bool = True):
-    import orbax.checkpoint as ocp
-
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
 def save(mngr, step: int, params, meta: dict, opt_state: Any = None) -> None:
-    import orbax.checkpoint as ocp
-
     items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
     if opt_state is not None:
         items["opt_state"] = ocp.args.StandardSave(opt_state)
@@ -44,8 +43,6 @@ def save(mngr, step: int, params, meta: dict, opt_state: Any = None) -> None:
 
 def restore(mngr, step: int, params_like, opt_state_like: Any = None) -> dict:
     """``{'params', 'meta'}`` (+ ``'opt_state'`` when a template is given) of ``step``."""
-    import orbax.checkpoint as ocp
-
     abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)  # noqa: E731
     items = {"params": ocp.args.StandardRestore(abstract(params_like)),
              "meta": ocp.args.JsonRestore()}
@@ -82,8 +79,6 @@ def resolve(path: str) -> tuple[str, int]:
 def read_meta(path: str) -> dict:
     folder, step = resolve(path)
     mngr = manager(folder, async_save=False)
-    import orbax.checkpoint as ocp
-
     try:
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged folder
@@ -100,8 +95,6 @@ def read_meta(path: str) -> dict:
 
 def load_model(path: str, **options) -> tuple[nnx.Module, dict]:
     """The model stored at ``path`` (see module doc) and its meta; ``options``: see Options."""
-    from . import model_class
-
     folder, step = resolve(path)
     meta = read_meta(path)
     try:
@@ -113,7 +106,7 @@ def load_model(path: str, **options) -> tuple[nnx.Module, dict]:
     graphdef, params_like = nnx.split(abstract, nnx.Param)
     mngr = manager(folder, async_save=False)
     try:
-        with _quiet_writer_threads():  # the same thread logs and echoes as a failed write
+        with writer_echoes_muted():  # the same threads log and echo as after a failed write
             restored = restore(mngr, step, params_like)
     except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged folder
         detail = (str(e).splitlines() or [type(e).__name__])[0]
@@ -133,14 +126,11 @@ def check_finite(model: nnx.Module, where: str) -> None:
     --init_from), rather than sample noise from them or let training report a learning-rate
     problem. One reduction over the arrays already loaded; only when it fails are the weights
     exported under the original's keys, so the sentence is the one a .pt file gets (see
-    conversion.pt_files.non_finite_error), naming the same key python -m conversion would."""
+    nanomoe.weight_checks.non_finite_error), naming the same key python -m conversion would."""
     leaves = [x for x in jax.tree.leaves(nnx.state(model, nnx.Param))
               if jnp.issubdtype(x.dtype, jnp.inexact)]
     if not leaves or bool(jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))):
         return
-    from conversion.pt_files import check_finite_arrays, non_finite_error
-    from conversion.torch_jax import export_arrays
-
     check_finite_arrays(export_arrays(model), where)
     for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):  # not exported (none is)
         if not bool(jnp.isfinite(value.get_value()).all()):
@@ -149,63 +139,16 @@ def check_finite(model: nnx.Module, where: str) -> None:
 
 def save_model(model: nnx.Module, out: str, step: int = 0, meta: dict | None = None) -> str:
     """Write ``model`` as a JAX checkpoint that load_model, --init_from and the sampler read."""
-    from nanomoe.config import config_to_dict, model_type_of
-
     meta = {"step": step, "model_type": model_type_of(model.config),
             "config": config_to_dict(model.config), **(meta or {})}
     mngr = manager(os.path.join(out, CHECKPOINTS), async_save=False)
-    with _quiet_writer_threads():
+    with writer_echoes_muted():
         try:
             save(mngr, step, nnx.state(model, nnx.Param), meta)
             mngr.wait_until_finished()
         finally:
             mngr.close()
     return os.path.join(out, CHECKPOINTS, str(step))
-
-
-@contextlib.contextmanager
-def _quiet_writer_threads():
-    """A failed write (a full disk) is raised to the caller, which reports it once; orbax's
-    writer threads also log it through absl with a traceback of a hundred lines (muted while
-    saving), and tensorstore's late callbacks, finding orbax's event loop closed, each print
-    an "unraisable" RuntimeError, even at exit (dropped from then on)."""
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.CRITICAL)
-    # the echoes start while the manager closes, before the error reaches us: drop them from
-    # the start; after a failure keep dropping them (they come until exit), else restore
-    hooks = sys.unraisablehook, sys.excepthook
-    _drop_closed_loop_echoes()
-    try:
-        yield
-    except Exception:
-        raise
-    else:
-        sys.unraisablehook, sys.excepthook = hooks
-    finally:
-        absl.setLevel(level)
-
-
-def _closed_loop(value) -> bool:
-    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
-
-
-def _drop_closed_loop_echoes() -> None:
-    """Through sys.unraisablehook or, from tensorstore's threads (PyErr_Print), excepthook."""
-    unraisable, excepthook = sys.unraisablehook, sys.excepthook
-    if getattr(excepthook, "nanomoe_closed_loop", False):
-        return
-
-    def quiet_unraisable(u):
-        if not _closed_loop(u.exc_value):
-            unraisable(u)
-
-    def quiet_excepthook(kind, value, tb):
-        if not _closed_loop(value):
-            excepthook(kind, value, tb)
-
-    quiet_excepthook.nanomoe_closed_loop = True
-    sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook
 
 
 __all__ = ["load_model", "save_model", "check_finite", "read_meta", "resolve", "manager", "save",

@@ -3,11 +3,20 @@ jit-compiled call."""
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from nanomoe.config import config_from_dict
+from nanomoe.errors import ConversionError
+from nanomoe.pt_files import load_checkpoint_file
+
+from . import create_model
+from .checkpoint import load_model
+from .weights import load_torch_weights
 
 
 def sample_logits(logits_BV: jax.Array, key: jax.Array, top_k: int | None,
@@ -17,10 +26,10 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, top_k: int | None,
     if temperature == 0:
         return jnp.argmax(logits_BV, axis=-1)
     logits_BV = logits_BV / temperature
-    if top_k is not None and top_k < logits_BV.shape[-1]:
-        vals_BK, idx_BK = jax.lax.top_k(logits_BV, top_k)
-        choice_B = jax.random.categorical(key, vals_BK, axis=-1)
-        return jnp.take_along_axis(idx_BK, choice_B[:, None], axis=-1)[:, 0]
+    if top_k is not None and top_k < logits_BV.shape[-1]:  # k: the top_k candidates
+        vals_Bk, idx_Bk = jax.lax.top_k(logits_BV, top_k)
+        choice_B = jax.random.categorical(key, vals_Bk, axis=-1)
+        return jnp.take_along_axis(idx_Bk, choice_B[:, None], axis=-1)[:, 0]
     return jax.random.categorical(key, logits_BV, axis=-1)
 
 
@@ -28,18 +37,18 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, top_k: int | None,
 def _generate(graphdef, state, buf_BT, key, n_prompt, top_k, temperature):
     """Fill ``buf_BT`` (B, total) after its first ``n_prompt`` tokens, in one compiled call.
 
-    Up to block_size L: prefill the prompt into a KV cache, then one cached token per step.
-    Past L the window slides as nanoGPT's generate does: each next token is predicted from
-    exactly the last L tokens, re-prefilled from scratch. A cache cannot be rolled instead:
+    Up to block_size: prefill the prompt into a KV cache, then one cached token per step.
+    Past it the window slides as nanoGPT's generate does: each next token is predicted from
+    exactly the last block_size tokens, re-prefilled from scratch. A cache cannot be rolled:
     learned positions shift with the window, and every cached key and value was computed with
     the dropped tokens in its context, so it differs from a forward on the cropped window."""
     model = nnx.merge(graphdef, state)
     B, total = buf_BT.shape
-    L = model.config.block_size
-    cache = model.init_cache(B, min(total, L))
-    logits_BPV, cache = model.decode(buf_BT[:, :n_prompt], cache, jnp.int32(0))
+    block = model.config.block_size
+    cache = model.init_cache(B, min(total, block))
+    logits_BTV, cache = model.decode(buf_BT[:, :n_prompt], cache, jnp.int32(0))
     key, sub = jax.random.split(key)
-    token_B = sample_logits(logits_BPV[:, -1], sub, top_k, temperature)
+    token_B = sample_logits(logits_BTV[:, -1], sub, top_k, temperature)
 
     def cached(pos, carry):  # token_B goes to pos; its logits give the one at pos + 1
         buf_BT, token_B, cache, key = carry
@@ -48,21 +57,21 @@ def _generate(graphdef, state, buf_BT, key, n_prompt, top_k, temperature):
         key, sub = jax.random.split(key)
         return buf_BT, sample_logits(logits_B1V[:, 0], sub, top_k, temperature), cache, key
 
-    # the cached phase ends at the last position the window holds (min(total, L) - 1); a
-    # prompt that already fills the window leaves its first new token at n_prompt = L
-    last = max(n_prompt, min(total, L) - 1)
+    # the cached phase ends at the last position the window holds (min(total, block) - 1); a
+    # prompt that already fills the window leaves its first new token at n_prompt = block
+    last = max(n_prompt, min(total, block) - 1)
     buf_BT, token_B, _, key = jax.lax.fori_loop(n_prompt, last, cached,
                                                 (buf_BT, token_B, cache, key))
     buf_BT = buf_BT.at[:, last].set(token_B.astype(buf_BT.dtype))
     if last + 1 >= total:
         return buf_BT
 
-    def sliding(pos, carry):  # the token at pos from the L tokens before it
+    def sliding(pos, carry):  # the token at pos from the block_size tokens before it
         buf_BT, key = carry
-        window_BL = jax.lax.dynamic_slice_in_dim(buf_BT, pos - L, L, axis=1)
-        logits_BLV, _ = model.decode(window_BL, model.init_cache(B, L), jnp.int32(0))
+        window_BT = jax.lax.dynamic_slice_in_dim(buf_BT, pos - block, block, axis=1)
+        logits_BTV, _ = model.decode(window_BT, model.init_cache(B, block), jnp.int32(0))
         key, sub = jax.random.split(key)
-        token_B = sample_logits(logits_BLV[:, -1], sub, top_k, temperature)
+        token_B = sample_logits(logits_BTV[:, -1], sub, top_k, temperature)
         return buf_BT.at[:, pos].set(token_B.astype(buf_BT.dtype)), key
 
     buf_BT, _ = jax.lax.fori_loop(last + 1, total, sliding, (buf_BT, key))
@@ -88,18 +97,8 @@ def generate(model: nnx.Module, prompt: list[int], n_tokens: int, *, top_k: int 
 
 def load_for_sampling(path: str):
     """A JAX checkpoint folder, or a .pt file holding our plain-dict config."""
-    import os
-
-    from nanomoe.config import config_from_dict
-    from nanomoe.errors import ConversionError
-
-    from . import create_model
-    from .checkpoint import load_model
-
     if os.path.isdir(path):
         return load_model(path)
-    from conversion import load_torch_weights
-    from conversion.checkpoints import load_checkpoint_file
 
     ckpt = load_checkpoint_file(path)
     if (not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict)
@@ -115,6 +114,9 @@ if __name__ == "__main__":
 
     from nanomoe.sampling_cli import main
 
+    from .quiet import quiet_checkpoint_echoes
+
+    quiet_checkpoint_echoes()  # a failed restore's echoes, for this command's whole process
     sys.exit(main("python -m nanomoe_jax.sample", load_for_sampling,
                   lambda m, ids, a, seed: generate(m, ids, a.max_new_tokens, top_k=a.top_k,
                                                    temperature=a.temperature, seed=seed)))

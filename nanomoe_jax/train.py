@@ -1,6 +1,6 @@
 """The JAX side of training: one jit-compiled step (all micro-batches inside a ``lax.scan``)
 and AdamW as the original configures it. The backend train_loop drives (orbax checkpoints,
-export to the original's .pt) is ``nanomoe_jax.backend.JaxBackend``."""
+export to the original's .pt) is ``nanomoe_train.jax_backend.JaxBackend``."""
 
 from __future__ import annotations
 
@@ -67,72 +67,72 @@ def slice_loss(graphdef, params, x_BT, y_BT, place_layer=None):
 
 
 def loss_and_metrics(graphdef, params, x, y, place_layer=None):
-    """``x``: (B, T), or (D, B, T) for D data-parallel slices (one per device). Each slice's
+    """``x``: (B, T), or (Y, B, T) for Y data-parallel slices (one per device). Each slice's
     loss is computed on its own, as on one DDP rank (token mean, MoE capacity and balance loss
-    per slice), and the D losses are averaged, as DDP averages gradients."""
+    per slice), and the Y losses are averaged, as DDP averages gradients."""
     one = partial(slice_loss, graphdef, params, place_layer=place_layer)
     if x.ndim == 2 or x.shape[0] == 1:
         return one(x.reshape(x.shape[-2:]), y.reshape(y.shape[-2:]))
-    losses_D, metrics = jax.vmap(one)(x, y)
-    return jnp.mean(losses_D), jax.tree.map(jnp.mean, metrics)
+    losses_Y, metrics = jax.vmap(one)(x, y)
+    return jnp.mean(losses_Y), jax.tree.map(jnp.mean, metrics)
 
 
-def accumulate_gradients(graphdef, params, x_ABT, y_ABT, grad_sharding=None, place_layer=None):
-    """Mean loss gradient over A micro-batches (the original's gradient accumulation), with a
+def accumulate_gradients(graphdef, params, x_WBT, y_WBT, grad_sharding=None, place_layer=None):
+    """Mean loss gradient over W micro-batches (the original's gradient accumulation), with a
     ``lax.scan`` so only one micro-batch's activations are alive at a time. The micro-batches
-    may be (A, B, T) or (A, D, B, T) (D device slices each).
+    may be (W, B, T) or (W, Y, B, T) (Y device slices each).
 
-    On a mesh (``grad_sharding``: the parameters' NamedShardings) the D slices form one group
-    per index of the ``data`` axis, and each group differentiates its loss with respect to its
-    own copy of the parameters (a broadcast: on each device, its own shard). Each group's
+    On a mesh (``grad_sharding``: the parameters' NamedShardings) the Y slices form F groups,
+    one per index of the ``data`` axis, and each group differentiates its loss with respect to
+    its own copy of the parameters (a broadcast: on each device, its own shard). Each group's
     gradient (summed over its fsdp/expert devices inside the backward: a reduce-scatter onto
     the fsdp shards) is carried through the micro-batch loop on its own devices, and the
     groups are summed once after it, in fp32: one data-parallel reduction per optimizer step
-    whatever A, the tied embedding's two uses included. Left to XLA, every micro-batch's
+    whatever W, the tied embedding's two uses included. Left to XLA, every micro-batch's
     gradient was all-reduced, in bf16 for the layers."""
-    if x_ABT.ndim == 3:
-        x_ABT, y_ABT = x_ABT[:, None], y_ABT[:, None]
-    A, D = x_ABT.shape[:2]
+    x_WYBT, y_WYBT = (x_WBT[:, None], y_WBT[:, None]) if x_WBT.ndim == 3 else (x_WBT, y_WBT)
+    W, Y = x_WYBT.shape[:2]
     mesh = jax.tree.leaves(grad_sharding)[0].mesh if grad_sharding is not None else None
-    G = mesh.shape["data"] if mesh is not None else 1
+    F = mesh.shape["data"] if mesh is not None else 1
     slice_losses = partial(loss_and_metrics, graphdef, place_layer=place_layer)
-    if G == 1:  # one group: no copies, the gradient of the parameters themselves
+    if F == 1:  # one group: no copies, the gradient of the parameters themselves
         grad_fn = jax.value_and_grad(slice_losses, has_aux=True)
-        params_G, x, y, pin = params, x_ABT, y_ABT, (lambda g: g)
+        params_F, x, y, pin = params, x_WYBT, y_WYBT, (lambda g: g)
     else:
-        def pin(tree):  # group g's copy (or gradient) lives on data index g
+        def pin(tree):  # group f's copy (or gradient) lives on data index f
             return jax.tree.map(lambda v, s: jax.lax.with_sharding_constraint(
                 v, NamedSharding(mesh, P("data", *s.spec))), tree, grad_sharding)
 
-        def group_losses(p_G, x_G, y_G):
-            loss_G, metrics_G = jax.vmap(slice_losses, spmd_axis_name="data")(p_G, x_G, y_G)
-            return jnp.sum(loss_G), jax.tree.map(jnp.mean, metrics_G)
+        def group_losses(p_F, x_FYBT, y_FYBT):  # here Y: the slices of one group
+            loss_F, metrics_F = jax.vmap(slice_losses, spmd_axis_name="data")(p_F, x_FYBT,
+                                                                               y_FYBT)
+            return jnp.sum(loss_F), jax.tree.map(jnp.mean, metrics_F)
 
         grad_fn = jax.value_and_grad(group_losses, has_aux=True)
-        params_G = pin(jax.tree.map(lambda p: jnp.broadcast_to(p, (G, *p.shape)), params))
-        split = lambda v: v.reshape(A, G, D // G, *v.shape[2:])  # noqa: E731
-        x, y = split(x_ABT), split(y_ABT)
+        params_F = pin(jax.tree.map(lambda p: jnp.broadcast_to(p, (F, *p.shape)), params))
+        split = lambda v: v.reshape(W, F, Y // F, *v.shape[2:])  # noqa: E731
+        x, y = split(x_WYBT), split(y_WYBT)
 
     def micro(grads, xy):
-        (_, metrics), g = grad_fn(params_G, *xy)
+        (_, metrics), g = grad_fn(params_F, *xy)
         return jax.tree.map(jnp.add, grads, pin(g)), metrics
 
-    if A == 1:  # no loop: the gradient goes straight to its reduction
-        (_, metrics), grads = grad_fn(params_G, x[0], y[0])
+    if W == 1:  # no loop: the gradient goes straight to its reduction
+        (_, metrics), grads = grad_fn(params_F, x[0], y[0])
         grads, metrics = pin(grads), jax.tree.map(lambda m: m[None], metrics)
     else:
-        grads, metrics = jax.lax.scan(micro, pin(jax.tree.map(jnp.zeros_like, params_G)), (x, y))
-    if G > 1:  # the one cross-group reduction, fp32
+        grads, metrics = jax.lax.scan(micro, pin(jax.tree.map(jnp.zeros_like, params_F)), (x, y))
+    if F > 1:  # the one cross-group reduction, fp32
         grads = jax.lax.with_sharding_constraint(
             jax.tree.map(lambda g: jnp.sum(g, 0), grads), grad_sharding)
-    return jax.tree.map(lambda g: g / (A * G), grads), jax.tree.map(jnp.mean, metrics)
+    return jax.tree.map(lambda g: g / (W * F), grads), jax.tree.map(jnp.mean, metrics)
 
 
 def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def train_step(graphdef, tx, lr_mult, state, x_ABT, y_ABT, lr, post_update=None,
+def train_step(graphdef, tx, lr_mult, state, x_WBT, y_WBT, lr, post_update=None,
                grad_sharding=None, place_layer=None):
     """One optimizer step: accumulate, clip, AdamW with the host-computed learning rate.
 
@@ -140,7 +140,7 @@ def train_step(graphdef, tx, lr_mult, state, x_ABT, y_ABT, lr, post_update=None,
     state comes back unchanged and ``skipped`` is 1), so NaN never enters the weights; the
     host decides whether to stop."""
     params, opt_state = state
-    grads, metrics = accumulate_gradients(graphdef, params, x_ABT, y_ABT, grad_sharding,
+    grads, metrics = accumulate_gradients(graphdef, params, x_WBT, y_WBT, grad_sharding,
                                           place_layer)
     metrics["grad_norm"] = optax.tree.norm(grads)
     updates, new_opt_state = tx.update(grads, opt_state, params)
@@ -165,13 +165,3 @@ def jit_train_step(graphdef, tx, state_sharding, batch_sharding, replicated, pos
                    in_shardings=(replicated, state_sharding, batch_sharding, batch_sharding,
                                  replicated),
                    out_shardings=(state_sharding, replicated))
-
-
-def __getattr__(name: str):
-    # JaxBackend lives in backend.py, which imports this module: re-exported lazily so that
-    # `from nanomoe_jax.train import JaxBackend` still works whichever module loads first
-    if name in ("JaxBackend", "initialize_distributed"):
-        from . import backend
-
-        return getattr(backend, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

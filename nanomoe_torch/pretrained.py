@@ -11,9 +11,12 @@ import numpy as np
 import torch
 
 from nanomoe.config import config_from_dict, config_to_dict
-from nanomoe.errors import ConversionError
+from nanomoe.errors import ConfigError, ConversionError
+from nanomoe.files import check_regular_file
 from nanomoe.init import init_params, tied_names
+from nanomoe.pt_files import read_config_json
 from nanomoe.state_dict import strip_wrapper_prefixes
+from nanomoe.weight_checks import check_tensors
 
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 
@@ -80,8 +83,6 @@ def write_pretrained(directory: str, config, state: Mapping, metadata: dict | No
 def _safetensors(path: str, read):
     """``read(path)``, with any damage to the file (a header or offsets that lie, truncation,
     an unknown dtype) as one sentence; the Rust reader may even panic, a BaseException."""
-    from nanomoe.files import check_regular_file
-
     check_regular_file(path, "safetensors file", ConversionError)
     try:
         return read(path)
@@ -97,16 +98,11 @@ def read_pretrained(directory: str) -> tuple[object, dict[str, torch.Tensor]]:
     """(config, state_dict with the tie restored) of a folder written by write_pretrained."""
     from safetensors.torch import load_file
 
-    from nanomoe.pt_files import read_config_json
-
     paths = [os.path.join(directory, n) for n in (CONFIG_NAME, WEIGHTS_NAME)]
     missing = [p for p in paths if not os.path.lexists(p)]
     if missing:
         raise ConversionError(f"{missing[0]}: no such file (expected a folder written by "
                               "save_pretrained)")
-    from nanomoe.weight_checks import check_tensors
-    from nanomoe.errors import ConfigError
-
     try:
         config = config_from_dict(read_config_json(directory))
     except ConfigError as e:

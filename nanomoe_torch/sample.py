@@ -5,6 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nanomoe.config import config_from_dict
+from nanomoe.errors import ConversionError
+from nanomoe.pt_files import load_checkpoint_file
+
+from . import model_class
+
 
 @torch.no_grad()
 def generate(model, prompt: list[int], n_tokens: int, *, top_k: int | None = 50,
@@ -33,12 +39,6 @@ def generate(model, prompt: list[int], n_tokens: int, *, top_k: int | None = 50,
 
 def load_for_sampling(path: str):
     """A .pt file in the original's format with our plain-dict config (model_final.pt)."""
-    from conversion.checkpoints import load_checkpoint_file
-    from nanomoe.config import config_from_dict
-    from nanomoe.errors import ConversionError
-
-    from . import model_class
-
     ckpt = load_checkpoint_file(path)
     if (not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict)
             or "model_type" not in ckpt["config"] or not isinstance(ckpt.get("model"), dict)):

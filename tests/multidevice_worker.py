@@ -26,7 +26,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 from nanomoe.train_loop import run  # noqa: E402
 from nanomoe_jax import sharding as shd  # noqa: E402
-from nanomoe_jax.train import JaxBackend  # noqa: E402
+from nanomoe_train.jax_backend import JaxBackend  # noqa: E402
 
 
 def flat(tree) -> dict[str, np.ndarray]:

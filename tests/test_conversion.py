@@ -6,7 +6,7 @@ import torch
 
 import conversion
 import nanomoe_torch
-from conversion.names import rules
+from nanomoe_jax.names import rules
 from helpers import ALL_CONFIGS, jax_twin, random_torch_model
 from nanomoe import ConversionError, param_specs
 from nanomoe.init import tied_names

@@ -16,7 +16,7 @@ from flax import nnx
 import conversion
 import nanomoe_torch
 from conversion import hf
-from conversion.checkpoints import atomic_output
+from conversion.outputs import atomic_output
 from helpers import TINY, jax_twin, random_torch_model, rel_err
 from nanomoe import ConversionError, GPTConfig, ModernGPTConfig, MoeGPTConfig, config_to_dict
 from nanomoe_jax.checkpoint import load_model, save_model

@@ -22,7 +22,7 @@ from helpers import MOE_CONFIGS, jax_twin, rel_err
 
 import conversion
 import nanomoe_torch
-from conversion.checkpoints import Source
+from nanomoe.pt_source import Source
 from conversion.remote_code import PROJECT, REMOTE_MODELS, copied_block, generate_files
 from conversion.remote_export import write_remote_folder
 from nanomoe import ConversionError, MoeGPTConfig, nGPTConfig

@@ -20,7 +20,7 @@ from helpers import jax_twin, random_torch_model  # noqa: E402
 
 import conversion  # noqa: E402
 from conversion.hf_tokenizer import byte_chars  # noqa: E402
-from conversion.remote_export import GPT2_FILES  # noqa: E402
+from conversion.hf_tokenizer import GPT2_FILES  # noqa: E402
 from nanomoe import GPTConfig, ModernGPTConfig, MoeGPTConfig, nGPTConfig  # noqa: E402
 from nanomoe.tokenizer import get_tokenizer  # noqa: E402
 from nanomoe_jax.checkpoint import save_model  # noqa: E402

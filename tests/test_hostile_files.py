@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import conversion
-from conversion.checkpoints import init_arrays, load_checkpoint_file
+from conversion.init_from import init_arrays
+from nanomoe.pt_files import load_checkpoint_file
 from nanomoe.errors import NanoMoeError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -220,7 +221,7 @@ def test_commands_refuse_a_hostile_pickle(tmp_path, evil_module, cli):
 
 def test_torch_resume_refuses_a_hostile_newest_checkpoint(tmp_path, evil_module):
     from nanomoe.train_loop import main
-    from nanomoe_torch.train import TorchBackend
+    from nanomoe_train.torch_backend import TorchBackend
 
     data = tmp_path / "c.txt"
     data.write_text("The quick brown fox jumps over the lazy dog. " * 100)
@@ -247,8 +248,10 @@ def test_numpy_shards_are_read_without_pickle(tmp_path):
 import json as _json  # noqa: E402
 import struct as _struct  # noqa: E402
 
-from conversion import outputs as _outputs, pt_files as _pt_files  # noqa: E402
-from conversion.checkpoints import Source, load_source, parse_step, torch_payload  # noqa: E402
+from conversion import outputs as _outputs  # noqa: E402
+from nanomoe import pt_files as _pt_files  # noqa: E402
+from conversion.checkpoints import load_source, torch_payload  # noqa: E402
+from nanomoe.pt_source import Source, parse_step  # noqa: E402
 from nanomoe.config import MoeGPTConfig, config_from_dict  # noqa: E402
 from nanomoe.errors import ConfigError, ConversionError  # noqa: E402
 from nanomoe.init import init_params  # noqa: E402

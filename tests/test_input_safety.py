@@ -15,7 +15,8 @@ import torch
 
 import conversion
 import nanomoe_torch
-from conversion.checkpoints import init_arrays, load_checkpoint_file
+from conversion.init_from import init_arrays
+from nanomoe.pt_files import load_checkpoint_file
 from conversion.cli import main as conversion_main
 from helpers import TINY, fail_if_blocked, random_torch_model
 from nanomoe import GPTConfig, config_to_dict

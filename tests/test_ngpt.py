@@ -24,10 +24,10 @@ from nanomoe.init import tied_names
 from nanomoe.train_loop import run
 from nanomoe_jax import ngpt as jax_ngpt
 from nanomoe_jax.sample import generate
-from nanomoe_jax.train import JaxBackend
+from nanomoe_train.jax_backend import JaxBackend
 from nanomoe_torch import ngpt as torch_ngpt
 from nanomoe_torch.sample import generate as torch_generate
-from nanomoe_torch.train import TorchBackend
+from nanomoe_train.torch_backend import TorchBackend
 
 # a check config: base_scale stays 1/sqrt(768) at n_embd 16 (docs/original.md#ngpt)
 CHECK = nGPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16)

@@ -15,11 +15,15 @@ import torch
 
 from nanomoe import next_steps, run_dir
 from nanomoe.cli import parse_args
-from nanomoe.data import DataError, DataLoader, Prefetcher
+from nanomoe.errors import DataError
+from nanomoe.loader import DataLoader
+from nanomoe.prefetch import Prefetcher
 from nanomoe.loader import AllWindows, RandomWindowLoader
 from nanomoe.train_loop import main, run
-from nanomoe_jax.train import JaxBackend, make_optimizer as jax_optimizer
-from nanomoe_torch.train import TorchBackend, make_optimizer as torch_optimizer
+from nanomoe_jax.train import make_optimizer as jax_optimizer
+from nanomoe_torch.train import make_optimizer as torch_optimizer
+from nanomoe_train.jax_backend import JaxBackend
+from nanomoe_train.torch_backend import TorchBackend
 from nanomoe import GPTConfig
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good "

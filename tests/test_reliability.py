@@ -15,7 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanomoe.data import DataError, DataLoader
+from nanomoe.errors import DataError
+from nanomoe.loader import DataLoader
 from nanomoe.train_loop import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,10 +152,10 @@ def test_skip_nonfinite_skips_and_counts(text_file, tmp_path, monkeypatch):
 
 def _backend(framework):
     if framework == "jax":
-        from nanomoe_jax.train import JaxBackend
+        from nanomoe_train.jax_backend import JaxBackend
 
         return JaxBackend()
-    from nanomoe_torch.train import TorchBackend
+    from nanomoe_train.torch_backend import TorchBackend
 
     return TorchBackend()
 

@@ -14,7 +14,7 @@ import pytest
 
 import conversion
 import nanomoe_jax
-from conversion.checkpoints import init_arrays
+from conversion.init_from import init_arrays
 from nanomoe import ConfigError, ConversionError, GPTConfig
 from nanomoe.errors import NanoMoeError
 from nanomoe_jax.checkpoint import load_model, read_meta, save_model

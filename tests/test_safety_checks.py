@@ -191,7 +191,7 @@ def test_data_changed_in_place_is_refused_and_a_touch_is_noted(tmp_path):
 
 
 def test_torch_checkpoints_in_a_folder_whose_name_looks_like_a_pattern(tmp_path):
-    from nanomoe_torch.train import TorchBackend
+    from nanomoe_train.torch_backend import TorchBackend
 
     log = tmp_path / "run[1]"
     log.mkdir()

@@ -14,7 +14,8 @@ import torch  # noqa: E402
 
 import conversion  # noqa: E402
 import nanomoe_torch  # noqa: E402
-from conversion.checkpoints import Source, init_arrays  # noqa: E402
+from conversion.init_from import init_arrays  # noqa: E402
+from nanomoe.pt_source import Source  # noqa: E402
 from conversion.hf_folder import verified_copy  # noqa: E402
 from conversion.remote_code import REMOTE_MODELS  # noqa: E402
 from conversion.remote_export import write_remote_folder  # noqa: E402

@@ -16,8 +16,8 @@ import conversion
 import nanomoe_torch
 from nanomoe.schedule import lr_at
 from nanomoe.train_loop import run
-from nanomoe_jax.train import JaxBackend
-from nanomoe_torch.train import TorchBackend
+from nanomoe_train.jax_backend import JaxBackend
+from nanomoe_train.torch_backend import TorchBackend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good "

@@ -1,13 +1,13 @@
 """The config of a .pt checkpoint: ours (a dict with ``model_type``), the original's (a pickled
-dataclass or a plain dict), or none (inferred from the weights' shapes); checkpoints.py reads
+dataclass or a plain dict), or none (inferred from the weights' shapes); pt_source.py reads
 the weights beside it."""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from nanomoe.config import MODEL_CONFIGS, ModernGPTConfig, config_from_dict
-from nanomoe.errors import ConfigError, ConversionError
+from .config import MODEL_CONFIGS, ModernGPTConfig, config_from_dict
+from .errors import ConfigError, ConversionError
 
 
 def model_type_from_keys(keys) -> str | None:

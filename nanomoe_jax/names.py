@@ -1,6 +1,7 @@
 """One table per model: JAX module path <-> the original's state_dict prefix, and the leaf
 renames by module kind. Layer-stacked JAX tensors (leading axis L) correspond to the
-original's per-layer keys ``...{i}...``. Framework-free (NumPy only).
+original's per-layer keys ``...{i}...``. NumPy only; it lives beside the models because
+``create_model`` fills them through it (weights.py), and conversion reads it from here.
 """
 
 from __future__ import annotations

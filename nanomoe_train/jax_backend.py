@@ -1,11 +1,11 @@
 """The JAX backend of nanomoe.train_loop: processes and the device mesh, the jitted step and
-evaluation (from train.py), orbax checkpoints, export to the original's .pt, sampling."""
+evaluation (nanomoe_jax/train.py), orbax checkpoints, export to the original's .pt, sampling.
+train.py calls ``nanomoe_jax.quiet.quiet_checkpoint_echoes`` for its process; this module
+changes nothing process-wide."""
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 from functools import partial
 
 import jax
@@ -14,20 +14,20 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-import conversion
+from conversion.init_from import init_arrays
 from nanomoe.atomic import (as_os_error, atomic_torch_save, check_free_space, describe,
                             write_advice)
 from nanomoe.config import MoeGPTConfig, config_to_dict
 from nanomoe.errors import CheckpointError, ConfigError, NonFiniteError
-
-from . import checkpoint as ckpt
-from . import compile_cache
-from . import sharding as shd
-from . import create_model
-from .execution import execution_notes, execution_options, options_kwargs
-from .ngpt import normalize_weights
-from .sample import generate
-from .train import all_finite, is_embedding, jit_train_step, loss_and_metrics, make_optimizer
+from nanomoe_jax import checkpoint as ckpt
+from nanomoe_jax import compile_cache, create_model
+from nanomoe_jax import sharding as shd
+from nanomoe_jax.execution import execution_notes, execution_options, options_kwargs
+from nanomoe_jax.ngpt import normalize_weights
+from nanomoe_jax.sample import generate
+from nanomoe_jax.train import (all_finite, is_embedding, jit_train_step, loss_and_metrics,
+                               make_optimizer)
+from nanomoe_jax.weights import load_torch_weights, torch_state_dict
 
 
 def initialize_distributed() -> None:
@@ -132,10 +132,10 @@ class JaxBackend:
         self.state = (params, opt_state)
 
     def _global(self, local: np.ndarray, sharding: NamedSharding, axis: int) -> jax.Array:
-        """This process's rows (..., L*B, T) as its L device slices of the global batch
-        (..., D, B, T); device slices follow the original's rank order."""
-        L = self.devices_per_process
-        shape = local.shape[:axis] + (L, local.shape[axis] // L) + local.shape[axis + 1:]
+        """This process's rows (..., y*B, T), y its devices, as its y slices of the global
+        batch (..., Y, B, T); device slices follow the original's rank order."""
+        y = self.devices_per_process
+        shape = local.shape[:axis] + (y, local.shape[axis] // y) + local.shape[axis + 1:]
         return jax.make_array_from_process_local_data(sharding, local.reshape(shape))
 
     @property
@@ -148,15 +148,13 @@ class JaxBackend:
         return nnx.merge(self.graphdef, self._replicate(self.state[0]))
 
     def load_weights(self, path: str) -> None:
-        """--init_from: see conversion.checkpoints.init_arrays for what PATH may be."""
-        from conversion.checkpoints import init_arrays
-
-        model = conversion.load_torch_weights(self.model, init_arrays(path))
+        """--init_from: see conversion.init_from.init_arrays for what PATH may be."""
+        model = load_torch_weights(self.model, init_arrays(path))
         self._init_state(nnx.state(model, nnx.Param))
 
-    def train_step(self, x_ABT, y_ABT, lr):
-        x = self._global(x_ABT, self.batch_sharding, 1)
-        y = self._global(y_ABT, self.batch_sharding, 1)
+    def train_step(self, x_WBT, y_WBT, lr):
+        x = self._global(x_WBT, self.batch_sharding, 1)
+        y = self._global(y_WBT, self.batch_sharding, 1)
         self.state, metrics = self._step(self.lr_mult, self.state, x, y, jnp.float32(lr))
         return metrics
 
@@ -186,9 +184,6 @@ class JaxBackend:
     # checkpoints: orbax, atomic (a step folder appears only once complete), async
     def _manager(self, log_dir: str):
         if self.manager is None:
-            logging.getLogger("absl").addFilter(_QUIET)  # once; adding twice is a no-op
-            logging.getLogger("asyncio").addFilter(_QUIET_ASYNCIO)
-            _quiet_closed_loops()
             self.manager = ckpt.manager(os.path.join(log_dir, ckpt.CHECKPOINTS),
                                         keep=self.args.keep_checkpoints)
         return self.manager
@@ -216,14 +211,14 @@ class JaxBackend:
 
     def export_final(self, path: str, step: int) -> None:
         """The original's checkpoint format, readable with torch.load(weights_only=True)."""
-        try:
-            import torch
+        try:  # torch is optional for a JAX run: without it, no .pt export
+            import torch  # noqa: F401
         except ImportError:
             print(f"torch is not installed: skipped {path} (pip install torch to write it)")
             return
         model = self.replicated_model()
         if self.process_index == 0:
-            payload = {"model": conversion.torch_state_dict(model),
+            payload = {"model": torch_state_dict(model),
                        "config": config_to_dict(self.config), "step": step}
             atomic_torch_save(payload, path)
 
@@ -233,9 +228,8 @@ class JaxBackend:
 
     def close(self) -> None:
         """After an error has been reported: stop orbax's writer threads and event loop now,
-        quietly, rather than leave them to echo "Event loop is closed" at exit."""
+        rather than leave them to echo "Event loop is closed" at exit."""
         if self.manager is not None:
-            _quiet_closed_loops()
             try:
                 self.manager.close()
             except Exception:  # noqa: BLE001 - the error that matters was reported already
@@ -257,48 +251,3 @@ def _checkpoint_error(e: BaseException, what: str) -> CheckpointError:
     cause = as_os_error(e)
     return CheckpointError(f"could not write {what} ({describe(cause)}); {write_advice(cause)}; "
                            "the previous checkpoint is intact")
-
-
-class _OrbaxThreadErrors(logging.Filter):
-    """Orbax logs a failed background write from each of its threads, with tracebacks; the
-    same error is re-raised to save()/finish(), which report it in one sentence."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR or "orbax" not in record.pathname
-
-
-_QUIET = _OrbaxThreadErrors()
-
-
-class _UnretrievedWriteErrors(logging.Filter):
-    """asyncio logs each of orbax's failed write futures ("Future exception was never
-    retrieved") when it is collected, with a traceback; save()/finish() report the failure."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if error is None:  # asyncio passes the future in the message's context instead
-            error = getattr(record, "exception", None)
-        text = f"{record.getMessage()} {error!r}"
-        closed = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-        return not (closed or "exception was never retrieved" in text and "Error writing" in text)
-
-
-_QUIET_ASYNCIO = _UnretrievedWriteErrors()
-
-
-def _quiet_closed_loops() -> None:
-    """After a failed async write, tensorstore's completion callbacks may still try to wake
-    orbax's closed event loop; the C++ thread reports each as an "unraisable" traceback. The
-    failure itself reaches save()/finish(): drop only these echoes."""
-    previous = sys.unraisablehook
-    if getattr(previous, "nanomoe_quiet", False):
-        return
-
-    def hook(unraisable):
-        value = unraisable.exc_value
-        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-            return
-        previous(unraisable)
-
-    hook.nanomoe_quiet = True
-    sys.unraisablehook = hook

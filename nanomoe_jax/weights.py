@@ -1,10 +1,11 @@
-"""Weights between the Flax models and the original's PyTorch state_dicts.
+"""Weights between the Flax models and the original's state_dict keys (names.py's tables).
 
 ``load_torch_weights(model, state_dict)`` fills a JAX model from the original's keys (torch
 tensors or NumPy arrays; ``_orig_mod.``/``module.`` prefixes accepted);
 ``torch_state_dict(model)`` gives torch tensors under the original's keys that load strictly
 into ``nanomoe_torch`` and into the original's own modules. Both go through NumPy arrays
-(``load_arrays`` / ``export_arrays``), which is also how ``--seed`` init reaches JAX.
+(``load_arrays`` / ``export_arrays``), which is also how ``--seed`` init reaches JAX
+(``create_model``). ``conversion`` exports these as its API.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def load_torch_weights(model: nnx.Module, state_dict: Mapping[str, Any]) -> nnx.
 
 def torch_state_dict(model: nnx.Module) -> dict[str, Any]:
     """torch tensors under the original's keys; ``lm_head.weight`` is ``wte``'s tensor."""
-    import torch
+    import torch  # optional for JAX: only an export to the original's format needs it
 
     arrays = export_arrays(model)
     lm_head, embedding = tied_names(model.config)

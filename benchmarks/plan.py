@@ -203,7 +203,7 @@ def broken_bounds(row: dict) -> list[str]:
     return out
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m benchmarks.plan: its command line imports this module
     from .plan_cli import main
 
     raise SystemExit(main())

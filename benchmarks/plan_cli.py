@@ -9,13 +9,15 @@ import shlex
 import sys
 from pathlib import Path
 
+import jax
+import jaxlib
+
+from .plan import MODELS, add_mfu_ratios, broken_bounds, plan
 from .results_dir import default_out, where_note
-from .targets import GiB, TARGETS
+from .targets import GiB, TARGETS, load_target
 
 
 def parse_args(argv):
-    from .plan import MODELS
-
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.plan",
         description="Compile the train step for a GPU (deviceless without one) and report "
@@ -160,12 +162,6 @@ def render(report: dict) -> str:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    import jax
-    import jaxlib
-
-    from .plan import add_mfu_ratios, broken_bounds, plan
-    from .targets import load_target
-
     target = load_target(args.target)
     rows, broken = [], []
     for name in args.models:

@@ -1,0 +1,48 @@
+"""Importing or using the library changes nothing process-wide: the log filters and exception
+hooks that keep a failed checkpoint write to one sentence are installed by entry points only
+(train.py, python -m conversion, python -m nanomoe_jax.sample; docs/layering.md)."""
+
+import logging
+import sys
+
+import nanomoe_jax
+from nanomoe.config import GPTConfig
+from nanomoe_jax.checkpoint import load_model, save_model
+from nanomoe_jax.quiet import quiet_checkpoint_echoes
+
+TINY = GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16, vocab_size=64)
+
+
+def process_state():
+    absl, asyncio = logging.getLogger("absl"), logging.getLogger("asyncio")
+    return (sys.unraisablehook, sys.excepthook, absl.level, list(absl.filters),
+            list(asyncio.filters))
+
+
+def test_saving_and_loading_leave_the_process_as_it_was(tmp_path):
+    before = process_state()
+    import conversion  # noqa: F401 - importing changes nothing either
+    import nanomoe_train.jax_backend  # noqa: F401
+
+    save_model(nanomoe_jax.create_model(TINY, 0), str(tmp_path / "run"), 3)
+    model, meta = load_model(str(tmp_path / "run"))
+    assert meta["step"] == 3 and model.config == TINY
+    assert process_state() == before
+
+
+def test_the_entry_points_quieting_is_process_wide_and_idempotent(monkeypatch):
+    absl, asyncio = logging.getLogger("absl"), logging.getLogger("asyncio")
+    for target, name in ((sys, "unraisablehook"), (sys, "excepthook")):
+        monkeypatch.setattr(target, name, getattr(target, name))
+    monkeypatch.setattr(absl, "filters", list(absl.filters))
+    monkeypatch.setattr(asyncio, "filters", list(asyncio.filters))
+    seen = []
+    monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: seen.append(value))
+    quiet_checkpoint_echoes()
+    after_one = process_state()
+    quiet_checkpoint_echoes()
+    assert process_state() == after_one  # a second call adds nothing
+    sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)  # dropped
+    other = ValueError("kept")
+    sys.excepthook(ValueError, other, None)
+    assert seen == [other]

@@ -202,7 +202,8 @@ def _gemm_backend(ins: Instr, kinds: Counter) -> str | None:
     """Which GEMM emitter runs a kernel with matmuls in it (tile GEMMs of a grouped GEMM too)."""
     cfg = json.dumps(backend_config(ins.attrs))
     if ins.op == "custom-call":
-        if kinds.get("grouped-gemm"):  # a kernel library's (tokamax) or our own Pallas kernel
+        # a kernel library's (tokamax) or our own Pallas kernel (its FLOPs in its metadata)
+        if kinds.get("grouped-gemm") or kinds.get("kernel-metadata"):
             t = target(ins)
             return "triton-kernel" if "triton" in t else "mosaic-gpu" if "mosaic" in t else t
         return next((k for k in ("cublasLt", "cublas") if k in kinds), None)

@@ -7,6 +7,8 @@
   expert) stays in the L2 cache (40-72 MB on the targets) while a gather reads its rows over
   and over, so DRAM sees it once;
 * an operand the kernel updates in place (``dynamic-update-slice`` of it): the update only;
+* an operand a kernel gathers rows from, as its metadata states (``gathered_operand``,
+  ``gathered_bytes``: nanomoe_jax/gather_gemm.py): the rows it reads, not the table;
 * a cuBLAS / cuDNN workspace result: scratch, not traffic.
 
 Each part is tagged ``residual`` when it reads or writes a *scan residual*: a stack that one
@@ -20,6 +22,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .hlo import Computation, Instr, attr, nbytes
+from .hlo_flops import kernel_metadata
 
 SLICING = ("dynamic-slice", "slice", "gather")
 CACHED_BYTES = 4 << 20
@@ -139,10 +142,20 @@ def residual_stacks(comps) -> tuple[dict, dict]:
     return reads, writes
 
 
+def _gathered(ins: Instr) -> tuple[int, float]:
+    """(operand, bytes read) of a custom call that gathers rows from that operand, per its
+    metadata; (-1, 0) for any other kernel."""
+    meta = kernel_metadata(ins) if ins.op == "custom-call" else {}
+    if "gathered_operand" not in meta:
+        return -1, 0.0
+    return int(meta["gathered_operand"]), float(meta["gathered_bytes"])
+
+
 def kernel_parts(comps, shapes, defs, ins: Instr, res_reads=(), res_writes=()) -> list[Part]:
     """The bytes of one kernel run, operand by operand, then the result."""
     callee = comps.get(attr(ins.attrs, "calls")) if ins.op == "fusion" else None
     sliced = sliced_params(callee)
+    gathered = _gathered(ins)
     parts = []
     for i, o in enumerate(ins.operands):
         full = shapes.get(o, [])
@@ -158,6 +171,10 @@ def kernel_parts(comps, shapes, defs, ins: Instr, res_reads=(), res_writes=()) -
         n = nbytes(read)
         if read is not full and nbytes(full) <= CACHED_BYTES:
             n = min(n, nbytes(full))
+        if i == gathered[0] and full:  # the rows it reads, as (rows, width), not the table
+            (dt, dims), = full
+            n = gathered[1]
+            read = [(dt, (int(n // nbytes([(dt, dims[1:])])), *dims[1:]))]
         parts.append(Part(n, read, part_of_stack, read is not full))
     root = _fused_root(comps, ins)
     if root is not None and root.op == "dynamic-update-slice":  # in place: the update

@@ -1,38 +1,36 @@
-"""The experts as grouped GEMMs that read each expert's weights once: tokamax's ``ragged_dot``
-(a maintained Pallas kernel library; its Triton kernels on NVIDIA GPUs), for the forward and
-for both gradients, inside our own ``custom_vjp`` so the backward keeps and re-reads only what
-it needs: per layer x (N rows) and h (N J rows, the compute dtype); the sorted input rows are
-gathered again from x, and the gates' gradient comes from h, not from kept output rows.
+"""The experts as grouped GEMMs that read each expert's weights once, inside our own
+``custom_vjp`` so the backward keeps and re-reads only what it needs: per layer x (N rows) and
+h (N J rows, the compute dtype); the gates' gradient comes from h, not from kept output rows.
+The four GEMMs whose rows are rows of x or of the output gradient gather them in the kernel
+(``gather_gemm.py``, Pallas Triton kernels of our own); the two whose rows are h or dv (dense,
+in the sorted order) are tokamax's ``ragged_dot`` (a maintained Pallas kernel library).
 
 Rows are the (token, expert) assignments stably sorted by expert (``moe.sort_assignments``),
 with ``PAD`` pad rows in front, counted in the first expert's group, and ``PAD`` rows behind
-in no group at all (a pad reads x's row 0 with a b1 column of 0; see ``_rows``). Why:
-tokamax 0.0.12's Triton kernels read up to a block of rows *before* a group's start (weight gradient of an empty group) and up to a block *after* its end (the
-forward has no bounds check on rows); with the pads every such read stays inside the buffer,
-and a row only ever affects its own output row. The front pad costs PAD / rows of the expert
-FLOPs (0.4 % for MoeGPT at B=16, T=1024) and adds nothing to any gradient (its output
-cotangent is 0: the combine never reads it); rows behind are never computed nor read back.
+in no group at all; a pad reads x's row 0 and has gate 0. Why: tokamax 0.0.12's Triton
+forward kernel reads up to a block past a group's end with no bounds check on rows (and its
+weight-gradient kernel, no longer used here, the block before an empty group); with the pads
+every such read stays inside the buffer, and a row only ever affects its own output row.
+The front pad costs PAD / rows of the expert FLOPs (0.3 % for MoeGPT at B=16, T=1024) and
+adds nothing to any gradient (its gate is 0); rows behind are never computed nor read back.
 
-The weight gradient of an expert with no rows is set to 0 here: the same kernel accumulates
-the block before an empty group's start (NaN in Pallas interpret mode, another expert's rows on
-a GPU; tests/test_ragged_gemm.py runs tokamax's Triton kernels in interpret mode on CPU).
-
-Elsewhere than on a GPU the same code runs tokamax's ``xla`` implementation
-(``jax.lax.ragged_dot``), which is how the CPU tests check this module's gradients.
+Elsewhere than on a GPU the same code runs tokamax's ``xla`` implementation and the gathers
+as XLA gathers (``jax.lax.ragged_dot``), which is how the CPU tests check this module's
+gradients; tests/test_ragged_gemm.py also runs every Triton kernel in interpret mode.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 
 import jax
 import jax.numpy as jnp
 
+from .gather_gemm import gather_dot, gather_wgrad
+
 f32 = jnp.float32
 PAD = 128  # >= the largest row block tokamax's Triton ragged dot uses (block_k <= 128)
-BIAS_COLS = 16  # b1 as input columns of the first GEMM (see _mlp_forward)
 
 
 def _tokamax():
@@ -100,47 +98,15 @@ def _dot(lhs_AK, rhs_GKN, counts_G, out_dtype, activation=None):
                                  implementation=implementation())
 
 
-def _wgrad(lhs_AM, rhs_AN, counts_G):
-    """``out[g] = lhs[rows of g]^T @ rhs[rows of g]`` in fp32, 0 for a group with no rows."""
-    tk = _tokamax()
-    nums = jax.lax.RaggedDotDimensionNumbers(
-        dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0],
-        rhs_group_dimensions=[])
-    out = tk.ragged_dot_general(lhs_AM, rhs_AN, counts_G, nums,
-                                precision=_precision(lhs_AM.dtype), preferred_element_type=f32,
-                                implementation=implementation())
-    return jnp.where(counts_G[:, None, None] > 0, out, 0.0)
-
-
 # --- the experts on the sorted rows, and their gated sum per token --------------------------
 
 def _relu2(a):
     return jnp.square(jnp.maximum(a, 0.0))
 
 
-def _rows(x_NC, src_P, J):
-    """The padded sorted rows ``x[src // J]`` with b1's input columns (see ``_weights``): one
-    gather fusion, in the forward and again in the backward: recomputing them from x (N rows)
-    is cheaper than keeping them (N J rows) in the layer scan, which copies a kept kernel
-    operand in and out of its stack. Pads (``src < 0``) read row 0 with a b1 column of 0:
-    their outputs are never read and their gate is 0, so they add 0 to every gradient. (A
-    select against zeros made XLA hoist an (N J, C) zero array out of the layer loop and read
-    it whole every layer.)"""
-    real_P = src_P >= 0
-    rows = x_NC[jnp.maximum(src_P, 0) // J].astype(x_NC.dtype)
-    ones = jnp.zeros((src_P.shape[0], BIAS_COLS), x_NC.dtype).at[:, 0].set(real_P)
-    return jnp.concatenate([rows, ones], axis=1)
-
-
-def _weights(w1_EHC, b1_EH, w2_ECH, dt):
-    """W1 as (E, C + BIAS_COLS, H) with b1 as the row that meets the rows' 1 column (zeros
-    after it keep rows 16-byte aligned): the kernel applies relu^2 to its fp32 accumulator
-    and writes h directly (no pass of its own for the bias and activation), and b1's gradient
-    comes out of W1's (no segment sum). Costs BIAS_COLS / C more work in two of six GEMMs."""
-    E, H, C = w1_EHC.shape
-    w1_EKH = jnp.concatenate([w1_EHC.mT, b1_EH[:, None, :],
-                              jnp.zeros((E, BIAS_COLS - 1, H), w1_EHC.dtype)], axis=1)
-    return w1_EKH.astype(dt), w2_ECH.astype(dt)
+def _kernels() -> bool:
+    """Our gather kernels where tokamax runs its Triton kernels (a GPU); XLA elsewhere."""
+    return implementation() == "triton"
 
 
 @jax.custom_vjp
@@ -158,10 +124,13 @@ def expert_sum(x_NC, gates_NJ, expert_NJ, gates_NE, src_P, pos_NJ, counts_E, w1_
 
 
 def _forward(x_NC, gates_NJ, expert_NJ, src_P, pos_NJ, counts_E, w1_EHC, b1_EH, w2_ECH, b2_EC):
+    """h = relu(x[token] W1^T + b1)^2 with the rows gathered, the bias added and the
+    activation applied in the kernel (on its fp32 accumulator): no pass of their own."""
     dt = x_NC.dtype
-    w1_EKH, w2_ECH = _weights(w1_EHC, b1_EH, w2_ECH, dt)
-    h_PH = _dot(_rows(x_NC, src_P, pos_NJ.shape[1]), w1_EKH, counts_E, dt, activation=_relu2)
-    y_PC = _dot(h_PH, w2_ECH.mT, counts_E, dt)
+    tok_P = jnp.maximum(src_P, 0) // pos_NJ.shape[1]
+    h_PH = gather_dot(x_NC, tok_P, w1_EHC.astype(dt).mT, counts_E, dt, b1_EH, _relu2,
+                      use_kernel=_kernels())
+    y_PC = _dot(h_PH, w2_ECH.astype(dt).mT, counts_E, dt)
     # the output bias where the rows are read anyway (b2 is a small, cached table)
     y_NJC = y_PC[pos_NJ].astype(f32) + b2_EC[expert_NJ].astype(f32)
     return jnp.einsum("nj,njc->nc", gates_NJ, y_NJC), h_PH
@@ -177,15 +146,16 @@ def _fwd(x_NC, gates_NJ, expert_NJ, gates_NE, src_P, pos_NJ, counts_E, *w):
 def _bwd(res, dout_NC):
     x_NC, gates_NJ, expert_NJ, gates_NE, src_P, pos_NJ, counts_E, h_PH, *w = res
     w1_EHC, b1_EH, w2_ECH, b2_EC = w
-    dt, J, C = x_NC.dtype, pos_NJ.shape[1], x_NC.shape[1]
-    w2_ECH_dt = w2_ECH.astype(dt)
-    # each row's output gradient, ungated, gathered in the compute dtype
-    # (the barrier: XLA would otherwise fuse the rounding into the gather, reading fp32)
+    dt, J = x_NC.dtype, pos_NJ.shape[1]
+    kernels = _kernels()
+    # the output gradient in the compute dtype, gathered per row inside the kernels
+    # (the barrier: XLA would otherwise fuse the rounding into each reader, reading fp32)
     dout_lo = jax.lax.optimization_barrier(dout_NC.astype(dt))
     src = jnp.maximum(src_P, 0)
-    drow_PC = dout_lo[src // J]
+    tok_P = src // J
     gate_P = jnp.where(src_P >= 0, gates_NJ.reshape(-1)[src], 0.0)[:, None]   # 0 on pads
-    dhu_PH = _dot(drow_PC, w2_ECH_dt, counts_E, dt).astype(f32)     # dout W2, ungated
+    dhu_PH = gather_dot(dout_lo, tok_P, w2_ECH.astype(dt), counts_E, dt,     # dout W2, ungated
+                        use_kernel=kernels).astype(f32)
     h32_PH = h_PH.astype(f32)
     dv_PH = (gate_P * dhu_PH * 2.0 * jnp.sqrt(h32_PH)).astype(dt)
     hg_PH = (gate_P * h32_PH).astype(dt)                             # for W2's gradient
@@ -198,13 +168,14 @@ def _bwd(res, dout_NC):
     dgates_NJ = dg_P[pos_NJ] + jnp.take_along_axis(db2_NE, expert_NJ, axis=1)
     drows_PC = _dot(dv_PH, w1_EHC.astype(dt), counts_E, dt)         # W1 is (E, H, C) already
     dx_NC = drows_PC[pos_NJ].astype(f32).sum(1).astype(dt)          # a gather, no scatter-add
-    dw1_EHK = _wgrad(dv_PH, _rows(x_NC, src_P, J), counts_E)        # the parameters' layouts
-    dw2_ECH = _wgrad(drow_PC, hg_PH, counts_E)
+    # the parameters' layouts; b1's gradient as the column sums of dv, in the same kernel
+    dw1_EHC, db1_EH = gather_wgrad(dv_PH, x_NC, tok_P, counts_E, "b", colsum=True,
+                                   use_kernel=kernels)
+    dw2_ECH = gather_wgrad(dout_lo, hg_PH, tok_P, counts_E, "a", use_kernel=kernels)
     db2_EC = jnp.einsum("ne,nc->ec", gates_NE.astype(dt), dout_lo, precision=hi,
                         preferred_element_type=f32)
-    return (dx_NC, dgates_NJ, None, None, None, None, None, dw1_EHK[..., :C].astype(w1_EHC.dtype),
-            dw1_EHK[..., C].astype(b1_EH.dtype), dw2_ECH.astype(w2_ECH.dtype),
-            db2_EC.astype(b2_EC.dtype))
+    return (dx_NC, dgates_NJ, None, None, None, None, None, dw1_EHC.astype(w1_EHC.dtype),
+            db1_EH.astype(b1_EH.dtype), dw2_ECH.astype(w2_ECH.dtype), db2_EC.astype(b2_EC.dtype))
 
 
 expert_sum.defvjp(_fwd, _bwd)

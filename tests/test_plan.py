@@ -150,6 +150,40 @@ def test_compiled_pallas_triton_kernel_is_counted_from_metadata_or_named():
 
 
 @pytest.mark.skipif(not _has_cuda_plugin(), reason="needs the plan extra (CUDA plugin)")
+def test_gather_kernels_compile_and_are_charged_their_rows():
+    """The MoE layer's row-gathering GEMMs (nanomoe_jax/gather_gemm.py) compile for the 4090
+    and the h100 without a GPU, and the plan counts each: its FLOPs from its metadata, and its
+    gathered operand as the rows it reads (P x K), not the table (T x K) it reads them from."""
+    from jax.sharding import SingleDeviceSharding
+
+    from benchmarks.targets import compile_devices
+    from nanomoe_jax.gather_gemm import gather_dot, gather_wgrad
+
+    T, K, N, G, P = 256, 64, 128, 3, 1000
+    for target in ("rtx4090", "h100"):
+        dev = compile_devices(load_target(target))[0][0]
+
+        def sds(shape, dtype=jnp.bfloat16):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=SingleDeviceSharding(dev))
+
+        def dot(x, idx, w, counts):
+            return gather_dot(x, idx, w, counts, jnp.bfloat16, use_kernel=True)
+
+        def wgrad(a, x, idx, counts):
+            return gather_wgrad(a, x, idx, counts, "b", colsum=True, use_kernel=True)
+
+        for fn, args in ((dot, (sds((T, K)), sds((P,), jnp.int32), sds((G, K, N)))),
+                         (wgrad, (sds((P, N)), sds((T, K)), sds((P,), jnp.int32)))):
+            with jax.default_device(dev):
+                text = jax.jit(fn).lower(*args, sds((G,), jnp.int32)).compile().as_text()
+            s = hlo.program_stats(text)
+            (k,) = [k for k in s.kernels if k.op == "custom-call"]
+            assert not s.uncounted and k.flops == 2 * P * K * N
+            table = next(p for p in k.parts if p.sliced)
+            assert table.bytes == P * K * 2 and table.shapes == [("bf16", (P, K))]
+
+
+@pytest.mark.skipif(not _has_cuda_plugin(), reason="needs the plan extra (CUDA plugin)")
 def test_plan_cli_writes_to_the_user_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NANOMOE_RESULTS", str(tmp_path / "cache"))
     sets = [x for k, v in TINY.items() for x in ("--set", f"{k}={v}")]

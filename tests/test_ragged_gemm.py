@@ -61,11 +61,15 @@ def assert_close(got, want, rtol):
 
 @pytest.fixture
 def triton_interpreted(monkeypatch):
-    """tokamax's Triton kernels run by the Pallas interpreter (no GPU needed)."""
+    """tokamax's Triton kernels and ours (gather_gemm.py) run by the Pallas interpreter (no
+    GPU needed)."""
     from tokamax._src.pallas import block
+
+    from nanomoe_jax import gather_gemm
 
     pallas_call = block.pallas_call
     monkeypatch.setattr(block, "pallas_call", lambda *a, **k: pallas_call(*a, interpret=True, **k))
+    monkeypatch.setattr(gather_gemm, "INTERPRET", True)
     monkeypatch.setattr(ragged_gemm, "implementation", lambda: "triton")
     with tokamax.config.cross_compile(True):  # its "is there a GPU" check
         yield
@@ -100,14 +104,23 @@ def test_bf16_within_its_rounding():
         assert np.abs(a - b).max() <= 2 * np.abs(c - b).max() + 1e-3 * np.abs(b).max()
 
 
-def test_triton_kernels_interpreted_match_autodiff(triton_interpreted):
-    """The kernels a GPU runs, forward and both gradients, with an expert that has no rows:
-    tokamax's weight-gradient kernel alone gives it NaN here (the block before its start),
-    which ragged_gemm sets to 0."""
+def test_triton_kernels_interpreted_match_autodiff(triton_interpreted, monkeypatch):
+    """The kernels a GPU runs (tokamax's two, our four that gather rows), forward and every
+    gradient, with an expert that has no rows (its weight gradient must be exactly 0)."""
+    from nanomoe_jax import gather_gemm
+
+    traced = set()
+    for name in ("_gather_dot_kernel", "_wgrad_kernel"):
+        kernel = getattr(gather_gemm, name)
+        monkeypatch.setattr(gather_gemm, name,
+                            lambda *a, _k=kernel, _n=name, **kw: (traced.add(_n), _k(*a, **kw))[1])
     # sizes the heuristic blocks (128 wide) divide: the interpreter does not mask partial
     # blocks inside a pl.when the way a GPU does
     x, gates, top_idx, params, S = case(seed=2, N=16, R=4, C=128, H=128, empty=(2,))
     (v, g), (v_ref, g_ref) = (value_and_grads(f, x, gates, top_idx, params, S)
                               for f in (routed, reference))
+    assert traced == {"_gather_dot_kernel", "_wgrad_kernel"}
     np.testing.assert_allclose(v, v_ref, rtol=1e-5)
     assert_close(g, g_ref, 1e-5)
+    for p in g[2]:
+        assert float(jnp.abs(p[S + 2]).max()) == 0.0

@@ -1,0 +1,167 @@
+"""Grouped GEMMs that gather their rows inside the kernel (ScatterMoE-style), for the MoE
+layer's custom VJP (``ragged_gemm.py``): the sorted (token, expert) rows are read from x or
+from the output gradient by index, block by block, instead of being written out as an (N J,
+C) array first and read back by the GEMM. Pallas Triton kernels of our own (tokamax's
+``ragged_dot`` takes dense rows only), in the layout tokamax uses: rows grouped by expert in
+``counts_G`` runs, one program per (row block, column block, group) that exits at once when
+its block starts past the group's end.
+
+* :func:`gather_dot`: ``out[p] = act(x[idx[p]] @ w[g(p)] + b[g(p)])``;
+* :func:`gather_wgrad`: ``out[g] = a[rows of g]^T b[rows of g]`` with a or b gathered, and
+  the column sums of a (a bias's gradient) when asked.
+
+Off a GPU (and for shapes the blocks do not divide) both run as plain XLA: the gathered rows
+written out and ``jax.lax.ragged_dot``; tests/test_gather_gemm.py runs the Triton kernels in
+Pallas interpret mode against that. Each kernel states its FLOPs and the bytes of its
+gathered operand (the rows it reads, not the table) in its metadata for the plan.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+f32 = jnp.float32
+BM, BK, BN = 64, 32, 128  # gather_dot: rows, contraction, columns per block
+WM, WN, WR = 64, 64, 32   # gather_wgrad: output block and rows per step
+INTERPRET = False  # tests run the kernels in Pallas interpret mode
+
+
+def _bounds(counts_G):
+    ends = jnp.cumsum(counts_G).astype(jnp.int32)
+    return ends - counts_G.astype(jnp.int32), ends
+
+
+def _meta(flops: float, operand: int, gathered_bytes: float) -> dict:
+    return {"flops": str(float(flops)), "gathered_operand": str(operand),
+            "gathered_bytes": str(float(gathered_bytes))}
+
+
+def _precision(dtype):
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == f32 else None
+
+
+def _row_groups(counts_G, P):
+    """Each row's group; G for rows after the last group (no group)."""
+    return jnp.searchsorted(jnp.cumsum(counts_G), jnp.arange(P), side="right")
+
+
+# --- out[p] = act(x[idx[p]] @ w[g(p)] + b[g(p)]) ---------------------------------------------
+
+def gather_dot(x_TK, idx_P, w_GKN, counts_G, out_dtype, bias_GN=None, activation=None,
+               use_kernel=False):
+    """Rows ``x[idx[p]]`` times their group's weights, fp32 accumulation, plus the group's
+    bias and ``activation`` on the accumulator. ``idx_P``: a row of x for every output row
+    (the rows of group g are the ``counts_G[g]`` after the previous groups')."""
+    (T, K), (G, _, N), P = x_TK.shape, w_GKN.shape, idx_P.shape[0]
+    if not (use_kernel and K % BK == 0 and N % BN == 0):
+        acc = jax.lax.ragged_dot(x_TK[idx_P], w_GKN, counts_G, precision=_precision(x_TK.dtype),
+                                 preferred_element_type=f32)
+        if bias_GN is not None:
+            acc = acc + bias_GN[_row_groups(counts_G, P)].astype(f32)
+        return (activation(acc) if activation else acc).astype(out_dtype)
+    lo_G, hi_G = _bounds(counts_G)
+    idx = jnp.concatenate([idx_P.astype(jnp.int32), jnp.zeros(BM, jnp.int32)])  # last block
+    bias = jnp.zeros((G, N), x_TK.dtype) if bias_GN is None else bias_GN.astype(x_TK.dtype)
+    kernel = functools.partial(_gather_dot_kernel, activation=activation,
+                               precision=_precision(x_TK.dtype))
+    item = jnp.dtype(x_TK.dtype).itemsize
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((P, N), out_dtype),
+        in_specs=[pl.no_block_spec, pl.no_block_spec,
+                  pl.BlockSpec((None, K, BN), lambda i, j, g: (g, 0, j)),
+                  pl.BlockSpec((None, BN), lambda i, j, g: (g, j)),
+                  pl.BlockSpec((None,), lambda i, j, g: (g,)),
+                  pl.BlockSpec((None,), lambda i, j, g: (g,))],
+        out_specs=pl.BlockSpec((P, BN), lambda i, j, g: (0, j)),
+        grid=(pl.cdiv(P, BM), N // BN, G), name="gather_dot", interpret=INTERPRET,
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
+        metadata=_meta(2.0 * P * K * N, 0, P * K * item),
+    )(x_TK, idx, w_GKN, bias, lo_G, hi_G)
+
+
+def _gather_dot_kernel(x_ref, idx_ref, w_ref, b_ref, lo_ref, hi_ref, o_ref, *, activation,
+                       precision):
+    lo, hi = plgpu.load(lo_ref), plgpu.load(hi_ref)
+    start = lo + pl.program_id(0) * BM
+
+    @pl.when(start < hi)
+    def _():
+        rows_B = plgpu.load(idx_ref.at[pl.ds(start, BM)])
+
+        def body(i, acc):
+            cols = i * BK + jnp.arange(BK)
+            a = plgpu.load(x_ref.at[rows_B[:, None], cols[None, :]])
+            w = plgpu.load(w_ref.at[pl.ds(i * BK, BK), :])
+            return acc + plgpu.dot(a, w, precision=precision)
+
+        acc = jax.lax.fori_loop(0, x_ref.shape[1] // BK, body, jnp.zeros((BM, BN), f32))
+        acc = acc + plgpu.load(b_ref).astype(f32)[None, :]
+        if activation is not None:
+            acc = activation(acc)
+        mask = (start + jnp.arange(BM)) < hi
+        plgpu.store(o_ref.at[pl.ds(start, BM), :], acc.astype(o_ref.dtype), mask=mask[:, None])
+
+
+# --- out[g] = a[rows of g]^T b[rows of g], a or b gathered ------------------------------------
+
+def gather_wgrad(a, b, idx_P, counts_G, gathered: str, colsum=False, use_kernel=False):
+    """(G, M, N) fp32: per group, ``a_rows^T b_rows`` where ``gathered`` ("a" or "b") is a
+    table read at ``idx_P`` and the other is (P, .) in the sorted order; 0 for an empty group.
+    ``colsum``: also the (G, M) sums of a's rows (a bias's gradient)."""
+    P, G = idx_P.shape[0], counts_G.shape[0]
+    M, N = a.shape[1], b.shape[1]
+    if not (use_kernel and M % WM == 0 and N % WN == 0):
+        a_PM = a[idx_P] if gathered == "a" else a
+        b_PN = b[idx_P] if gathered == "b" else b
+        nums = jax.lax.RaggedDotDimensionNumbers(
+            dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0],
+            rhs_group_dimensions=[])
+        out = jax.lax.ragged_dot_general(a_PM, b_PN, counts_G, nums,
+                                         precision=_precision(a.dtype), preferred_element_type=f32)
+        sums = jax.ops.segment_sum(a_PM.astype(f32), _row_groups(counts_G, P), G)
+        return (out, sums) if colsum else out
+    lo_G, hi_G = _bounds(counts_G)
+    idx = jnp.concatenate([idx_P.astype(jnp.int32), jnp.zeros(WR, jnp.int32)])
+    kernel = functools.partial(_wgrad_kernel, gathered=gathered, precision=_precision(a.dtype))
+    item = jnp.dtype(a.dtype).itemsize
+    out_shape = [jax.ShapeDtypeStruct((G, M, N), f32), jax.ShapeDtypeStruct((G, M), f32)]
+    out, sums = pl.pallas_call(
+        kernel, out_shape=out_shape,
+        in_specs=[pl.no_block_spec] * 3 + [pl.BlockSpec((None,), lambda g, i, j: (g,))] * 2,
+        out_specs=[pl.BlockSpec((None, WM, WN), lambda g, i, j: (g, i, j)),
+                   pl.BlockSpec((None, WM), lambda g, i, j: (g, i))],
+        grid=(G, M // WM, N // WN), name="gather_wgrad", interpret=INTERPRET,
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
+        metadata=_meta(2.0 * P * M * N, 0 if gathered == "a" else 1,
+                       P * (M if gathered == "a" else N) * item),
+    )(a, b, idx, lo_G, hi_G)
+    return (out, sums) if colsum else out
+
+
+def _wgrad_kernel(a_ref, b_ref, idx_ref, lo_ref, hi_ref, o_ref, s_ref, *, gathered, precision):
+    lo, hi = plgpu.load(lo_ref), plgpu.load(hi_ref)
+    cols_a = pl.program_id(1) * WM + jnp.arange(WM)
+    cols_b = pl.program_id(2) * WN + jnp.arange(WN)
+
+    def body(t, carry):
+        acc, s = carry
+        rows = lo + t * WR + jnp.arange(WR)
+        real = (rows < hi)[:, None]
+        src = plgpu.load(idx_ref.at[pl.ds(lo + t * WR, WR)])
+        ra, rb = (src if gathered == "a" else rows), (src if gathered == "b" else rows)
+        x = plgpu.load(a_ref.at[ra[:, None], cols_a[None, :]], mask=real, other=0)
+        y = plgpu.load(b_ref.at[rb[:, None], cols_b[None, :]], mask=real, other=0)
+        return acc + plgpu.dot(x.T, y, precision=precision), s + jnp.sum(x.astype(f32), axis=0)
+
+    steps = pl.cdiv(hi - lo, WR)  # 0 for an empty group: its gradient is 0
+    acc, s = jax.lax.fori_loop(0, steps, body, (jnp.zeros((WM, WN), f32), jnp.zeros(WM, f32)))
+    plgpu.store(o_ref, acc)
+
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+        plgpu.store(s_ref, s)

@@ -1,0 +1,63 @@
+"""The row-gathering grouped GEMMs (nanomoe_jax/gather_gemm.py): their Triton kernels in
+Pallas interpret mode against the XLA path (rows gathered, then jax.lax.ragged_dot), with
+uneven groups, an empty group and rows after the last group."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nanomoe_jax import gather_gemm as gg
+
+COUNTS = jnp.array([30, 0, 41, 25], jnp.int32)  # group 1 empty
+T, K, N = 20, 64, 128
+P = int(COUNTS.sum()) + 7  # 7 rows in no group
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    monkeypatch.setattr(gg, "INTERPRET", True)
+
+
+def tables(seed=0):
+    k = jax.random.split(jax.random.key(seed), 5)
+    return (jax.random.normal(k[0], (T, K)), jax.random.randint(k[1], (P,), 0, T),
+            jax.random.normal(k[2], (4, K, N)), jax.random.normal(k[3], (4, N)),
+            jax.random.normal(k[4], (P, 64)))
+
+
+def relu2(a):
+    return jnp.square(jnp.maximum(a, 0.0))
+
+
+def test_gather_dot_kernel_equals_gathered_rows_times_weights(interpreted):
+    x, idx, w, b, _ = tables()
+    want = gg.gather_dot(x, idx, w, COUNTS, jnp.float32, b, relu2)
+    got = gg.gather_dot(x, idx, w, COUNTS, jnp.float32, b, relu2, use_kernel=True)
+    n = int(COUNTS.sum())  # rows after the last group are not written: only the groups'
+    ends = np.cumsum(np.asarray(COUNTS))
+    ref = relu2(jnp.einsum("pk,pkn->pn", x[idx[:n]], w[np.searchsorted(ends, np.arange(n),
+                                                                         side="right")])
+                + b[np.searchsorted(ends, np.arange(n), side="right")])
+    np.testing.assert_allclose(want[:n], ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+    np.testing.assert_allclose(got[:n], want[:n], rtol=1e-5,
+                               atol=1e-5 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("gathered", ["a", "b"])
+def test_gather_wgrad_kernel_per_group_with_an_empty_one(interpreted, gathered):
+    x, idx, _, _, a = tables(1)
+    args = (a, x) if gathered == "b" else (x, a)
+    want, want_sums = gg.gather_wgrad(*args, idx, COUNTS, gathered, colsum=True)
+    got, sums = gg.gather_wgrad(*args, idx, COUNTS, gathered, colsum=True, use_kernel=True)
+    lhs = args[0][idx] if gathered == "a" else args[0]
+    rhs = args[1][idx] if gathered == "b" else args[1]
+    lo = 0
+    for g, c in enumerate(np.asarray(COUNTS)):
+        ref = lhs[lo:lo + c].T @ rhs[lo:lo + c]
+        np.testing.assert_allclose(want[g], ref, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(want_sums[g], lhs[lo:lo + c].sum(0), rtol=1e-5, atol=1e-4)
+        lo += c
+    assert float(jnp.abs(got[1]).max()) == 0.0 and float(jnp.abs(sums[1]).max()) == 0.0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(sums, want_sums, rtol=1e-5, atol=1e-4)

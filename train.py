@@ -4,6 +4,7 @@
 a small MoE on the Python standard library's source for a few minutes (no download).
 """
 
+import resource
 import signal
 import sys
 
@@ -41,8 +42,6 @@ ADDRESS_SPACE_NEEDED = {"jax": 3 * 2**30, "torch": 2 * 2**30}
 
 def address_space_error(framework: str) -> str | None:
     """One sentence when ulimit -v leaves too little address space for the framework."""
-    import resource
-
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     need = ADDRESS_SPACE_NEEDED.get(framework, ADDRESS_SPACE_NEEDED["jax"])
     if soft == resource.RLIM_INFINITY or soft >= need:
@@ -68,7 +67,7 @@ def _main(argv: list[str]) -> int:
     if error:  # checked before jax or torch is imported: they would crash without a word
         print(error, file=sys.stderr)
         return 2
-    from nanomoe.train_loop import main
+    from nanomoe.train_loop import main  # imported once the signal handlers are in place
 
     return main(argv, lambda: make_backend(argv), early_signals=EARLY_SIGNALS)
 

@@ -248,6 +248,7 @@ def test_numpy_shards_are_read_without_pickle(tmp_path):
 import json as _json  # noqa: E402
 import struct as _struct  # noqa: E402
 
+import conversion.cli  # noqa: E402 - conversion.cli.main below
 from conversion import outputs as _outputs  # noqa: E402
 from nanomoe import pt_files as _pt_files  # noqa: E402
 from conversion.checkpoints import load_source, torch_payload  # noqa: E402

@@ -49,7 +49,9 @@ def run_worker(n_devices: int, scenarios: list[dict], tmp) -> dict:
 
 
 MESHES = [("gpt", "data=8"), ("moderngpt", "data=4,fsdp=2"), ("moegpt", "data=4,fsdp=2"),
-          ("moegpt", "data=2,expert=4")]
+          ("moegpt", "data=2,expert=4"),
+          # one expert a device: the first holds only the shared one, no routed rows go there
+          ("moegpt", "expert=8")]
 
 
 @pytest.fixture(scope="session")  # session: built once even if other modules run in between

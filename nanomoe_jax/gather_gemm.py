@@ -52,13 +52,17 @@ def _row_groups(counts_G, P):
 
 # --- out[p] = act(x[idx[p]] @ w[g(p)] + b[g(p)]) ---------------------------------------------
 
-def gather_dot(x_TK, idx_P, w_GKN, counts_G, out_dtype, bias_GN=None, activation=None,
-               use_kernel=False):
+def gather_dot(x_TK, idx_P, w, counts_G, out_dtype, bias_GN=None, activation=None,
+               w_nk=False, use_kernel=False):
     """Rows ``x[idx[p]]`` times their group's weights, fp32 accumulation, plus the group's
     bias and ``activation`` on the accumulator. ``idx_P``: a row of x for every output row
-    (the rows of group g are the ``counts_G[g]`` after the previous groups')."""
-    (T, K), (G, _, N), P = x_TK.shape, w_GKN.shape, idx_P.shape[0]
+    (the rows of group g are the ``counts_G[g]`` after the previous groups'). ``w``: (G, K, N),
+    or (G, N, K) with ``w_nk``: a layer's parameters as they are stored, in any dtype: the
+    kernel casts each block to x's dtype as it loads it (no transposed or cast copy)."""
+    (T, K), G, P = x_TK.shape, w.shape[0], idx_P.shape[0]
+    N = w.shape[1] if w_nk else w.shape[2]
     if not (use_kernel and K % BK == 0 and N % BN == 0):
+        w_GKN = (w.mT if w_nk else w).astype(x_TK.dtype)
         acc = jax.lax.ragged_dot(x_TK[idx_P], w_GKN, counts_G, precision=_precision(x_TK.dtype),
                                  preferred_element_type=f32)
         if bias_GN is not None:
@@ -66,14 +70,15 @@ def gather_dot(x_TK, idx_P, w_GKN, counts_G, out_dtype, bias_GN=None, activation
         return (activation(acc) if activation else acc).astype(out_dtype)
     lo_G, hi_G = _bounds(counts_G)
     idx = jnp.concatenate([idx_P.astype(jnp.int32), jnp.zeros(BM, jnp.int32)])  # last block
-    bias = jnp.zeros((G, N), x_TK.dtype) if bias_GN is None else bias_GN.astype(x_TK.dtype)
-    kernel = functools.partial(_gather_dot_kernel, activation=activation,
+    bias = jnp.zeros((G, N), f32) if bias_GN is None else bias_GN
+    kernel = functools.partial(_gather_dot_kernel, activation=activation, w_nk=w_nk,
                                precision=_precision(x_TK.dtype))
+    w_spec = (pl.BlockSpec((None, BN, K), lambda i, j, g: (g, j, 0)) if w_nk
+              else pl.BlockSpec((None, K, BN), lambda i, j, g: (g, 0, j)))
     item = jnp.dtype(x_TK.dtype).itemsize
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((P, N), out_dtype),
-        in_specs=[pl.no_block_spec, pl.no_block_spec,
-                  pl.BlockSpec((None, K, BN), lambda i, j, g: (g, 0, j)),
+        in_specs=[pl.no_block_spec, pl.no_block_spec, w_spec,
                   pl.BlockSpec((None, BN), lambda i, j, g: (g, j)),
                   pl.BlockSpec((None,), lambda i, j, g: (g,)),
                   pl.BlockSpec((None,), lambda i, j, g: (g,))],
@@ -81,11 +86,11 @@ def gather_dot(x_TK, idx_P, w_GKN, counts_G, out_dtype, bias_GN=None, activation
         grid=(pl.cdiv(P, BM), N // BN, G), name="gather_dot", interpret=INTERPRET,
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
         metadata=_meta(2.0 * P * K * N, 0, P * K * item),
-    )(x_TK, idx, w_GKN, bias, lo_G, hi_G)
+    )(x_TK, idx, w, bias, lo_G, hi_G)
 
 
 def _gather_dot_kernel(x_ref, idx_ref, w_ref, b_ref, lo_ref, hi_ref, o_ref, *, activation,
-                       precision):
+                       w_nk, precision):
     lo, hi = plgpu.load(lo_ref), plgpu.load(hi_ref)
     start = lo + pl.program_id(0) * BM
 
@@ -96,7 +101,10 @@ def _gather_dot_kernel(x_ref, idx_ref, w_ref, b_ref, lo_ref, hi_ref, o_ref, *, a
         def body(i, acc):
             cols = i * BK + jnp.arange(BK)
             a = plgpu.load(x_ref.at[rows_B[:, None], cols[None, :]])
-            w = plgpu.load(w_ref.at[pl.ds(i * BK, BK), :])
+            if w_nk:
+                w = plgpu.load(w_ref.at[:, pl.ds(i * BK, BK)]).astype(a.dtype).T
+            else:
+                w = plgpu.load(w_ref.at[pl.ds(i * BK, BK), :]).astype(a.dtype)
             return acc + plgpu.dot(a, w, precision=precision)
 
         acc = jax.lax.fori_loop(0, x_ref.shape[1] // BK, body, jnp.zeros((BM, BN), f32))

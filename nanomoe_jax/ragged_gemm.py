@@ -6,13 +6,10 @@ The four GEMMs whose rows are rows of x or of the output gradient gather them in
 in the sorted order) are tokamax's ``ragged_dot`` (a maintained Pallas kernel library).
 
 Rows are the (token, expert) assignments stably sorted by expert (``moe.sort_assignments``),
-with ``PAD`` pad rows in front, counted in the first expert's group, and ``PAD`` rows behind
-in no group at all; a pad reads x's row 0 and has gate 0. Why: tokamax 0.0.12's Triton
-forward kernel reads up to a block past a group's end with no bounds check on rows (and its
-weight-gradient kernel, no longer used here, the block before an empty group); with the pads
-every such read stays inside the buffer, and a row only ever affects its own output row.
-The front pad costs PAD / rows of the expert FLOPs (0.3 % for MoeGPT at B=16, T=1024) and
-adds nothing to any gradient (its gate is 0); rows behind are never computed nor read back.
+then ``PAD`` rows in no group at all: tokamax 0.0.12's Triton forward kernel reads up to a
+block past a group's end with no bounds check on rows, and the pad keeps that read inside the
+buffer (a row only ever affects its own output row; the pad rows are never computed nor read
+back). The gather kernels check their bounds and give an expert with no rows a gradient of 0.
 
 Elsewhere than on a GPU the same code runs tokamax's ``xla`` implementation and the gathers
 as XLA gathers (``jax.lax.ragged_dot``), which is how the CPU tests check this module's
@@ -128,7 +125,7 @@ def _forward(x_NC, gates_NJ, expert_NJ, src_P, pos_NJ, counts_E, w1_EHC, b1_EH, 
     activation applied in the kernel (on its fp32 accumulator): no pass of their own."""
     dt = x_NC.dtype
     tok_P = jnp.maximum(src_P, 0) // pos_NJ.shape[1]
-    h_PH = gather_dot(x_NC, tok_P, w1_EHC.astype(dt).mT, counts_E, dt, b1_EH, _relu2,
+    h_PH = gather_dot(x_NC, tok_P, w1_EHC, counts_E, dt, b1_EH, _relu2, w_nk=True,
                       use_kernel=_kernels())
     y_PC = _dot(h_PH, w2_ECH.astype(dt).mT, counts_E, dt)
     # the output bias where the rows are read anyway (b2 is a small, cached table)
@@ -154,7 +151,7 @@ def _bwd(res, dout_NC):
     src = jnp.maximum(src_P, 0)
     tok_P = src // J
     gate_P = jnp.where(src_P >= 0, gates_NJ.reshape(-1)[src], 0.0)[:, None]   # 0 on pads
-    dhu_PH = gather_dot(dout_lo, tok_P, w2_ECH.astype(dt), counts_E, dt,     # dout W2, ungated
+    dhu_PH = gather_dot(dout_lo, tok_P, w2_ECH, counts_E, dt,                # dout W2, ungated
                         use_kernel=kernels).astype(f32)
     h32_PH = h_PH.astype(f32)
     dv_PH = (gate_P * dhu_PH * 2.0 * jnp.sqrt(h32_PH)).astype(dt)
@@ -188,8 +185,7 @@ def experts(x_NC, gates_NJ, expert_NJ, gates_NE, s, params) -> jax.Array:
     the stacked (fc_weight, fc_bias, proj_weight, proj_bias) of the E experts."""
     N, J = expert_NJ.shape
     i32 = jnp.int32
-    pad = jnp.full((PAD,), -1, i32)
-    src_P = jnp.concatenate([pad, s.order_A.astype(i32), pad])
-    counts_E = s.counts_R.at[0].add(PAD)
-    pos_NJ = (s.rank_A + PAD).reshape(N, J)
+    src_P = jnp.concatenate([s.order_A.astype(i32), jnp.full((PAD,), -1, i32)])
+    counts_E = s.counts_R
+    pos_NJ = s.rank_A.reshape(N, J)
     return expert_sum(x_NC, gates_NJ, expert_NJ, gates_NE, src_P, pos_NJ, counts_E, *params)

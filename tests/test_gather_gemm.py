@@ -30,10 +30,13 @@ def relu2(a):
     return jnp.square(jnp.maximum(a, 0.0))
 
 
-def test_gather_dot_kernel_equals_gathered_rows_times_weights(interpreted):
+@pytest.mark.parametrize("w_nk", [False, True])
+def test_gather_dot_kernel_equals_gathered_rows_times_weights(interpreted, w_nk):
     x, idx, w, b, _ = tables()
-    want = gg.gather_dot(x, idx, w, COUNTS, jnp.float32, b, relu2)
-    got = gg.gather_dot(x, idx, w, COUNTS, jnp.float32, b, relu2, use_kernel=True)
+    stored = w.mT if w_nk else w  # (G, N, K): a parameter as the layer stores it
+    want = gg.gather_dot(x, idx, stored, COUNTS, jnp.float32, b, relu2, w_nk=w_nk)
+    got = gg.gather_dot(x, idx, stored, COUNTS, jnp.float32, b, relu2, w_nk=w_nk,
+                        use_kernel=True)
     n = int(COUNTS.sum())  # rows after the last group are not written: only the groups'
     ends = np.cumsum(np.asarray(COUNTS))
     ref = relu2(jnp.einsum("pk,pkn->pn", x[idx[:n]], w[np.searchsorted(ends, np.arange(n),

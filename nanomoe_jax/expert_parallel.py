@@ -23,11 +23,15 @@ sharded stack with a one-hot contraction (an all-reduce of S experts' weights, n
 of all E).
 
 Capacity semantics (not capacity_dispatch's per-expert slots): per (slice, destination
-device), ``cap = ceil(capacity_factor * share * N k * r / R)`` with r the most routed
-experts one device holds, R the routed experts, share = max(1/sqrt(r), DEVICE_SHARE). When the config cannot drop on one device
-(``capacity(N) == N``) the mesh cannot drop either (cap = the most rows a slice can send one
-device). :func:`expert_parallel_dispatch` with ``mesh=None, groups=X`` computes the same
-numbers on one device (the tests' reference).
+device), ``cap = ceil(capacity_factor * share * N k * r / R)`` with r the most routed experts
+one device holds, R the routed experts, ``share = max(1/sqrt(r), DEVICE_SHARE)``. When the
+config cannot drop on one device (``capacity(N) == N``) the mesh cannot drop either (cap =
+the most rows a slice can send one device). :func:`expert_parallel_dispatch` with
+``mesh=None, groups=X`` computes the same numbers on one device (the tests' reference).
+
+Sharding constraints, not ``shard_map``: the step vmaps the model over device slices, and a
+``shard_map`` under that vmap sees the slice axis replicated (it would gather every slice's
+tokens); ``ragged_all_to_all`` has no XLA:CPU lowering (benchmarks/NOTES.md, issue 23.4).
 """
 
 from __future__ import annotations

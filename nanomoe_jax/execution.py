@@ -42,6 +42,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from .gather_gemm import C_MULTIPLE, H_MULTIPLE, fits
 from .layers import Options
 
 # compute capability by device_kind, for devices that do not report it (compile-only devices
@@ -97,9 +98,9 @@ def default_compute_dtype(device: Any):
 
 
 def tokamax_refusal(device: Any, config: Any, dtype: Any) -> str | None:
-    """Why tokamax's grouped GEMM cannot run this MoE on ``device`` (None: it can). Its Triton
-    kernels need an NVIDIA GPU >= sm_80 (bf16 tensor cores); sizes are kept to multiples of 16
-    (tensor-core tiles), the shapes it was compiled and tested for."""
+    """Why the tokamax dispatch cannot run this MoE on ``device`` (None: it can). Its Triton
+    kernels (tokamax's and ours, ``gather_gemm.py``) need an NVIDIA GPU >= sm_80 (bf16 tensor
+    cores), and widths their blocks divide."""
     from .ragged_gemm import unavailable_reason
 
     cc = compute_capability(device)
@@ -109,8 +110,9 @@ def tokamax_refusal(device: Any, config: Any, dtype: Any) -> str | None:
     if jnp.dtype(dtype) not in [jnp.dtype(d) for d in (*FLASH_DTYPES, jnp.float32)]:
         return f"compute dtype {jnp.dtype(dtype).name}"
     C, H = getattr(config, "n_embd", 0), getattr(config, "expert_hidden", 0)
-    if gpu and (C % 16 or H % 16):
-        return f"expert sizes {C} x {H} are not multiples of 16"
+    if gpu and not fits(C, H):
+        return (f"expert sizes {C} x {H} (n_embd x expert width) are not multiples of "
+                f"{C_MULTIPLE} x {H_MULTIPLE}")
     return unavailable_reason()
 
 

@@ -10,7 +10,7 @@ its block starts past the group's end.
 * :func:`gather_wgrad`: ``out[g] = a[rows of g]^T b[rows of g]`` with a or b gathered, and
   the column sums of a (a bias's gradient) when asked.
 
-Off a GPU (and for shapes the blocks do not divide) both run as plain XLA: the gathered rows
+Off a GPU both run as plain XLA: the gathered rows
 written out and ``jax.lax.ragged_dot``; tests/test_gather_gemm.py runs the Triton kernels in
 Pallas interpret mode against that. Each kernel states its FLOPs and the bytes of its
 gathered operand (the rows it reads, not the table) in its metadata for the plan.
@@ -29,6 +29,13 @@ f32 = jnp.float32
 BM, BK, BN = 64, 32, 128  # gather_dot: rows, contraction, columns per block
 WM, WN, WR = 64, 64, 32   # gather_wgrad: output block and rows per step
 INTERPRET = False  # tests run the kernels in Pallas interpret mode
+# the MoE's width C and hidden width H every kernel's blocks divide (execution_options
+# refuses the tokamax dispatch on a GPU otherwise)
+C_MULTIPLE, H_MULTIPLE = 64, 128
+
+
+def fits(C: int, H: int) -> bool:
+    return C % C_MULTIPLE == 0 and H % H_MULTIPLE == 0
 
 
 def _bounds(counts_G):
@@ -61,7 +68,9 @@ def gather_dot(x_TK, idx_P, w, counts_G, out_dtype, bias_GN=None, activation=Non
     kernel casts each block to x's dtype as it loads it (no transposed or cast copy)."""
     (T, K), G, P = x_TK.shape, w.shape[0], idx_P.shape[0]
     N = w.shape[1] if w_nk else w.shape[2]
-    if not (use_kernel and K % BK == 0 and N % BN == 0):
+    if use_kernel and (K % BK or N % BN):
+        raise ValueError(f"gather_dot's kernel needs K % {BK} == N % {BN} == 0, not {K}, {N}")
+    if not use_kernel:
         w_GKN = (w.mT if w_nk else w).astype(x_TK.dtype)
         acc = jax.lax.ragged_dot(x_TK[idx_P], w_GKN, counts_G, precision=_precision(x_TK.dtype),
                                  preferred_element_type=f32)
@@ -123,7 +132,9 @@ def gather_wgrad(a, b, idx_P, counts_G, gathered: str, colsum=False, use_kernel=
     ``colsum``: also the (G, M) sums of a's rows (a bias's gradient)."""
     P, G = idx_P.shape[0], counts_G.shape[0]
     M, N = a.shape[1], b.shape[1]
-    if not (use_kernel and M % WM == 0 and N % WN == 0):
+    if use_kernel and (M % WM or N % WN):
+        raise ValueError(f"gather_wgrad's kernel needs M % {WM} == N % {WN} == 0, not {M}, {N}")
+    if not use_kernel:
         a_PM = a[idx_P] if gathered == "a" else a
         b_PN = b[idx_P] if gathered == "b" else b
         nums = jax.lax.RaggedDotDimensionNumbers(

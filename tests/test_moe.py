@@ -316,9 +316,9 @@ def test_execution_options_pick_tokamax_where_it_runs(monkeypatch):
     # refused: an old card, odd sizes; each says why, once
     assert execution_options(old, moe).moe_dispatch == "grouped"
     assert "V100" in execution_notes(old, moe)[0]
-    odd = MoeGPTConfig(n_embd=72, n_head=4)
-    assert execution_options(gpu, odd).moe_dispatch == "grouped"
-    assert "not multiples of 16" in execution_notes(gpu, odd)[0]
+    for odd in (MoeGPTConfig(n_embd=72, n_head=4), MoeGPTConfig(expert_dim=96)):
+        assert execution_options(gpu, odd).moe_dispatch == "grouped"
+        assert "not multiples of 64 x 128" in execution_notes(gpu, odd)[0]
     # missing: the padded tiles, also when asked for by name
     monkeypatch.setattr(ragged_gemm, "unavailable_reason", lambda: "tokamax does not import")
     for given in ({}, {"moe_dispatch": "tokamax"}):

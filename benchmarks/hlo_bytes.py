@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .hlo import Computation, Instr, attr, nbytes
+from .hlo_text import Computation, Instr, attr, nbytes
 from .hlo_flops import kernel_metadata
 
 SLICING = ("dynamic-slice", "slice", "gather")

@@ -13,7 +13,7 @@ from nanomoe.config import MoeGPTConfig, config_to_dict
 from nanomoe.flops import flops_per_token
 
 from .moe_sweep import sweep_point
-from .hlo import hlo_shapes
+from .hlo_text import hlo_shapes
 from .timing import jax_train_step
 
 

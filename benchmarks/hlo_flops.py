@@ -23,7 +23,7 @@ import re
 
 import numpy as np
 
-from .hlo import Instr, backend_config, dims, target
+from .hlo_text import Instr, backend_config, dims, target
 
 # custom calls that move, sort or shard data: no matmul, their bytes are their operands
 NO_MATMUL = ("Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape", "AllocateBuffer",

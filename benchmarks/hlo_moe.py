@@ -19,7 +19,6 @@ layer scan's copies of the MoE residuals. Their bytes split into:
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 
 import numpy as np
@@ -35,43 +34,6 @@ MOVEMENT = {"parameter", "constant", "bitcast", "reshape", "copy", "transpose", 
             "dynamic-slice", "dynamic-update-slice", "concatenate", "broadcast", "pad",
             "get-tuple-element", "tuple", "convert"}
 PARTS = ("tile_weights", "residuals", "glue", "matmul")
-
-
-def stack_frames(hlo_text: str) -> dict[int, list[tuple[str, str]]]:
-    """Stack frame id -> [(file, function), ...], innermost first, from the tables XLA prints
-    before the computations. A frame prints its parent as (parent's id + 1); 1 means none."""
-    sections: dict[str, list[str]] = {}
-    cur = None
-    for line in hlo_text.splitlines():
-        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
-            cur = sections.setdefault(line, [])
-        elif not line.strip() or line.startswith(("%", "ENTRY", "HloModule")):
-            cur = None
-        elif cur is not None:
-            cur.append(line)
-
-    def table(name):
-        return {int(x.split(" ", 1)[0]): x.split(" ", 1)[1] for x in sections.get(name, [])}
-
-    def field_of(text, key):
-        return int(re.search(rf"\b{key}=(\d+)", text).group(1))
-
-    files = {k: v.strip('"') for k, v in table("FileNames").items()}
-    funcs = {k: v.strip('"') for k, v in table("FunctionNames").items()}
-    locs = {k: (files.get(field_of(v, "file_name_id"), "?"),
-                funcs.get(field_of(v, "function_name_id"), "?"))
-            for k, v in table("FileLocations").items()}
-    raw = {k: (field_of(v, "file_location_id"), field_of(v, "parent_frame_id") - 1)
-           for k, v in table("StackFrames").items()}
-    out = {}
-    for fid in raw:
-        chain, cur_id, seen = [], fid, set()
-        while cur_id in raw and cur_id not in seen:
-            seen.add(cur_id)
-            chain.append(locs.get(raw[cur_id][0], ("?", "?")))
-            cur_id = raw[cur_id][1]
-        out[fid] = chain
-    return out
 
 
 def _in_moe(stats: ProgramStats, k) -> bool:

@@ -2,7 +2,7 @@
 
 Bytes per device per step are the buffer each device hands to a collective (all-reduce operand,
 gathered all-gather result, full reduce-scatter input, all-to-all operand, permuted buffer),
-times the trip counts of the loops around it. The HLO parsing comes from ``benchmarks.hlo``
+times the trip counts of the loops around it. The HLO parsing comes from ``benchmarks.hlo_text``
 (used as it is); this module only walks it for collectives and keeps the loop each sits in.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from . import hlo
+from .hlo_text import nbytes, parse_module, trip_count
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
          "ragged-all-to-all")
@@ -52,7 +52,7 @@ def _group_size(attrs: str) -> int:
 
 
 def collectives(hlo_text: str) -> list[Collective]:
-    comps = hlo.parse_module(hlo_text)
+    comps = parse_module(hlo_text)
     shapes = {i.name: i.shapes for c in comps.values() for i in c.instrs}
     out: list[Collective] = []
 
@@ -62,15 +62,15 @@ def collectives(hlo_text: str) -> list[Collective]:
         if kind == "all-gather":  # the gathered results (a start op's tuple holds the inputs too)
             if ins.op.endswith("-start") and len(results) > 1:  # ((inputs), (outputs))
                 results = results[len(results) // 2:]
-            return max(results, key=lambda s: hlo.nbytes([s])), hlo.nbytes(results)
+            return max(results, key=lambda s: nbytes([s])), nbytes(results)
         elif operands:
-            leaf = max(operands, key=lambda s: hlo.nbytes([s]))
+            leaf = max(operands, key=lambda s: nbytes([s]))
         else:
             leaf = results[0]
         if kind in ("all-reduce", "all-to-all", "reduce-scatter", "collective-permute"):
             # a variadic (combined) collective moves all its operands
-            return leaf, float(sum(hlo.nbytes([s]) for s in operands) or hlo.nbytes([leaf]))
-        return leaf, hlo.nbytes([leaf])
+            return leaf, float(sum(nbytes([s]) for s in operands) or nbytes([leaf]))
+        return leaf, nbytes([leaf])
 
     def walk(name: str, mult: int, loop: str, seen: tuple):
         if name not in comps or name in seen:
@@ -78,7 +78,7 @@ def collectives(hlo_text: str) -> list[Collective]:
         for ins in comps[name].instrs:
             callees = []
             if ins.op == "while":
-                n = hlo.trip_count(ins)
+                n = trip_count(ins)
                 body = re.search(r"\bbody=%?([\w.\-]+)", ins.attrs).group(1)
                 chain = f"{body} x{n}" if loop == "-" else f"{loop} > {body} x{n}"
                 walk(body, mult * n, chain, seen + (name,))

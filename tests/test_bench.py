@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bench, configs, hlo, moe_sweep
+from benchmarks import bench, configs, moe_sweep
+from benchmarks.hlo_text import hlo_shapes
 
 pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
@@ -148,7 +149,7 @@ ENTRY %main (p0: f32[4,8]) -> (f32[4,8], s32[]) {
   %d = bf16[2,4,8]{2,1,0} dot(%a, %b), lhs_contracting_dims={1}
   ROOT %t = (f32[4,8]{1,0}, s32[]) tuple(%p0, %c)
 }"""
-    shapes = hlo.hlo_shapes(hlo_text)
+    shapes = hlo_shapes(hlo_text)
     assert shapes[("f32", (4, 8))] == 2 and shapes[("bf16", (2, 4, 8))] == 1
     assert shapes[("s32", ())] == 1
 

@@ -4,7 +4,7 @@ counted or named, slices of a scanned stack charged as slices, op names read who
 
 from __future__ import annotations
 
-from benchmarks import hlo, plan
+from benchmarks import hlo, hlo_text, plan
 from benchmarks.targets import GiB
 
 
@@ -176,6 +176,6 @@ def test_op_names_with_escaped_quotes_are_read_whole():
   %x = f32[4]{0} parameter(0)
   ROOT %y = f32[4]{0} custom-call(%x), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/moe_ffn/tokamax:{\\"k\\": 1}/ragged_dot/pallas_call" stack_frame_id=7}
 }""")
-    y = hlo.parse_module(text)["main"].instrs[-1]
+    y = hlo_text.parse_module(text)["main"].instrs[-1]
     assert y.op_name == 'jit(f)/moe_ffn/tokamax:{\\"k\\": 1}/ragged_dot/pallas_call'
     assert y.frame == 7

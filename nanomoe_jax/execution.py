@@ -44,6 +44,7 @@ import jax.numpy as jnp
 
 from .gather_gemm import C_MULTIPLE, H_MULTIPLE, fits
 from .layers import Options
+from . import ragged_gemm
 
 # compute capability by device_kind, for devices that do not report it (compile-only devices
 # of a target topology); real CUDA devices carry ``compute_capability`` themselves
@@ -101,7 +102,6 @@ def tokamax_refusal(device: Any, config: Any, dtype: Any) -> str | None:
     """Why the tokamax dispatch cannot run this MoE on ``device`` (None: it can). Its Triton
     kernels (tokamax's and ours, ``gather_gemm.py``) need an NVIDIA GPU >= sm_80 (bf16 tensor
     cores), and widths their blocks divide."""
-    from .ragged_gemm import unavailable_reason
 
     cc = compute_capability(device)
     gpu = getattr(device, "platform", "cpu") in ("gpu", "cuda")
@@ -113,7 +113,7 @@ def tokamax_refusal(device: Any, config: Any, dtype: Any) -> str | None:
     if gpu and not fits(C, H):
         return (f"expert sizes {C} x {H} (n_embd x expert width) are not multiples of "
                 f"{C_MULTIPLE} x {H_MULTIPLE}")
-    return unavailable_reason()
+    return ragged_gemm.unavailable_reason()  # looked up here: tests stand in for it
 
 
 def _moe_choice(device: Any, config: Any, given: dict, dtype: Any,

@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .activations import relu_squared
 from .grouped import pick_tile, tile_layout, tiled_matmul
-from .moe import shared_experts
+from .expert_mlps import shared_experts
 
 f32 = jnp.float32
 # A device pools the loads of its r routed experts; their sum varies about sqrt(r) times less
@@ -154,7 +154,6 @@ def expert_parallel_dispatch(x_NC, r, w, c, mesh=None, groups: int | None = None
     numbers on one device, no placement (the reference the tests compare the mesh with)."""
     S, N = c.n_shared, x_NC.shape[0]
     X = groups or mesh.shape["expert"]
-    E = w[0].shape[0]
     cap = device_capacity(N, c, X)
     y_NC = shared_experts(x_NC, r.gates_NE[:, :S], shared_weights(w, S))
     y_r, dropped = routed_dispatch(x_NC, r.top_idx_NK, r.top_gates_NK, w, S, X, cap, mesh)

@@ -25,12 +25,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import nnx
 
 from nanomoe.config import MoeGPTConfig
 
 from .activations import relu_squared
+from .expert_mlps import expert_ffn, shared_experts
+from .expert_parallel import expert_parallel_dispatch
 from .grouped import pick_tile, tile_layout, tiled_matmul
 from .layers import Options, linear, normal
 from .ragged_gemm import experts
@@ -43,7 +44,7 @@ class Routing(NamedTuple):
     gates_NE: jax.Array      # fp32, renormalised over the S + k experts in use, else 0
     top_idx_NK: jax.Array    # routed experts chosen per token, numbered 0..E-S-1
     top_gates_NK: jax.Array  # their renormalised gates (fp32)
-    usage_E: jax.Array       # tokens per expert (the spec's usage_count)
+    usage_E: jax.Array       # tokens per expert (step 5's usage_count, docs/original.md)
     score_sum_E: jax.Array   # router scores summed over the tokens
     balance_loss: jax.Array  # sum_e f_e * P_e
 
@@ -58,7 +59,8 @@ def balance_loss(usage_E: jax.Array, score_sum_E: jax.Array, n_tokens: int,
 
 
 def route(logits_NE: jax.Array, c: MoeGPTConfig) -> Routing:
-    """The original's router on fp32 logits; step numbers refer to the spec."""
+    """The original's router on fp32 logits; the # N step comments are docs/original.md's
+    (MoeGPT, router)."""
     S, k, E = c.n_shared, c.n_activated_experts, c.n_total_experts
     N = logits_NE.shape[0]
     logits_NE = logits_NE.astype(f32)
@@ -82,12 +84,6 @@ def route(logits_NE: jax.Array, c: MoeGPTConfig) -> Routing:
     gates_NE = jnp.concatenate([shared_NS, routed_NR], axis=-1)
     return Routing(gates_NE, top_idx_NK, top_gates_NK, usage_E, score_sum_E,
                    balance_loss(usage_E, score_sum_E, N, c))
-
-
-def expert_ffn(x_GMC, w1_GHC, b1_GH, w2_GCH, b2_GC):
-    """G experts on their own rows: ``relu(x W1^T + b1)^2 W2^T + b2`` (compute dtype)."""
-    h_GMH = relu_squared(jnp.einsum("gmc,ghc->gmh", x_GMC, w1_GHC) + b1_GH[:, None])
-    return jnp.einsum("gmh,gch->gmc", h_GMH, w2_GCH) + b2_GC[:, None]
 
 
 class SortedAssignments(NamedTuple):
@@ -146,8 +142,6 @@ class MoE(nnx.Module):
         if dispatch == "dense":
             y_NC, dropped = dense_dispatch(x_NC, r, w), jnp.zeros((), f32)
         elif self.opts.expert_mesh is not None and dispatch == "capacity":
-            from .expert_parallel import expert_parallel_dispatch  # routed rows over devices
-
             y_NC, dropped = expert_parallel_dispatch(x_NC, r, w, c, self.opts.expert_mesh)
         elif dispatch == "tokamax":  # shared and routed; the parameters whole: see expert_sum
             y_NC, dropped = tokamax_dispatch(x_NC, r, params, c.n_shared), jnp.zeros((), f32)
@@ -176,43 +170,18 @@ def dense_dispatch(x_NC, r: Routing, w) -> jax.Array:
     return jnp.einsum("ne,enc->nc", r.gates_NE, y_ENC.astype(f32))
 
 
-def shared_experts(x_NC, gates_NS, w) -> jax.Array:
-    """The S shared experts as one MLP of width S*H; each token's hidden units are scaled by
-    its gate for that expert, so the output projection is a single (S*H -> C) matmul."""
-    w1_SHC, b1_SH, w2_SCH, b2_SC = w
-    if w1_SHC.shape[0] == 0:
-        return jnp.zeros(x_NC.shape, f32)
-    h_NSH = relu_squared(jnp.einsum("nc,shc->nsh", x_NC, w1_SHC) + b1_SH)
-    # the gate rounded to the compute dtype, not h widened to fp32: the backward then keeps
-    # h in the compute dtype for the gates' gradient (an fp32 copy was 2x the bytes)
-    hg_NSH = h_NSH * gates_NS[..., None].astype(x_NC.dtype)
-    return (jnp.einsum("nsh,sch->nc", hg_NSH, w2_SCH).astype(f32)
-            + gates_NS @ b2_SC.astype(f32))
-
-
-def capacity_dispatch(x_NC, r: Routing, w, capacity: int, top_idx_NK=None,
-                      buffer_sharding=None) -> tuple[jax.Array, jax.Array]:
+def capacity_dispatch(x_NC, r: Routing, w, capacity: int) -> tuple[jax.Array, jax.Array]:
     """Static (R, capacity, C) buffer filled by a gather; assignments past capacity drop.
-    ``buffer_sharding`` pins the buffer to the experts' devices (expert parallelism)."""
+    (An expert mesh has its own: ``expert_parallel.py``.)"""
     R = w[0].shape[0]
-    top_idx_NK = r.top_idx_NK if top_idx_NK is None else top_idx_NK
-    N, K = top_idx_NK.shape
-    s = sort_assignments(top_idx_NK, R)
+    N, K = r.top_idx_NK.shape
+    s = sort_assignments(r.top_idx_NK, R)
     slot_P = jnp.arange(capacity)
     src_RP = s.starts_R[:, None] + slot_P[None]                     # sorted position per slot
     filled_RP = slot_P[None] < s.counts_R[:, None]
     token_RP = s.token_sorted_A[jnp.clip(src_RP, 0, N * K - 1)]
     x_RPC = jnp.where(filled_RP[..., None], x_NC[token_RP], 0).astype(x_NC.dtype)
-    if buffer_sharding is not None:
-        # built where the tokens are (whole buffer per slice), then moved to the experts'
-        # devices: a change of the sharded dimension, which XLA does with an all-to-all
-        local = NamedSharding(buffer_sharding.mesh, P())
-        x_RPC = jax.lax.with_sharding_constraint(x_RPC, local)
-        x_RPC = jax.lax.with_sharding_constraint(x_RPC, buffer_sharding)
     y_RPC = expert_ffn(x_RPC, *w)
-    if buffer_sharding is not None:  # and back to the tokens' devices
-        y_RPC = jax.lax.with_sharding_constraint(y_RPC, buffer_sharding)
-        y_RPC = jax.lax.with_sharding_constraint(y_RPC, local)
     pos_A = s.rank_A - s.starts_R[s.expert_A]                         # slot of each assignment
     kept_A = pos_A < capacity
     y_AC = y_RPC[s.expert_A, jnp.minimum(pos_A, capacity - 1)].astype(f32)
@@ -261,8 +230,8 @@ def tokamax_dispatch(x_NC, r: Routing, params, S: int) -> jax.Array:
     nothing drops. One kernel path for both kinds of expert: the shared experts' own MLP kept
     three (N, H) residuals per layer and took the gates' gradient over the hidden width."""
     N, K = r.top_idx_NK.shape
-    expert_NJ = jnp.concatenate([jnp.broadcast_to(jnp.arange(S, dtype=r.top_idx_NK.dtype),
+    expert_Nj = jnp.concatenate([jnp.broadcast_to(jnp.arange(S, dtype=r.top_idx_NK.dtype),
                                                   (N, S)), r.top_idx_NK + S], axis=1)
-    gates_NJ = jnp.concatenate([r.gates_NE[:, :S], r.top_gates_NK], axis=1)
-    s = sort_assignments(expert_NJ, params[0].shape[0])
-    return experts(x_NC, gates_NJ, expert_NJ, r.gates_NE, s, params)
+    gates_Nj = jnp.concatenate([r.gates_NE[:, :S], r.top_gates_NK], axis=1)
+    s = sort_assignments(expert_Nj, params[0].shape[0])
+    return experts(x_NC, gates_Nj, expert_Nj, r.gates_NE, s, params)

@@ -21,7 +21,8 @@ import pytest
 
 from nanomoe.config import MoeGPTConfig
 from nanomoe_jax.expert_parallel import device_capacity, expert_parallel_dispatch, send_layout
-from nanomoe_jax.moe import capacity_dispatch, route, shared_experts
+from nanomoe_jax.expert_mlps import shared_experts
+from nanomoe_jax.moe import capacity_dispatch, route
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

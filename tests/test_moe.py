@@ -15,8 +15,9 @@ from helpers import MOE_CONFIGS, no_drop
 from nanomoe import MoeGPTConfig
 from nanomoe_jax.layers import Options
 from nanomoe_jax.grouped import padded_rows, pick_tile, tile_layout
-from nanomoe_jax.moe import (MoE, grouped_dispatch, ragged_dispatch, route, shared_experts,
-                             sort_assignments, tokamax_dispatch)
+from nanomoe_jax.expert_mlps import shared_experts
+from nanomoe_jax.moe import (MoE, grouped_dispatch, ragged_dispatch, route, sort_assignments,
+                             tokamax_dispatch)
 from nanomoe_jax.ragged_gemm import unavailable_reason
 
 # tokamax's grouped GEMM where it imports (its XLA reference on CPU; the Triton kernels

@@ -1,0 +1,32 @@
+"""The experts' MLP on rows every expert sees in full (dense): ``relu(x W1^T + b1)^2 W2^T + b2``
+per expert, and the S shared experts as one MLP of width S*H. Used by the MoE back ends in
+``moe.py`` and by the expert-parallel dispatch (``expert_parallel.py``)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .activations import relu_squared
+
+f32 = jnp.float32
+
+
+def expert_ffn(x_GMC, w1_GHC, b1_GH, w2_GCH, b2_GC):
+    """G experts on their own rows: ``relu(x W1^T + b1)^2 W2^T + b2`` (compute dtype)."""
+    h_GMH = relu_squared(jnp.einsum("gmc,ghc->gmh", x_GMC, w1_GHC) + b1_GH[:, None])
+    return jnp.einsum("gmh,gch->gmc", h_GMH, w2_GCH) + b2_GC[:, None]
+
+
+def shared_experts(x_NC, gates_NS, w) -> jax.Array:
+    """The S shared experts as one MLP of width S*H; each token's hidden units are scaled by
+    its gate for that expert, so the output projection is a single (S*H -> C) matmul."""
+    w1_SHC, b1_SH, w2_SCH, b2_SC = w
+    if w1_SHC.shape[0] == 0:
+        return jnp.zeros(x_NC.shape, f32)
+    h_NSH = relu_squared(jnp.einsum("nc,shc->nsh", x_NC, w1_SHC) + b1_SH)
+    # the gate rounded to the compute dtype, not h widened to fp32: the backward then keeps
+    # h in the compute dtype for the gates' gradient (an fp32 copy was 2x the bytes)
+    hg_NSH = h_NSH * gates_NS[..., None].astype(x_NC.dtype)
+    return (jnp.einsum("nsh,sch->nc", hg_NSH, w2_SCH).astype(f32)
+            + gates_NS @ b2_SC.astype(f32))

@@ -1,6 +1,6 @@
 """Grouped GEMMs that gather their rows inside the kernel (ScatterMoE-style), for the MoE
 layer's custom VJP (``ragged_gemm.py``): the sorted (token, expert) rows are read from x or
-from the output gradient by index, block by block, instead of being written out as an (N J,
+from the output gradient by index, block by block, instead of being written out as an (N j,
 C) array first and read back by the GEMM. Pallas Triton kernels of our own (tokamax's
 ``ragged_dot`` takes dense rows only), in the layout tokamax uses: rows grouped by expert in
 ``counts_G`` runs, one program per (row block, column block, group) that exits at once when
@@ -59,32 +59,32 @@ def _row_groups(counts_G, P):
 
 # --- out[p] = act(x[idx[p]] @ w[g(p)] + b[g(p)]) ---------------------------------------------
 
-def gather_dot(x_TK, idx_P, w, counts_G, out_dtype, bias_GN=None, activation=None,
+def gather_dot(x_NI, idx_P, w, counts_G, out_dtype, bias_GO=None, activation=None,
                w_nk=False, use_kernel=False):
     """Rows ``x[idx[p]]`` times their group's weights, fp32 accumulation, plus the group's
     bias and ``activation`` on the accumulator. ``idx_P``: a row of x for every output row
     (the rows of group g are the ``counts_G[g]`` after the previous groups'). ``w``: (G, K, N),
     or (G, N, K) with ``w_nk``: a layer's parameters as they are stored, in any dtype: the
     kernel casts each block to x's dtype as it loads it (no transposed or cast copy)."""
-    (T, K), G, P = x_TK.shape, w.shape[0], idx_P.shape[0]
+    K, G, P = x_NI.shape[1], w.shape[0], idx_P.shape[0]
     N = w.shape[1] if w_nk else w.shape[2]
     if use_kernel and (K % BK or N % BN):
         raise ValueError(f"gather_dot's kernel needs K % {BK} == N % {BN} == 0, not {K}, {N}")
     if not use_kernel:
-        w_GKN = (w.mT if w_nk else w).astype(x_TK.dtype)
-        acc = jax.lax.ragged_dot(x_TK[idx_P], w_GKN, counts_G, precision=_precision(x_TK.dtype),
+        w_GIO = (w.mT if w_nk else w).astype(x_NI.dtype)
+        acc = jax.lax.ragged_dot(x_NI[idx_P], w_GIO, counts_G, precision=_precision(x_NI.dtype),
                                  preferred_element_type=f32)
-        if bias_GN is not None:
-            acc = acc + bias_GN[_row_groups(counts_G, P)].astype(f32)
+        if bias_GO is not None:
+            acc = acc + bias_GO[_row_groups(counts_G, P)].astype(f32)
         return (activation(acc) if activation else acc).astype(out_dtype)
     lo_G, hi_G = _bounds(counts_G)
     idx = jnp.concatenate([idx_P.astype(jnp.int32), jnp.zeros(BM, jnp.int32)])  # last block
-    bias = jnp.zeros((G, N), f32) if bias_GN is None else bias_GN
+    bias = jnp.zeros((G, N), f32) if bias_GO is None else bias_GO
     kernel = functools.partial(_gather_dot_kernel, activation=activation, w_nk=w_nk,
-                               precision=_precision(x_TK.dtype))
+                               precision=_precision(x_NI.dtype))
     w_spec = (pl.BlockSpec((None, BN, K), lambda i, j, g: (g, j, 0)) if w_nk
               else pl.BlockSpec((None, K, BN), lambda i, j, g: (g, 0, j)))
-    item = jnp.dtype(x_TK.dtype).itemsize
+    item = jnp.dtype(x_NI.dtype).itemsize
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((P, N), out_dtype),
         in_specs=[pl.no_block_spec, pl.no_block_spec, w_spec,
@@ -95,7 +95,7 @@ def gather_dot(x_TK, idx_P, w, counts_G, out_dtype, bias_GN=None, activation=Non
         grid=(pl.cdiv(P, BM), N // BN, G), name="gather_dot", interpret=INTERPRET,
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
         metadata=_meta(2.0 * P * K * N, 0, P * K * item),
-    )(x_TK, idx, w, bias, lo_G, hi_G)
+    )(x_NI, idx, w, bias, lo_G, hi_G)
 
 
 def _gather_dot_kernel(x_ref, idx_ref, w_ref, b_ref, lo_ref, hi_ref, o_ref, *, activation,

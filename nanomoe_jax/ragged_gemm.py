@@ -1,6 +1,7 @@
 """The experts as grouped GEMMs that read each expert's weights once, inside our own
 ``custom_vjp`` so the backward keeps and re-reads only what it needs: per layer x (N rows) and
-h (N J rows, the compute dtype); the gates' gradient comes from h, not from kept output rows.
+h (N j rows, the compute dtype; j = the experts a token uses, shared and routed); the gates'
+gradient comes from h, not from kept output rows.
 The four GEMMs whose rows are rows of x or of the output gradient gather them in the kernel
 (``gather_gemm.py``, Pallas Triton kernels of our own); the two whose rows are h or dv (dense,
 in the sorted order) are tokamax's ``ragged_dot`` (a maintained Pallas kernel library).
@@ -87,10 +88,10 @@ def compiling_for(device):
         yield
 
 
-def _dot(lhs_AK, rhs_GKN, counts_G, out_dtype, activation=None):
+def _dot(lhs_PI, rhs_GIO, counts_G, out_dtype, activation=None):
     """``out[a] = act(lhs[a] @ rhs[group(a)])``: rows grouped by ``counts_G``; fp32
     accumulation, ``activation`` applied to it in the kernel."""
-    return _tokamax().ragged_dot(lhs_AK, rhs_GKN, counts_G, precision=_precision(lhs_AK.dtype),
+    return _tokamax().ragged_dot(lhs_PI, rhs_GIO, counts_G, precision=_precision(lhs_PI.dtype),
                                  preferred_element_type=out_dtype, activation=activation,
                                  implementation=implementation())
 
@@ -107,50 +108,50 @@ def _kernels() -> bool:
 
 
 @jax.custom_vjp
-def expert_sum(x_NC, gates_NJ, expert_NJ, gates_NE, src_P, pos_NJ, counts_E, w1_EHC, b1_EH,
+def expert_sum(x_NC, gates_Nj, expert_Nj, gates_NE, src_P, pos_Nj, counts_E, w1_EHC, b1_EH,
                w2_ECH, b2_EC):
     """``out[n] = sum_j gates[n, j] (relu(x[n] W1_e^T + b1_e)^2 W2_e^T + b2_e)``, e =
     ``expert[n, j]``, in fp32 (the original weights the experts' outputs in fp32), on the
     padded sorted rows (``src_P``: each row's assignment, token-major, -1 on pads;
-    ``pos_NJ``: each assignment's row; ``counts_E``: rows per expert). ``gates_NE``: the
+    ``pos_Nj``: each assignment's row; ``counts_E``: rows per expert). ``gates_NE``: the
     gates as a (token, expert) matrix, for b2's gradient. Weights are the layer's own
     parameters, cast here: the backward keeps them (a layer scan does not stack them), not a
     bf16 copy."""
-    return _forward(x_NC, gates_NJ, expert_NJ, src_P, pos_NJ, counts_E, w1_EHC, b1_EH,
+    return _forward(x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, w1_EHC, b1_EH,
                     w2_ECH, b2_EC)[0]
 
 
-def _forward(x_NC, gates_NJ, expert_NJ, src_P, pos_NJ, counts_E, w1_EHC, b1_EH, w2_ECH, b2_EC):
+def _forward(x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, w1_EHC, b1_EH, w2_ECH, b2_EC):
     """h = relu(x[token] W1^T + b1)^2 with the rows gathered, the bias added and the
     activation applied in the kernel (on its fp32 accumulator): no pass of their own."""
     dt = x_NC.dtype
-    tok_P = jnp.maximum(src_P, 0) // pos_NJ.shape[1]
+    tok_P = jnp.maximum(src_P, 0) // pos_Nj.shape[1]
     h_PH = gather_dot(x_NC, tok_P, w1_EHC, counts_E, dt, b1_EH, _relu2, w_nk=True,
                       use_kernel=_kernels())
     y_PC = _dot(h_PH, w2_ECH.astype(dt).mT, counts_E, dt)
     # the output bias where the rows are read anyway (b2 is a small, cached table)
-    y_NJC = y_PC[pos_NJ].astype(f32) + b2_EC[expert_NJ].astype(f32)
-    return jnp.einsum("nj,njc->nc", gates_NJ, y_NJC), h_PH
+    y_NjC = y_PC[pos_Nj].astype(f32) + b2_EC[expert_Nj].astype(f32)
+    return jnp.einsum("nj,njc->nc", gates_Nj, y_NjC), h_PH
 
 
-def _fwd(x_NC, gates_NJ, expert_NJ, gates_NE, src_P, pos_NJ, counts_E, *w):
-    out, h_PH = _forward(x_NC, gates_NJ, expert_NJ, src_P, pos_NJ, counts_E, *w)
+def _fwd(x_NC, gates_Nj, expert_Nj, gates_NE, src_P, pos_Nj, counts_E, *w):
+    out, h_PH = _forward(x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, *w)
     # h only: not relu's input (relu(v) = sqrt(h), so relu^2' = 2 sqrt(h)), nor the experts'
     # outputs (the gates' gradient is <dout W2, h> + <dout, b2>, see _bwd)
-    return out, (x_NC, gates_NJ, expert_NJ, gates_NE, src_P, pos_NJ, counts_E, h_PH, *w)
+    return out, (x_NC, gates_Nj, expert_Nj, gates_NE, src_P, pos_Nj, counts_E, h_PH, *w)
 
 
 def _bwd(res, dout_NC):
-    x_NC, gates_NJ, expert_NJ, gates_NE, src_P, pos_NJ, counts_E, h_PH, *w = res
+    x_NC, gates_Nj, expert_Nj, gates_NE, src_P, pos_Nj, counts_E, h_PH, *w = res
     w1_EHC, b1_EH, w2_ECH, b2_EC = w
-    dt, J = x_NC.dtype, pos_NJ.shape[1]
+    dt, j = x_NC.dtype, pos_Nj.shape[1]
     kernels = _kernels()
     # the output gradient in the compute dtype, gathered per row inside the kernels
     # (the barrier: XLA would otherwise fuse the rounding into each reader, reading fp32)
     dout_lo = jax.lax.optimization_barrier(dout_NC.astype(dt))
     src = jnp.maximum(src_P, 0)
-    tok_P = src // J
-    gate_P = jnp.where(src_P >= 0, gates_NJ.reshape(-1)[src], 0.0)[:, None]   # 0 on pads
+    tok_P = src // j
+    gate_P = jnp.where(src_P >= 0, gates_Nj.reshape(-1)[src], 0.0)[:, None]   # 0 on pads
     dhu_PH = gather_dot(dout_lo, tok_P, w2_ECH, counts_E, dt,                # dout W2, ungated
                         use_kernel=kernels).astype(f32)
     h32_PH = h_PH.astype(f32)
@@ -162,30 +163,30 @@ def _bwd(res, dout_NC):
     # other weight gradient here does (fp32 runs: fp32)
     hi = _precision(dt)
     db2_NE = jnp.dot(dout_lo, b2_EC.astype(dt).T, precision=hi, preferred_element_type=f32)
-    dgates_NJ = dg_P[pos_NJ] + jnp.take_along_axis(db2_NE, expert_NJ, axis=1)
+    dgates_Nj = dg_P[pos_Nj] + jnp.take_along_axis(db2_NE, expert_Nj, axis=1)
     drows_PC = _dot(dv_PH, w1_EHC.astype(dt), counts_E, dt)         # W1 is (E, H, C) already
-    dx_NC = drows_PC[pos_NJ].astype(f32).sum(1).astype(dt)          # a gather, no scatter-add
+    dx_NC = drows_PC[pos_Nj].astype(f32).sum(1).astype(dt)          # a gather, no scatter-add
     # the parameters' layouts; b1's gradient as the column sums of dv, in the same kernel
     dw1_EHC, db1_EH = gather_wgrad(dv_PH, x_NC, tok_P, counts_E, "b", colsum=True,
                                    use_kernel=kernels)
     dw2_ECH = gather_wgrad(dout_lo, hg_PH, tok_P, counts_E, "a", use_kernel=kernels)
     db2_EC = jnp.einsum("ne,nc->ec", gates_NE.astype(dt), dout_lo, precision=hi,
                         preferred_element_type=f32)
-    return (dx_NC, dgates_NJ, None, None, None, None, None, dw1_EHC.astype(w1_EHC.dtype),
+    return (dx_NC, dgates_Nj, None, None, None, None, None, dw1_EHC.astype(w1_EHC.dtype),
             db1_EH.astype(b1_EH.dtype), dw2_ECH.astype(w2_ECH.dtype), db2_EC.astype(b2_EC.dtype))
 
 
 expert_sum.defvjp(_fwd, _bwd)
 
 
-def experts(x_NC, gates_NJ, expert_NJ, gates_NE, s, params) -> jax.Array:
-    """The experts' gated sum per token (fp32), nothing dropped, for the (N, J) assignments
-    ``expert_NJ`` with gates ``gates_NJ`` (``gates_NE``: the same as a (token, expert)
+def experts(x_NC, gates_Nj, expert_Nj, gates_NE, s, params) -> jax.Array:
+    """The experts' gated sum per token (fp32), nothing dropped, for the (N, j) assignments
+    ``expert_Nj`` with gates ``gates_Nj`` (``gates_NE``: the same as a (token, expert)
     matrix); ``s``: the assignments sorted by expert (``moe.sort_assignments``); ``params``:
     the stacked (fc_weight, fc_bias, proj_weight, proj_bias) of the E experts."""
-    N, J = expert_NJ.shape
+    N, j = expert_Nj.shape
     i32 = jnp.int32
     src_P = jnp.concatenate([s.order_A.astype(i32), jnp.full((PAD,), -1, i32)])
     counts_E = s.counts_R
-    pos_NJ = s.rank_A.reshape(N, J)
-    return expert_sum(x_NC, gates_NJ, expert_NJ, gates_NE, src_P, pos_NJ, counts_E, *params)
+    pos_Nj = s.rank_A.reshape(N, j)
+    return expert_sum(x_NC, gates_Nj, expert_Nj, gates_NE, src_P, pos_Nj, counts_E, *params)

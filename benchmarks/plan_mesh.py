@@ -150,6 +150,9 @@ def parse_args(argv):
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"folder (default {DEFAULT_OUT})")
     p.add_argument("--save", action="store_true",
                    help="also write benchmarks/results/plan-<target>-<topology>.{json,md}")
+    p.add_argument("--add", action="store_true",
+                   help="add the rows to the plan already in --out (same target and topology), "
+                        "replacing rows of the same model, mesh and A; its commands are kept")
     p.add_argument("--check", action="store_true", help="exit 1 when a bound breaks")
     args = p.parse_args(argv)
     args.models = args.model.split(",")
@@ -187,13 +190,16 @@ def main(argv=None) -> int:
                       f"{target.device_kind} ...", file=sys.stderr, flush=True)
                 rows.append(plan_layout(model, target, args.topology, devices, mesh, A, args.B,
                                         args.T, args.overrides, args.options))
-    report = {"meta": {"command": "python -m benchmarks.plan_mesh " + shlex.join(argv),
+    name = f"plan-{target.name}-{args.topology}"
+    command = "python -m benchmarks.plan_mesh " + shlex.join(argv)
+    if args.add:
+        command, rows = _added(Path(args.out) / f"{name}.json", command, rows)
+    report = {"meta": {"command": command,
                        "date": datetime.datetime.now().isoformat(timespec="seconds"),
                        "target": target.name, "device_kind": target.device_kind,
                        "topology": args.topology, "devices": len(devices), "jax": jax.__version__},
               "rows": rows, "broken": broken_bounds(rows)}
     md = render(report)
-    name = f"plan-{target.name}-{args.topology}"
     for folder in [Path(args.out)] + ([RESULTS] if args.save else []):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{name}.json").write_text(json.dumps(report, indent=1, default=str))
@@ -205,6 +211,21 @@ def main(argv=None) -> int:
             print(f"bound broken: {line}", file=sys.stderr)
         return 1
     return 0
+
+
+def _added(path: Path, command: str, rows: list[dict]) -> tuple[str, list[dict]]:
+    """The plan in ``path`` with ``rows`` added (a new row replaces one of the same model, mesh
+    and A) and ``command`` after its commands ("; "-separated, in the order they ran)."""
+    if not path.exists():
+        return command, rows
+    old = json.loads(path.read_text())
+
+    def key(r):
+        return r["model"], r["mesh"], r["A"]
+
+    new = {key(r) for r in rows}
+    return (f"{old['meta']['command']}; {command}",
+            [r for r in old["rows"] if key(r) not in new] + rows)
 
 
 if __name__ == "__main__":

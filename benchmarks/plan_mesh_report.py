@@ -10,7 +10,8 @@ TOP = 6  # collectives listed per layout
 def render(report: dict) -> str:
     m = report["meta"]
     lines = [f"# Multi-GPU plan: {m['topology']} x {m['device_kind']} ({m['devices']} devices)",
-             "", f"`{m['command']}`  ", f"{m['date']}, jax {m['jax']}, compiled deviceless", "",
+             "", "; ".join(f"`{c}`" for c in m["command"].split("; ")) + "  ",
+             f"{m['date']}, jax {m['jax']}, compiled deviceless", "",
              "| model | mesh | A | peak GiB/device | state GiB/device | collectives GiB/step "
              "| ideal GiB | ratio | FLOPs compiled/analytic | compile s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -8,8 +8,8 @@ from flax import nnx
 
 from nanomoe.config import ModernGPTConfig
 
-from .layers import (Decoding, Attention, GatedMLP, GluMLP, Options, check_sequence_length, embed,
-                     head_and_loss, make_stack, rms_norm, run_stack)
+from .decoder import RMSNormDecoder
+from .layers import Attention, GatedMLP, GluMLP, Options, head_and_loss, rms_norm
 
 
 class Block(nnx.Module):
@@ -27,22 +27,9 @@ class Block(nnx.Module):
         return x_BTC + self.mlp(self.ln2(x_BTC)), None, cache
 
 
-class ModernGPT(Decoding, nnx.Module):
+class ModernGPT(RMSNormDecoder):
     config_class = ModernGPTConfig
-    ignore_index = -1
-
-    def __init__(self, config: ModernGPTConfig, *, rngs: nnx.Rngs, **options):
-        self.config, self.opts = config, Options(**options)
-        opts, c = self.opts, config
-        self.wte = embed(c.vocab_size, c.n_embd, opts, rngs)
-        self.blocks = make_stack(lambda r: Block(c, opts, r), c.n_layer, rngs)
-        self.ln_f = rms_norm(c.n_embd, opts, rngs)
-
-    def hidden(self, idx_BT, cache=None, pos=None):
-        """Final-norm hidden states (and per-layer aux, updated cache) of tokens at pos.."""
-        check_sequence_length(idx_BT.shape[1], self.config.block_size)
-        x_BTC, aux, cache = run_stack(self.blocks, self.wte(idx_BT), self.opts, cache, pos)
-        return self.ln_f(x_BTC), aux, cache
+    block_class = Block
 
     def __call__(self, idx_BT: jax.Array, targets_BT: jax.Array | None = None):
         """``(logits, {'loss': loss or None})``, as the original."""

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nanomoe.text_corpus import CORPUS_FILE
+
 from .results_dir import default_out, where_note
 
 NANOGPT_VAL_LOSS = 1.886  # nanoGPT at this size, same text and steps (issue 15's measurement)
@@ -37,7 +39,7 @@ RECIPES = {"nanogpt": ["--beta2", "0.99", "--data_order", "random"],
            "original": ["--beta2", "0.95", "--data_order", "sequential"]}
 RUNS = ("jax-nanogpt", "torch-nanogpt", "jax-original")
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+DEFAULT_DATA = CORPUS_FILE  # tiny Shakespeare, shipped as train.py's default corpus
 
 
 def command(run: str, data: str, steps: int, log_dir: str) -> list[str]:

@@ -13,8 +13,8 @@ same way afterwards. Binary shards are memory-mapped, never loaded whole.
   token count) then uint16 tokens; the split is chosen by name as for ``.npy``.
 * ``.txt`` text, tokenised when opened: the first 90% of the token stream is ``train``, the last
   10% ``val`` (files of a folder are read in sorted order, joined by the tokenizer's eot).
-* nothing (``data=None``): the Python standard library's own source as text, so that training
-  works on any CPython without a download.
+* nothing (``data=None``): the corpus shipped with the package (Shakespeare's plays, 1.1 MB,
+  ``nanomoe/corpus/``), so that training works without a download.
 
 ``data`` is a folder or a single file, taken literally (``[``, ``*`` and ``?`` are characters of
 the name, not a pattern); for modded-nanogpt's ``fineweb_train_*.bin`` give their folder.
@@ -148,7 +148,7 @@ def open_dataset(data: str | os.PathLike | None, tokenizer: Tokenizer | str | No
         tok = tokenizer or ByteTokenizer()
         tokens = tokenise_once(("<embedded>", max_bytes), tok,
                                 lambda: [embedded_corpus(max_bytes)])
-        return _split_text(tokens, split, "the embedded stdlib corpus", "embedded")
+        return _split_text(tokens, split, "the embedded corpus (Shakespeare)", "embedded")
 
     try:
         return _open_files(str(data), tokenizer, split)

@@ -86,10 +86,10 @@ def test_cpu_unrolls_the_layer_stack():
 
 
 def test_default_prompt_fits_the_data():
-    assert DEFAULT_CORPUS_PROMPT == "def " and ORIGINAL_PROMPT == "Hello, I'm a language model,"
-    assert parse_args([]).sample_prompt == DEFAULT_CORPUS_PROMPT  # the stdlib's source
+    assert DEFAULT_CORPUS_PROMPT == "ROMEO:\n" and ORIGINAL_PROMPT == "Hello, I'm a language model,"
+    assert parse_args([]).sample_prompt == DEFAULT_CORPUS_PROMPT  # Shakespeare's plays
     assert parse_args(["--data", "some.txt"]).sample_prompt == ORIGINAL_PROMPT
-    assert parse_args(["--sample_prompt", "ROMEO:"]).sample_prompt == "ROMEO:"
+    assert parse_args(["--sample_prompt", "JULIET:"]).sample_prompt == "JULIET:"
     assert parse_args(["--data", "x.txt", "--sample_prompt", "import "]).sample_prompt == "import "
 
 

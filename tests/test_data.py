@@ -174,7 +174,7 @@ def test_unreadable_file(tmp_path, monkeypatch):
 def test_embedded_corpus():
     text = embedded_corpus()
     assert len(text.encode()) > 2**20 and text == embedded_corpus()
-    assert "def " in text and len(embedded_corpus(1000).encode()) <= 1000
+    assert "ROMEO:" in text and len(embedded_corpus(1000).encode()) <= 1000
     train = open_dataset(None, split="train")
     val = open_dataset(None, "byte", "val")
     assert train.format == "embedded" and data_format(None) == "embedded"

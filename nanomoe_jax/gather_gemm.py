@@ -48,7 +48,8 @@ def _meta(flops: float, operand: int, gathered_bytes: float) -> dict:
             "gathered_bytes": str(float(gathered_bytes))}
 
 
-def _precision(dtype):
+def matmul_precision(dtype):
+    """fp32 operands multiply in fp32 (the GPU default for fp32 is TF32, 1e-4 off)."""
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == f32 else None
 
 
@@ -72,8 +73,8 @@ def gather_dot(x_NI, idx_P, w, counts_G, out_dtype, bias_GO=None, activation=Non
         raise ValueError(f"gather_dot's kernel needs K % {BK} == N % {BN} == 0, not {K}, {N}")
     if not use_kernel:
         w_GIO = (w.mT if w_nk else w).astype(x_NI.dtype)
-        acc = jax.lax.ragged_dot(x_NI[idx_P], w_GIO, counts_G, precision=_precision(x_NI.dtype),
-                                 preferred_element_type=f32)
+        acc = jax.lax.ragged_dot(x_NI[idx_P], w_GIO, counts_G,
+                                 precision=matmul_precision(x_NI.dtype), preferred_element_type=f32)
         if bias_GO is not None:
             acc = acc + bias_GO[_row_groups(counts_G, P)].astype(f32)
         return (activation(acc) if activation else acc).astype(out_dtype)
@@ -81,7 +82,7 @@ def gather_dot(x_NI, idx_P, w, counts_G, out_dtype, bias_GO=None, activation=Non
     idx = jnp.concatenate([idx_P.astype(jnp.int32), jnp.zeros(BM, jnp.int32)])  # last block
     bias = jnp.zeros((G, N), f32) if bias_GO is None else bias_GO
     kernel = functools.partial(_gather_dot_kernel, activation=activation, w_nk=w_nk,
-                               precision=_precision(x_NI.dtype))
+                               precision=matmul_precision(x_NI.dtype))
     w_spec = (pl.BlockSpec((None, BN, K), lambda i, j, g: (g, j, 0)) if w_nk
               else pl.BlockSpec((None, K, BN), lambda i, j, g: (g, 0, j)))
     item = jnp.dtype(x_NI.dtype).itemsize
@@ -141,12 +142,14 @@ def gather_wgrad(a, b, idx_P, counts_G, gathered: str, colsum=False, use_kernel=
             dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0],
             rhs_group_dimensions=[])
         out = jax.lax.ragged_dot_general(a_PM, b_PN, counts_G, nums,
-                                         precision=_precision(a.dtype), preferred_element_type=f32)
+                                         precision=matmul_precision(a.dtype),
+                                         preferred_element_type=f32)
         sums = jax.ops.segment_sum(a_PM.astype(f32), _row_groups(counts_G, P), G)
         return (out, sums) if colsum else out
     lo_G, hi_G = _bounds(counts_G)
     idx = jnp.concatenate([idx_P.astype(jnp.int32), jnp.zeros(WR, jnp.int32)])
-    kernel = functools.partial(_wgrad_kernel, gathered=gathered, precision=_precision(a.dtype))
+    kernel = functools.partial(_wgrad_kernel, gathered=gathered,
+                               precision=matmul_precision(a.dtype))
     item = jnp.dtype(a.dtype).itemsize
     out_shape = [jax.ShapeDtypeStruct((G, M, N), f32), jax.ShapeDtypeStruct((G, M), f32)]
     out, sums = pl.pallas_call(

@@ -224,12 +224,12 @@ def grouped_dispatch(x_NC, r: Routing, w, tile: int | None = None) -> jax.Array:
 
 
 def tokamax_dispatch(x_NC, r: Routing, params, S: int) -> jax.Array:
-    """Shared and routed experts together through tokamax's grouped GEMM
-    (``nanomoe_jax/ragged_gemm.py``): each token has S + k assignments, the S shared
-    experts' groups are every token in order; each expert's weights read once per GEMM,
-    nothing drops. One kernel path for both kinds of expert: the shared experts' own MLP kept
-    three (N, H) residuals per layer and took the gates' gradient over the hidden width."""
-    N, K = r.top_idx_NK.shape
+    """Shared and routed experts together through grouped GEMMs that read each expert's
+    weights once (``nanomoe_jax/ragged_gemm.py``: tokamax's and ours): each token has S + k
+    assignments, the S shared experts' groups are every token in order; nothing drops. One
+    kernel path for both kinds of expert: the shared experts' own MLP kept three (N, H)
+    residuals per layer and took the gates' gradient over the hidden width."""
+    N = r.top_idx_NK.shape[0]
     expert_Nj = jnp.concatenate([jnp.broadcast_to(jnp.arange(S, dtype=r.top_idx_NK.dtype),
                                                   (N, S)), r.top_idx_NK + S], axis=1)
     gates_Nj = jnp.concatenate([r.gates_NE[:, :S], r.top_gates_NK], axis=1)

@@ -25,7 +25,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from .gather_gemm import gather_dot, gather_wgrad
+from .gather_gemm import gather_dot, gather_wgrad, matmul_precision
 
 f32 = jnp.float32
 PAD = 128  # >= the largest row block tokamax's Triton ragged dot uses (block_k <= 128)
@@ -70,11 +70,6 @@ def implementation() -> str:
     return "triton" if get_default_device().platform in ("gpu", "cuda") else "xla"
 
 
-def _precision(dtype):
-    """fp32 operands multiply in fp32 (tokamax's default is TF32 there, 1e-4 off)."""
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == f32 else None
-
-
 @contextlib.contextmanager
 def compiling_for(device):
     """Tracing and compiling for ``device`` when it is not this machine's (the deviceless
@@ -91,7 +86,8 @@ def compiling_for(device):
 def _dot(lhs_PI, rhs_GIO, counts_G, out_dtype, activation=None):
     """``out[a] = act(lhs[a] @ rhs[group(a)])``: rows grouped by ``counts_G``; fp32
     accumulation, ``activation`` applied to it in the kernel."""
-    return _tokamax().ragged_dot(lhs_PI, rhs_GIO, counts_G, precision=_precision(lhs_PI.dtype),
+    return _tokamax().ragged_dot(lhs_PI, rhs_GIO, counts_G,
+                                 precision=matmul_precision(lhs_PI.dtype),
                                  preferred_element_type=out_dtype, activation=activation,
                                  implementation=implementation())
 
@@ -99,6 +95,8 @@ def _dot(lhs_PI, rhs_GIO, counts_G, out_dtype, activation=None):
 # --- the experts on the sorted rows, and their gated sum per token --------------------------
 
 def _relu2(a):
+    """relu^2 inside a kernel's epilogue (forward only: activations.relu_squared is a
+    custom_vjp, which the Pallas lowering does not take)."""
     return jnp.square(jnp.maximum(a, 0.0))
 
 
@@ -161,7 +159,7 @@ def _bwd(res, dout_NC):
     dg_P = jnp.sum(dhu_PH * h32_PH, axis=1)
     # the small matmuls with b2 read the output gradient in the compute dtype too, as every
     # other weight gradient here does (fp32 runs: fp32)
-    hi = _precision(dt)
+    hi = matmul_precision(dt)
     db2_NE = jnp.dot(dout_lo, b2_EC.astype(dt).T, precision=hi, preferred_element_type=f32)
     dgates_Nj = dg_P[pos_Nj] + jnp.take_along_axis(db2_NE, expert_Nj, axis=1)
     drows_PC = _dot(dv_PH, w1_EHC.astype(dt), counts_E, dt)         # W1 is (E, H, C) already

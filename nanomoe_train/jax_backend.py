@@ -1,6 +1,6 @@
-"""The JAX backend of nanomoe.train_loop: processes and the device mesh, the jitted step and
-evaluation (nanomoe_jax/train.py), orbax checkpoints, export to the original's .pt, sampling.
-train.py calls ``nanomoe_jax.quiet.quiet_checkpoint_echoes`` for its process; this module
+"""The JAX backend of nanomoe.train_loop: the model on the device mesh (jax_mesh.py), the
+jitted step and evaluation (nanomoe_jax/train.py), orbax checkpoints, export to the original's
+.pt, sampling. train.py calls ``nanomoe_jax.quiet.quiet_checkpoint_echoes`` for its process; this module
 changes nothing process-wide."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from conversion.init_from import init_arrays
 from nanomoe.atomic import (as_os_error, atomic_torch_save, check_free_space, describe,
                             write_advice)
-from nanomoe.config import MoeGPTConfig, config_to_dict
-from nanomoe.errors import CheckpointError, ConfigError, NonFiniteError
+from nanomoe.config import config_to_dict
+from nanomoe.errors import CheckpointError, NonFiniteError
 from nanomoe_jax import checkpoint as ckpt
 from nanomoe_jax import compile_cache, create_model
 from nanomoe_jax import sharding as shd
@@ -29,24 +29,7 @@ from nanomoe_jax.train import (all_finite, is_embedding, jit_train_step, loss_an
                                make_optimizer)
 from nanomoe_jax.weights import load_torch_weights, torch_state_dict
 
-
-def initialize_distributed() -> None:
-    """Multi-host: join the other processes when the environment says there are some
-    (JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID, or SLURM / Open MPI, which
-    jax.distributed detects itself). Must run before anything touches a device."""
-    env = os.environ
-    explicit = bool(env.get("JAX_COORDINATOR_ADDRESS"))
-    managed = int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-    if not (explicit or managed):
-        return
-    # CPU processes exchange with gloo (GPUs use NCCL whatever this says)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if explicit:
-        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"],
-                                   num_processes=int(env["JAX_NUM_PROCESSES"]),
-                                   process_id=int(env["JAX_PROCESS_ID"]))
-    else:  # jax.distributed detects SLURM and Open MPI itself
-        jax.distributed.initialize()
+from .jax_mesh import initialize_distributed, make_mesh
 
 
 class JaxBackend:
@@ -64,42 +47,59 @@ class JaxBackend:
         self.manager = None
 
     def setup(self, config, args) -> None:
+        """The mesh, the execution options, the model, its optimizer and sharded state, and
+        the compiled functions, in that order (each step reads what the one before set)."""
         self.config, self.args = config, args
         compile_cache.enable(getattr(args, "compile_cache", None))
-        self.mesh = shd.make_mesh(shd.parse_mesh(args.mesh, jax.device_count()))
-        self.placement = (" ".join(f"{a}={n}" for a, n in self.mesh.shape.items())
-                          + f" over {jax.device_count()} device(s), {self.process_count} process(es)")
+        self.mesh, self.placement = make_mesh(config, args, self.process_count)
+        self.options = self._choose_execution(config, args)
+        params = self._build_model(config, args)
+        self._build_optimizer(config, args, params)
+        self._choose_shardings(config, params)
+        self._init_state(params)
+        self._compile(args)
+
+    def _choose_execution(self, config, args):
+        """execution_options decides per device; flags given on the command line win. What it
+        had to choose against is printed once per run, before the run's first line."""
+        device = jax.devices()[0]
         expert_parallel = self.mesh.shape["expert"] > 1
-        if expert_parallel and not isinstance(config, MoeGPTConfig):
-            raise ConfigError(f"--mesh {args.mesh}: an expert axis needs --model moegpt")
-        if expert_parallel and getattr(args, "moe_dispatch", None) in ("ragged", "grouped"):
-            raise ConfigError("--mesh with an expert axis needs --moe_dispatch capacity or "
-                              "dense (ragged and grouped have no expert-parallel partitioning)")
-        # execution_options decides per device; flags given on the command line win
-        self.options = execution_options(
-            jax.devices()[0], config, devices=self.mesh.size, dtype=args.dtype, scan_layers=args.scan_layers,
-            remat=args.remat, attention_impl=args.attention_impl,
-            loss_chunk_tokens=args.loss_chunk_tokens, row_groups=args.row_groups,
-            moe_dispatch=getattr(args, "moe_dispatch", None),
-            expert_mesh=self.mesh if expert_parallel else None)
-        for note in execution_notes(jax.devices()[0], config, devices=self.mesh.size,
-                                    dtype=args.dtype,
-                                    moe_dispatch=getattr(args, "moe_dispatch", None),
-                                    expert_mesh=self.mesh if expert_parallel else None):
-            if self.process_index == 0:  # once per run, before the run's first line
+        shared = dict(devices=self.mesh.size, dtype=args.dtype,
+                      moe_dispatch=getattr(args, "moe_dispatch", None),
+                      expert_mesh=self.mesh if expert_parallel else None)
+        options = execution_options(
+            device, config, scan_layers=args.scan_layers, remat=args.remat,
+            attention_impl=args.attention_impl, loss_chunk_tokens=args.loss_chunk_tokens,
+            row_groups=args.row_groups, **shared)
+        notes = execution_notes(device, config, **shared)
+        if self.process_index == 0:
+            for note in notes:
                 print(f"note: {note}", flush=True)
+        return options
+
+    def _build_model(self, config, args):
+        """The model as the options say; its parameters, still on the default device."""
         model = create_model(config, args.seed, **options_kwargs(self.options))
         self.graphdef, params = nnx.split(model, nnx.Param)
+        return params
+
+    def _build_optimizer(self, config, args, params) -> None:
+        """AdamW, and the per-parameter lr multipliers (on every device)."""
         self.tx = make_optimizer(config, params, args.weight_decay, args.beta1, args.beta2)
         lr_mult = jax.tree_util.tree_map_with_path(
             lambda path, p: args.embedding_lr_mult if is_embedding(path) else 1.0, params)
+        self.lr_mult = jax.device_put(lr_mult, jax.tree.map(lambda _: self.replicated, lr_mult))
+
+    def _choose_shardings(self, config, params) -> None:
+        """Where the parameters, the optimizer state and the batches live on the mesh."""
         self.param_sharding = shd.tree_shardings(params, self.mesh, config)
         opt_shape = jax.eval_shape(self.tx.init, params)
         self.state_sharding = (self.param_sharding, shd.tree_shardings(opt_shape, self.mesh, config))
         self.batch_sharding = shd.batch_sharding(self.mesh)
-        replicated = NamedSharding(self.mesh, P())
-        self.lr_mult = jax.device_put(lr_mult, jax.tree.map(lambda _: replicated, lr_mult))
-        self._init_state(params)
+
+    def _compile(self, args) -> None:
+        """The four jitted functions: the step, evaluation, gathering the weights, logits."""
+        replicated = self.replicated
         post_update = normalize_weights if getattr(args, "ngpt_normalize_weights", False) else None
         self._step = jit_train_step(self.graphdef, self.tx, self.state_sharding,
                                     self.batch_sharding, replicated, post_update)
@@ -123,6 +123,10 @@ class JaxBackend:
     @property
     def eval_sharding(self) -> NamedSharding:
         return NamedSharding(self.mesh, P(shd.BATCH_AXES))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
 
     def _init_state(self, params) -> None:
         """Parameters placed as the mesh says, AdamW state created in place (never whole on

@@ -51,17 +51,32 @@ class TorchBackend:
         return torch.cuda.mem_get_info(self.device)[1] if self.has_accelerator else None
 
     def setup(self, config, args) -> None:
+        """The execution (autocast), the model, its optimizer, and the compiled forward: the
+        steps of JaxBackend.setup that torch has."""
         self.config, self.args = config, args
+        self.autocast = self._choose_execution(args)
+        self.model = self._build_model(config, args)
+        self._build_optimizer(config, args)
+        self._compile()
+
+    def _choose_execution(self, args):
         dtype = args.dtype or ("bfloat16" if self.has_accelerator else "float32")
-        self.autocast = (torch.autocast(device_type=self.device, dtype=torch.bfloat16)
-                         if dtype == "bfloat16" else nullcontext())
-        self.model = create_model(config, args.seed).to(self.device)
+        return (torch.autocast(device_type=self.device, dtype=torch.bfloat16)
+                if dtype == "bfloat16" else nullcontext())
+
+    def _build_model(self, config, args):
+        model = create_model(config, args.seed).to(self.device)
         # nGPT's --ngpt_normalize_weights: the paper's projection after every applied step
         self.post_step = normalize_weights if getattr(args, "ngpt_normalize_weights", False) else None
+        return model
+
+    def _build_optimizer(self, config, args) -> None:
         self.optimizer = make_optimizer(self.model, config, args.embedding_lr_mult,
                                         fused=self.has_accelerator,
                                         betas=(args.beta1, args.beta2),
                                         weight_decay=args.weight_decay)
+
+    def _compile(self) -> None:
         forward = torch.compile(self.model) if self.has_accelerator else self.model
         if self.ddp:  # the original wraps the compiled model
             forward = DDP(forward, device_ids=[self.device] if self.has_accelerator else None)

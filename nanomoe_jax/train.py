@@ -66,15 +66,65 @@ def slice_loss(graphdef, params, x_BT, y_BT, place_layer=None):
     return losses["loss"], metrics
 
 
-def loss_and_metrics(graphdef, params, x, y, place_layer=None):
+def loss_and_metrics(graphdef, params, x, y, place_layer=None, param_axes=None):
     """``x``: (B, T), or (Y, B, T) for Y data-parallel slices (one per device). Each slice's
     loss is computed on its own, as on one DDP rank (token mean, MoE capacity and balance loss
-    per slice), and the Y losses are averaged, as DDP averages gradients."""
-    one = partial(slice_loss, graphdef, params, place_layer=place_layer)
-    if x.ndim == 2 or x.shape[0] == 1:
-        return one(x.reshape(x.shape[-2:]), y.reshape(y.shape[-2:]))
-    losses_Y, metrics = jax.vmap(one)(x, y)
+    per slice), and the Y losses are averaged, as DDP averages gradients. ``param_axes``: per
+    leaf, 0 where ``params`` holds one copy per slice (its gradient then stays per slice, see
+    accumulate_gradients), None where the slices share the leaf."""
+    one = partial(slice_loss, graphdef, place_layer=place_layer)
+    if param_axes is None and (x.ndim == 2 or x.shape[0] == 1):
+        return one(params, x.reshape(x.shape[-2:]), y.reshape(y.shape[-2:]))
+    losses_Y, metrics = jax.vmap(one, in_axes=(param_axes, 0, 0))(params, x, y)
     return jnp.mean(losses_Y), jax.tree.map(jnp.mean, metrics)
+
+
+def _spec_axes(spec: P) -> set[str]:
+    return {a for entry in spec for a in (entry if isinstance(entry, tuple) else (entry,)) if a}
+
+
+class _Copies:
+    """Where a mesh step keeps its gradients until the one reduction after the micro-batch
+    loop. The Y device slices form F groups (one per index of the ``data`` axis) of G slices
+    (its fsdp x expert devices). Each group gets its own copy of every parameter (on data
+    index f), and within a group each slice gets its own copy of every parameter the group
+    does not split (neither on fsdp nor on expert): the gradient of a copy is its slice's or
+    group's alone, so nothing is reduced per micro-batch but what the splits need (the fsdp
+    reduce-scatter, the expert exchange), and the tied embedding's two uses add up on their
+    device before the one reduction."""
+
+    def __init__(self, grad_sharding, Y: int):
+        self.mesh = jax.tree.leaves(grad_sharding)[0].mesh
+        self.sharding, self.F = grad_sharding, self.mesh.shape["data"]
+        self.G = Y // self.F
+        self.per_slice = jax.tree.map(
+            lambda s: self.G > 1 and not {"fsdp", "expert"} & _spec_axes(s.spec), grad_sharding)
+
+    def axes(self):
+        """in_axes of a group's parameters for the vmap over its G slices (None: one slice, no
+        vmap, the program one device runs)."""
+        if self.G == 1:
+            return None
+        return jax.tree.map(lambda c: 0 if c else None, self.per_slice)
+
+    def pin(self, tree):
+        """Copy (or its gradient) f, g on data index f and the group's device g."""
+        inner = tuple(a for a in ("fsdp", "expert") if self.mesh.shape[a] > 1)
+
+        def one(v, s, c):
+            spec = P("data", inner, *s.spec) if c else P("data", *s.spec)
+            return jax.lax.with_sharding_constraint(v, NamedSharding(self.mesh, spec))
+        return jax.tree.map(one, tree, self.sharding, self.per_slice)
+
+    def make(self, params):
+        def one(p, c):
+            return jnp.broadcast_to(p, (self.F, self.G, *p.shape) if c else (self.F, *p.shape))
+        return self.pin(jax.tree.map(one, params, self.per_slice))
+
+    def reduce(self, grads):
+        """The one reduction: the copies summed in fp32, onto the parameters' shardings."""
+        total = jax.tree.map(lambda g, c: jnp.sum(g, (0, 1) if c else 0), grads, self.per_slice)
+        return jax.lax.with_sharding_constraint(total, self.sharding)
 
 
 def accumulate_gradients(graphdef, params, x_WBT, y_WBT, grad_sharding=None, place_layer=None):
@@ -82,35 +132,30 @@ def accumulate_gradients(graphdef, params, x_WBT, y_WBT, grad_sharding=None, pla
     ``lax.scan`` so only one micro-batch's activations are alive at a time. The micro-batches
     may be (W, B, T) or (W, Y, B, T) (Y device slices each).
 
-    On a mesh (``grad_sharding``: the parameters' NamedShardings) the Y slices form F groups,
-    one per index of the ``data`` axis, and each group differentiates its loss with respect to
-    its own copy of the parameters (a broadcast: on each device, its own shard). Each group's
-    gradient (summed over its fsdp/expert devices inside the backward: a reduce-scatter onto
-    the fsdp shards) is carried through the micro-batch loop on its own devices, and the
-    groups are summed once after it, in fp32: one data-parallel reduction per optimizer step
-    whatever W, the tied embedding's two uses included. Left to XLA, every micro-batch's
-    gradient was all-reduced, in bf16 for the layers."""
+    On a mesh (``grad_sharding``: the parameters' NamedShardings) the gradient is taken with
+    respect to per-group and per-slice copies of the parameters (:class:`_Copies`), carried
+    through the micro-batch loop where it was made and summed once after it, in fp32: one
+    reduction per optimizer step whatever W, the tied embedding's two uses included. Left to
+    XLA, every micro-batch's gradient was all-reduced, in bf16 for the layers, and the
+    embedding's twice."""
     x_WYBT, y_WYBT = (x_WBT[:, None], y_WBT[:, None]) if x_WBT.ndim == 3 else (x_WBT, y_WBT)
     W, Y = x_WYBT.shape[:2]
-    mesh = jax.tree.leaves(grad_sharding)[0].mesh if grad_sharding is not None else None
-    F = mesh.shape["data"] if mesh is not None else 1
     slice_losses = partial(loss_and_metrics, graphdef, place_layer=place_layer)
-    if F == 1:  # one group: no copies, the gradient of the parameters themselves
+    if grad_sharding is None:  # one device: the gradient of the parameters themselves
         grad_fn = jax.value_and_grad(slice_losses, has_aux=True)
-        params_F, x, y, pin = params, x_WYBT, y_WYBT, (lambda g: g)
+        params_F, x, y, pin, reduce, n = params, x_WYBT, y_WYBT, (lambda g: g), (lambda g: g), W
     else:
-        def pin(tree):  # group f's copy (or gradient) lives on data index f
-            return jax.tree.map(lambda v, s: jax.lax.with_sharding_constraint(
-                v, NamedSharding(mesh, P("data", *s.spec))), tree, grad_sharding)
+        copies = _Copies(grad_sharding, Y)
+        F, G, axes = copies.F, copies.G, copies.axes()
 
-        def group_losses(p_F, x_FYBT, y_FYBT):  # here Y: the slices of one group
-            loss_F, metrics_F = jax.vmap(slice_losses, spmd_axis_name="data")(p_F, x_FYBT,
-                                                                               y_FYBT)
+        def group_losses(p_F, x_FGBT, y_FGBT):
+            one = partial(slice_losses, param_axes=axes)
+            loss_F, metrics_F = jax.vmap(one, spmd_axis_name="data")(p_F, x_FGBT, y_FGBT)
             return jnp.sum(loss_F), jax.tree.map(jnp.mean, metrics_F)
 
         grad_fn = jax.value_and_grad(group_losses, has_aux=True)
-        params_F = pin(jax.tree.map(lambda p: jnp.broadcast_to(p, (F, *p.shape)), params))
-        split = lambda v: v.reshape(W, F, Y // F, *v.shape[2:])  # noqa: E731
+        params_F, pin, reduce, n = copies.make(params), copies.pin, copies.reduce, W * F
+        split = lambda v: v.reshape(W, F, G, *v.shape[2:])  # noqa: E731
         x, y = split(x_WYBT), split(y_WYBT)
 
     def micro(grads, xy):
@@ -122,10 +167,7 @@ def accumulate_gradients(graphdef, params, x_WBT, y_WBT, grad_sharding=None, pla
         grads, metrics = pin(grads), jax.tree.map(lambda m: m[None], metrics)
     else:
         grads, metrics = jax.lax.scan(micro, pin(jax.tree.map(jnp.zeros_like, params_F)), (x, y))
-    if F > 1:  # the one cross-group reduction, fp32
-        grads = jax.lax.with_sharding_constraint(
-            jax.tree.map(lambda g: jnp.sum(g, 0), grads), grad_sharding)
-    return jax.tree.map(lambda g: g / (W * F), grads), jax.tree.map(jnp.mean, metrics)
+    return jax.tree.map(lambda g: g / n, reduce(grads)), jax.tree.map(jnp.mean, metrics)
 
 
 def all_finite(tree) -> jax.Array:

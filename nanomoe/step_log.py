@@ -53,40 +53,56 @@ class StepTimer:
 
 
 class StepLog:
+    """The loop hands it each step's handle (``submit``) and each checkpoint it saved
+    (``saved``); it reads and logs the metrics one step late, and stops the run past
+    --skip_nonfinite non-finite steps, naming the last checkpoint saved."""
+
     def __init__(self, args, backend, logger, losses: dict, start_step: int,
                  flops_per_step: float, peak: float | None):
-        self.args, self.backend, self.logger, self.losses = args, backend, logger, losses
-        self.flops_per_step, self.peak = flops_per_step, peak
-        self.pending: tuple[int, Any, float] | None = None  # (step, handle, lr) not yet read
-        self.timer = StepTimer()
+        self._args, self._backend, self._logger, self._losses = args, backend, logger, losses
+        self._flops_per_step, self._peak = flops_per_step, peak
+        self._pending: tuple[int, Any, float] | None = None  # (step, handle, lr) not yet read
+        self._timer = StepTimer()
         # jax compiles the step at its first call; torch on CPU runs eagerly (the first step
         # only warms caches), on CUDA through torch.compile
         compiles = backend.name == "jax" or getattr(backend, "has_accelerator", False)
-        self.first_label = "compiling" if compiles else "first step"
-        self.skipped = 0
-        self.last_good = f"step {start_step} in {args.log_dir}" if start_step else None
+        self._first_label = "compiling" if compiles else "first step"
+        self._skipped = 0
+        self._last_good = f"step {start_step} in {args.log_dir}" if start_step else None
+
+    def submit(self, step: int, handle: Any, lr: float) -> None:
+        """Step ``step`` was dispatched: log the previous step's metrics now (the device
+        already works on this one), this one's at the next call, or now if it already ran."""
+        self.flush()
+        self._pending = (step, handle, lr)
+        if not self._backend.async_dispatch:
+            self.flush()  # the step ran to completion inside train_step
+
+    def saved(self, done: int, log_dir: str) -> None:
+        """The checkpoint after ``done`` steps is written: the one a non-finite stop names."""
+        self._last_good = f"step {done} in {log_dir}"
 
     def flush(self) -> None:
         """Read and log the pending step's metrics, if any."""
-        if self.pending is None:
+        if self._pending is None:
             return
-        step, handle, lr = self.pending
-        self.pending = None
-        args = self.args
-        metrics = self.backend.fetch(handle)
+        step, handle, lr = self._pending
+        self._pending = None
+        args = self._args
+        metrics = self._backend.fetch(handle)
         if metrics.get("skipped"):
-            self.skipped += 1
-            if self.skipped > args.skip_nonfinite:
-                raise NonFiniteError(nonfinite_message(step, metrics, lr, self.last_good))
+            self._skipped += 1
+            if self._skipped > args.skip_nonfinite:
+                raise NonFiniteError(nonfinite_message(step, metrics, lr, self._last_good))
             print(f"step {step}: non-finite loss or gradient, step skipped "
-                  f"({self.skipped}/{args.skip_nonfinite})", flush=True)
-        metrics["skipped_steps"] = self.skipped
-        dt, first = self.timer.tick()
+                  f"({self._skipped}/{args.skip_nonfinite})", flush=True)
+        metrics["skipped_steps"] = self._skipped
+        dt, first = self._timer.tick()
         record = {"step": step, **metrics, "lr": lr, "dt_ms": 1000 * dt,
                   "tokens_per_sec": args.total_batch_size / dt}
-        if self.peak:
-            record["mfu"] = self.flops_per_step / dt / self.peak
-        self.losses[step] = metrics["loss"]
-        self.logger.log(record)
-        self.logger.progress(record, eta=self.timer.eta(args.max_steps - step - 1),
-                             first=self.first_label if first else None)
+        if self._peak:
+            record["mfu"] = self._flops_per_step / dt / self._peak
+        self._losses[step] = metrics["loss"]
+        self._logger.log(record)
+        self._logger.progress(record, eta=self._timer.eta(args.max_steps - step - 1),
+                              first=self._first_label if first else None)

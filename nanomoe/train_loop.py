@@ -11,7 +11,6 @@ train_eval.py, each step's metrics in step_log.py.
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,9 +26,6 @@ from .step_log import StepLog
 from .train_eval import Run, close_run, evaluate, finish_run, sample
 from .train_setup import model_vocab
 from . import train_setup as setup
-
-# Test hook: make the learning rate infinite at this step (the step must then be refused).
-NAN_HOOK = "NANOMOE_TEST_NAN_AT_STEP"
 
 
 class Backend(Protocol):
@@ -124,7 +120,6 @@ def _train(r: Run, train_loader, start_step: int, grad_accum: int,
     prefetch = Prefetcher(train_loader, depth=2)
     summary: dict[str, Any] = {"losses": {}, "interrupted": None}
     steps = StepLog(args, backend, r.logger, summary["losses"], start_step, flops_per_step, peak)
-    nan_step = int(os.environ.get(NAN_HOOK, -1))
     done = start_step  # steps done (the step printed last is done - 1)
     try:
         for step in range(start_step, args.max_steps):
@@ -134,14 +129,16 @@ def _train(r: Run, train_loader, start_step: int, grad_accum: int,
             if args.sample_every and step > 0 and step % args.sample_every == 0:
                 steps.flush()
                 sample(r, step)
-            _step(r, prefetch, steps, step, grad_accum, step == nan_step)
+            x_WBT, y_WBT = _micro_batches(prefetch, grad_accum)
+            lr = lr_at(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
+            steps.submit(step, backend.train_step(x_WBT, y_WBT, lr), lr)  # read one step late
             done = step + 1
             stop = (args.stop_at is not None and done >= args.stop_at) or bool(stop_signal)
             if done % args.ckpt_interval == 0 or done == args.max_steps or stop:
                 steps.flush()
                 backend.save(args.log_dir, done, {"step": done, "data": prefetch.state_dict(),
                                                   **r.run_info})
-                steps.last_good = f"step {done} in {args.log_dir}"
+                steps.saved(done, args.log_dir)
             if stop_signal:
                 summary["interrupted"] = stop_signal[0]
                 break
@@ -153,34 +150,28 @@ def _train(r: Run, train_loader, start_step: int, grad_accum: int,
         raise
     finally:
         prefetch.close()
+    return _end(r, summary, start_step, done)
+
+
+def _micro_batches(prefetch: Prefetcher, grad_accum: int) -> tuple[np.ndarray, np.ndarray]:
+    """One optimizer step's grad_accum micro-batches, stacked: (W, B, T) inputs and targets."""
+    batches = [prefetch.next_batch() for _ in range(grad_accum)]
+    return np.stack([b[0] for b in batches]), np.stack([b[1] for b in batches])
+
+
+def _end(r: Run, summary: dict, start_step: int, done: int) -> dict:
+    """Stopped early (a signal, --stop_at): say how to continue; else the run's last steps."""
     if summary["interrupted"]:
         print(f"Stopped by {summary['interrupted']} after {done} steps (the last printed: step "
               f"{done - 1}); the checkpoint is saved. "
               f"Continue with the same command plus --resume.", flush=True)
         return close_run(r, summary)
-    if args.stop_at is not None and args.stop_at < args.max_steps:
+    if r.args.stop_at is not None and r.args.stop_at < r.args.max_steps:
         print(f"Stopped after {done} steps as asked (the last printed: step {done - 1}); "
               "continue with the same flags and "
               "--resume.", flush=True)
         return close_run(r, summary)
     return finish_run(r, summary, start_step)
-
-
-def _step(r: Run, prefetch: Prefetcher, steps: StepLog, step: int, grad_accum: int,
-          nan: bool) -> None:
-    """One optimizer step over grad_accum micro-batches; its metrics are read one step late."""
-    args, backend = r.args, r.backend
-    batches = [prefetch.next_batch() for _ in range(grad_accum)]
-    x_WBT = np.stack([b[0] for b in batches])
-    y_WBT = np.stack([b[1] for b in batches])
-    lr = lr_at(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
-    if nan:  # the NAN_HOOK test hook
-        lr = float("inf")
-    handle = backend.train_step(x_WBT, y_WBT, lr)
-    steps.flush()  # the previous step's metrics: the device already works on this one
-    steps.pending = (step, handle, lr)
-    if not backend.async_dispatch:
-        steps.flush()  # the step ran to completion inside train_step
 
 
 def main(argv: list[str], make_backend, early_signals: list[str] | None = None) -> int:

@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 
 from nanomoe.errors import DataError
 from nanomoe.loader import DataLoader
+from nanomoe.schedule import lr_at
+from nanomoe import train_loop
 from nanomoe.train_loop import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,24 +127,31 @@ def test_sigterm_saves_and_exits_zero(framework, text_file, tmp_path):
     assert steps == list(range(12))
 
 
+def infinite_lr_at(monkeypatch, bad_step):
+    """The fault, injected from here: the loop's learning rate is infinite at ``bad_step``
+    (its update makes the weights non-finite: the backend must refuse the step)."""
+    monkeypatch.setattr(train_loop, "lr_at", lambda step, *a: (
+        float("inf") if step == bad_step else lr_at(step, *a)))
+
+
 @pytest.mark.parametrize("framework", ["jax", "torch"])
 def test_nan_stops_and_keeps_the_last_good_checkpoint(framework, text_file, tmp_path, capsys,
                                                       monkeypatch):
     log = tmp_path / "run"
-    monkeypatch.setenv("NANOMOE_TEST_NAN_AT_STEP", "7")
+    infinite_lr_at(monkeypatch, 7)
     assert main(tiny(framework, text_file, log), lambda: _backend(framework)) == 2
     err = capsys.readouterr().err
     assert "step 7" in err or "step 8" in err  # torch notices on the step after the bad update
     assert "last good checkpoint is step 6" in err
     # the last good checkpoint is there, finite, and resumable
-    monkeypatch.delenv("NANOMOE_TEST_NAN_AT_STEP")
+    monkeypatch.setattr(train_loop, "lr_at", lr_at)
     assert main(tiny(framework, text_file, log, "--resume"), lambda: _backend(framework)) == 0
     for value in final_weights(log).values():
         assert torch.isfinite(value).all()
 
 
 def test_skip_nonfinite_skips_and_counts(text_file, tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOMOE_TEST_NAN_AT_STEP", "5")
+    infinite_lr_at(monkeypatch, 5)
     assert main(tiny("jax", text_file, tmp_path, "--skip_nonfinite", "1", steps=8),
                 lambda: _backend("jax")) == 0
     records = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "loss" in r]

@@ -21,6 +21,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from .results_dir import default_out
 
@@ -49,10 +50,13 @@ def build_step(config, devices, mesh_spec: str, A: int, B: int, T: int, options=
     from benchmarks.plan import abstract_step_inputs
     from nanomoe_jax import sharding as shd
     from nanomoe_jax.execution import execution_options
+    from nanomoe_train.jax_mesh import check_mesh_flags
 
     mesh = shd.make_mesh(shd.parse_mesh(mesh_spec, len(devices)), devices=devices)
+    flags = SimpleNamespace(mesh=mesh_spec, moe_dispatch=(options or {}).get("moe_dispatch"))
+    check_mesh_flags(mesh, config, flags)  # the refusals train.py would print
     expert = mesh.shape["expert"] > 1
-    opts = execution_options(devices[0], config, devices=mesh.size,
+    opts = execution_options(devices[0], config, split_devices=shd.split_devices(mesh),
                              expert_mesh=mesh if expert else None, **(options or {}))
     step, args = abstract_step_inputs(config, opts, mesh, B, T, A)
     state = args[1]
@@ -77,6 +81,7 @@ def state_bytes_per_device(state) -> int:
 def plan_layout(model: str, target, topology: str, devices, mesh_spec: str, A: int, B: int,
                 T: int, overrides=None, options=None) -> dict:
     from nanomoe_jax.execution import describe
+    from nanomoe_jax.ragged_gemm import compiling_for
 
     from . import hlo, mesh_hlo
     from .plan import analytic_flops, model_config, peak_bytes
@@ -85,8 +90,9 @@ def plan_layout(model: str, target, topology: str, devices, mesh_spec: str, A: i
     config = model_config(model, overrides)
     t0 = time.perf_counter()
     try:
-        step, args, parts = build_step(config, devices, mesh_spec, A, B, T, options)
-        compiled = step.lower(*args).compile()
+        with compiling_for(devices[0]):  # tokamax's kernels for the target, not this machine
+            step, args, parts = build_step(config, devices, mesh_spec, A, B, T, options)
+            compiled = step.lower(*args).compile()
     except Exception as e:  # noqa: BLE001 - a layout that does not compile is a result
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         return row

@@ -73,6 +73,11 @@ def make_mesh(shape: dict[str, int], devices=None) -> Mesh:
                          axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
+def split_devices(mesh: Mesh) -> int:
+    """How many devices one data-parallel replica's step is split over (fsdp x expert)."""
+    return mesh.shape["fsdp"] * mesh.shape["expert"]
+
+
 def _key(entry) -> Any:
     return getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry)))
 

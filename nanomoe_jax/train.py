@@ -127,6 +127,22 @@ class _Copies:
         return jax.lax.with_sharding_constraint(total, self.sharding)
 
 
+def _per_device(slice_losses, mesh, p_F, x_FGBT, y_FGBT):
+    """The F groups' losses when each is one device (a data-only mesh): a ``shard_map``, so
+    each device traces the one-device program on its own slice, custom calls included (the
+    grouped-GEMM kernels, which XLA's partitioner cannot split over the vmapped slices)."""
+    def one(p_1, x_1GBT, y_1GBT):
+        loss, metrics = slice_losses(jax.tree.map(lambda v: v[0], p_1), x_1GBT[0], y_1GBT[0])
+        return loss[None], jax.tree.map(lambda m: m[None], metrics)
+
+    # F over every axis (the others are size 1): an axis left out of a spec would get its
+    # cotangent psum-ed in every micro-batch. check_vma off: Pallas kernels declare outputs
+    # without the per-device typing it checks
+    every = P(tuple(mesh.axis_names))
+    return jax.shard_map(one, mesh=mesh, in_specs=every, out_specs=every,
+                         check_vma=False)(p_F, x_FGBT, y_FGBT)
+
+
 def accumulate_gradients(graphdef, params, x_WBT, y_WBT, grad_sharding=None, place_layer=None):
     """Mean loss gradient over W micro-batches (the original's gradient accumulation), with a
     ``lax.scan`` so only one micro-batch's activations are alive at a time. The micro-batches
@@ -149,8 +165,11 @@ def accumulate_gradients(graphdef, params, x_WBT, y_WBT, grad_sharding=None, pla
         F, G, axes = copies.F, copies.G, copies.axes()
 
         def group_losses(p_F, x_FGBT, y_FGBT):
-            one = partial(slice_losses, param_axes=axes)
-            loss_F, metrics_F = jax.vmap(one, spmd_axis_name="data")(p_F, x_FGBT, y_FGBT)
+            if G == 1:  # data only: each device runs the one-device program on its slice
+                loss_F, metrics_F = _per_device(slice_losses, copies.mesh, p_F, x_FGBT, y_FGBT)
+            else:
+                one = partial(slice_losses, param_axes=axes)
+                loss_F, metrics_F = jax.vmap(one, spmd_axis_name="data")(p_F, x_FGBT, y_FGBT)
             return jnp.sum(loss_F), jax.tree.map(jnp.mean, metrics_F)
 
         grad_fn = jax.value_and_grad(group_losses, has_aux=True)

@@ -64,7 +64,7 @@ class JaxBackend:
         had to choose against is printed once per run, before the run's first line."""
         device = jax.devices()[0]
         expert_parallel = self.mesh.shape["expert"] > 1
-        shared = dict(devices=self.mesh.size, dtype=args.dtype,
+        shared = dict(split_devices=shd.split_devices(self.mesh), dtype=args.dtype,
                       moe_dispatch=getattr(args, "moe_dispatch", None),
                       expert_mesh=self.mesh if expert_parallel else None)
         options = execution_options(

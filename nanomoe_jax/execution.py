@@ -19,8 +19,8 @@ What it picks, and why:
   non-NVIDIA GPUs, other head sizes). Both keep the probabilities of every layer for the
   backward pass: ~10 GB for GPT-2 124M at B=16, T=1024.
 * ``moe_dispatch``: ``"tokamax"`` (a grouped GEMM that reads each expert's weights once,
-  ``ragged_gemm.py``) for MoeGPT on NVIDIA GPUs >= sm_80, on one device or a data-only mesh,
-  when tokamax imports and takes the shapes; ``"grouped"`` on other GPUs or when it refuses, with a note
+  ``ragged_gemm.py``) for MoeGPT on NVIDIA GPUs >= sm_80 without an expert mesh when tokamax
+  imports and takes the shapes; ``"grouped"`` on other GPUs or when it refuses, with a note
   (:func:`execution_notes`, printed once by ``train.py``); the config's otherwise.
 * ``remat="none"``, ``scan_layers=True``, ``loss_chunk_tokens=8192``: the step fits the
   original's configs on a 24 GB card with flash attention, so no recomputation is bought.
@@ -116,8 +116,8 @@ def tokamax_refusal(device: Any, config: Any, dtype: Any) -> str | None:
     return ragged_gemm.unavailable_reason()  # looked up here: tests stand in for it
 
 
-def _moe_choice(device: Any, config: Any, given: dict, dtype: Any,
-                split_devices: int = 1) -> tuple[str | None, str | None]:
+def _moe_choice(device: Any, config: Any, given: dict,
+                dtype: Any) -> tuple[str | None, str | None]:
     """(moe_dispatch, note). On an NVIDIA GPU MoeGPT's routed experts run as tokamax's grouped
     GEMM (each expert's weights read once per GEMM, the useful FLOPs plus 2 x 128 pad rows)
     when it takes the config, else as the ``grouped`` padded tiles (about 1.02x the useful
@@ -125,20 +125,13 @@ def _moe_choice(device: Any, config: Any, given: dict, dtype: Any,
     buffer (1.14x-1.27x on the 4090 plan). An expert-parallel mesh needs ``capacity`` (the only
     back end partitioned over experts), and on CPU the config's choice stays (the tested paths;
     no FLOP budget to meet there). A ``tokamax`` asked for where it refuses becomes
-    ``grouped``, with the reason as the note. Where one data-parallel replica's step is split
-    over several devices (``split_devices``: its fsdp x expert devices) the default is
-    ``capacity``: tokamax's and grouped's kernels are custom calls the SPMD partitioner cannot
-    split, so every device would run every row (capacity's collectives are planned, see
-    benchmarks/plan_mesh.py). Data-parallel copies do not count: each device runs the
-    one-device program on its own slice (nanomoe_jax/train.py). None: the config decides."""
+    ``grouped``, with the reason as the note. A mesh without an expert axis changes nothing:
+    each device runs the one-device program on its own slice (nanomoe_jax/replicas.py).
+    None: the config decides."""
     asked = given.get("moe_dispatch")
     if getattr(config, "moe_dispatch", None) is None or given.get("expert_mesh") is not None:
         return asked, None
     on_gpu = getattr(device, "platform", "cpu") in ("gpu", "cuda")
-    if on_gpu and asked is None and split_devices > 1:
-        return "capacity", (f"moe_dispatch=capacity: the grouped GEMM kernels are not "
-                            f"partitioned over the {split_devices} fsdp x expert devices of "
-                            "one replica yet (a data-only mesh runs them)")
     want = asked or (config.moe_dispatch if not on_gpu else "tokamax")
     if want != "tokamax":
         return asked, None
@@ -149,27 +142,24 @@ def _moe_choice(device: Any, config: Any, given: dict, dtype: Any,
                        f"tile) instead of tokamax's grouped GEMM: {refusal}")
 
 
-def moe_dispatch(device: Any, config: Any, given: dict, split_devices: int = 1) -> str | None:
+def moe_dispatch(device: Any, config: Any, given: dict) -> str | None:
     """The MoE back end :func:`execution_options` picks (see :func:`_moe_choice`)."""
     dtype = given.get("dtype") or default_compute_dtype(device)
-    return _moe_choice(device, config, given, dtype, split_devices)[0]
+    return _moe_choice(device, config, given, dtype)[0]
 
 
-def execution_notes(device: Any, config: Any = None, split_devices: int = 1,
-                    **overrides) -> list[str]:
+def execution_notes(device: Any, config: Any = None, **overrides) -> list[str]:
     """What :func:`execution_options` had to choose against (one line each; ``train.py``
     prints them in its first lines): today, tokamax's grouped GEMM refused or not used."""
     given = {k: v for k, v in overrides.items() if v is not None}
     dtype = given.get("dtype") or default_compute_dtype(device)
-    note = _moe_choice(device, config, given, dtype, split_devices)[1]
+    note = _moe_choice(device, config, given, dtype)[1]
     return [note] if note else []
 
 
-def execution_options(device: Any, config: Any = None, split_devices: int = 1,
-                      **overrides) -> Options:
+def execution_options(device: Any, config: Any = None, **overrides) -> Options:
     """The :class:`Options` a model of ``config`` runs with on ``device`` (see the module
-    docstring), one of the ``split_devices`` that share one data-parallel replica's step
-    (its fsdp x expert devices; ``sharding.split_devices(mesh)``). ``overrides``: any Options field; ``None``
+    docstring). ``overrides``: any Options field; ``None``
     values are ignored, so command-line flags that default to None mean "let this function
     decide"."""
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -185,7 +175,7 @@ def execution_options(device: Any, config: Any = None, split_devices: int = 1,
                   scan_layers=not (cpu and n_layer <= CPU_UNROLL_MAX_LAYERS),
                   loss_chunk_tokens=8192, row_groups=CPU_ROW_GROUPS if cpu else 1)
     chosen.update(given)
-    chosen["moe_dispatch"] = _moe_choice(device, config, given, dtype, split_devices)[0]
+    chosen["moe_dispatch"] = _moe_choice(device, config, given, dtype)[0]
     return Options(**chosen)
 
 

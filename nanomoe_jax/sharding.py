@@ -73,9 +73,16 @@ def make_mesh(shape: dict[str, int], devices=None) -> Mesh:
                          axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
-def split_devices(mesh: Mesh) -> int:
-    """How many devices one data-parallel replica's step is split over (fsdp x expert)."""
-    return mesh.shape["fsdp"] * mesh.shape["expert"]
+def runs_per_device(mesh: Mesh) -> bool:
+    """Whether each device runs the one-device program on its own slice (a shard_map; no
+    expert axis), rather than XLA's partitioner placing the step (an expert axis: the expert
+    exchange is written as sharding constraints). See replicas.py."""
+    return mesh.shape["expert"] == 1
+
+
+def spec_axes(spec: P) -> set[str]:
+    """The mesh axes a PartitionSpec names."""
+    return {a for entry in spec for a in (entry if isinstance(entry, tuple) else (entry,)) if a}
 
 
 def _key(entry) -> Any:
@@ -153,7 +160,12 @@ class Placement:
     partitioner gathered activations instead (16x the bytes). :meth:`outside_layers` gathers the
     weights outside the layers (embeddings, the tied head) once per micro-batch in their own
     dtype: the lookup reads fp32, and one fp32 gather replaces a bf16 gather per loss chunk
-    plus an fp32 one for the lookup. Each gather's gradient is a reduce-scatter."""
+    plus an fp32 one for the lookup. Each gather's gradient is a reduce-scatter.
+
+    Where each device runs its own slice (:func:`runs_per_device`, inside the step's
+    shard_map) the gather is ``all_gather`` over ``fsdp`` and its gradient an fp32
+    ``psum_scatter``, as torch FSDP with ``reduce_dtype=float32``; under XLA's partitioner (an
+    expert axis) they are sharding constraints, and the layers' reduce-scatter is bf16."""
 
     def __init__(self, param_sharding):
         self.layers, self.top, self.mesh = {}, {}, None
@@ -173,10 +185,15 @@ class Placement:
             if spec is None or not isinstance(param, nnx.Param):
                 continue
             value = param[...]
-            whole = P(*[None if a == "fsdp" else a for a in spec])
             dtype = jnp.dtype(dtypes.get(tuple(path)) or value.dtype)
-            param[...] = _gather(value, dtype.name, NamedSharding(self.mesh, whole),
-                                 NamedSharding(self.mesh, spec))
+            param.set_value(self._whole(value, spec, dtype))  # per device: a new shape
+
+    def _whole(self, value, spec, dtype):
+        if runs_per_device(self.mesh):
+            return _all_gather(value, dtype.name, list(spec).index("fsdp"))
+        whole = P(*[None if a == "fsdp" else a for a in spec])
+        return _gather(value, dtype.name, NamedSharding(self.mesh, whole),
+                       NamedSharding(self.mesh, spec))
 
     def __call__(self, block, x):
         self._gather(block, self.layers, compute_dtypes(block, None))
@@ -187,11 +204,7 @@ class Placement:
         def one(path, value):
             keys = tuple(str(_key(k)) for k in path if _key(k) != "value")
             spec = self.top.get(keys)
-            if spec is None:
-                return value
-            whole = P(*[None if a == "fsdp" else a for a in spec])
-            return _gather(value, value.dtype.name, NamedSharding(self.mesh, whole),
-                           NamedSharding(self.mesh, spec))
+            return value if spec is None else self._whole(value, spec, value.dtype)
 
         return jax.tree_util.tree_map_with_path(one, params)
 
@@ -220,3 +233,23 @@ def _gather_bwd(dtype, whole, split, w_zero, g):
 
 
 _gather.defvjp(_gather_fwd, _gather_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _all_gather(w, dtype, dim):
+    """One device's shard of ``w`` gathered whole over ``fsdp`` in ``dtype`` (inside a
+    shard_map); its gradient reduce-scattered in fp32."""
+    return jax.lax.all_gather(w.astype(dtype), "fsdp", axis=dim, tiled=True)
+
+
+def _all_gather_fwd(w, dtype, dim):
+    return _all_gather(w, dtype, dim), jnp.zeros((), w.dtype)
+
+
+def _all_gather_bwd(dtype, dim, w_zero, g):
+    total = jax.lax.psum_scatter(g.astype(jnp.float32), "fsdp", scatter_dimension=dim,
+                                 tiled=True)
+    return (total.astype(w_zero.dtype),)
+
+
+_all_gather.defvjp(_all_gather_fwd, _all_gather_bwd)

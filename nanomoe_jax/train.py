@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nanomoe.config import MoeGPTConfig
 
 from . import sharding as shd
+from .replicas import Copies, per_device_mean
 from .row_groups import grouped_losses
 
 
@@ -79,102 +79,29 @@ def loss_and_metrics(graphdef, params, x, y, place_layer=None, param_axes=None):
     return jnp.mean(losses_Y), jax.tree.map(jnp.mean, metrics)
 
 
-def _spec_axes(spec: P) -> set[str]:
-    return {a for entry in spec for a in (entry if isinstance(entry, tuple) else (entry,)) if a}
-
-
-class _Copies:
-    """Where a mesh step keeps its gradients until the one reduction after the micro-batch
-    loop. The Y device slices form F groups (one per index of the ``data`` axis) of G slices
-    (its fsdp x expert devices). Each group gets its own copy of every parameter (on data
-    index f), and within a group each slice gets its own copy of every parameter the group
-    does not split (neither on fsdp nor on expert): the gradient of a copy is its slice's or
-    group's alone, so nothing is reduced per micro-batch but what the splits need (the fsdp
-    reduce-scatter, the expert exchange), and the tied embedding's two uses add up on their
-    device before the one reduction."""
-
-    def __init__(self, grad_sharding, Y: int):
-        self.mesh = jax.tree.leaves(grad_sharding)[0].mesh
-        self.sharding, self.F = grad_sharding, self.mesh.shape["data"]
-        self.G = Y // self.F
-        self.per_slice = jax.tree.map(
-            lambda s: self.G > 1 and not {"fsdp", "expert"} & _spec_axes(s.spec), grad_sharding)
-
-    def axes(self):
-        """in_axes of a group's parameters for the vmap over its G slices (None: one slice, no
-        vmap, the program one device runs)."""
-        if self.G == 1:
-            return None
-        return jax.tree.map(lambda c: 0 if c else None, self.per_slice)
-
-    def pin(self, tree):
-        """Copy (or its gradient) f, g on data index f and the group's device g."""
-        inner = tuple(a for a in ("fsdp", "expert") if self.mesh.shape[a] > 1)
-
-        def one(v, s, c):
-            spec = P("data", inner, *s.spec) if c else P("data", *s.spec)
-            return jax.lax.with_sharding_constraint(v, NamedSharding(self.mesh, spec))
-        return jax.tree.map(one, tree, self.sharding, self.per_slice)
-
-    def make(self, params):
-        def one(p, c):
-            return jnp.broadcast_to(p, (self.F, self.G, *p.shape) if c else (self.F, *p.shape))
-        return self.pin(jax.tree.map(one, params, self.per_slice))
-
-    def reduce(self, grads):
-        """The one reduction: the copies summed in fp32, onto the parameters' shardings."""
-        total = jax.tree.map(lambda g, c: jnp.sum(g, (0, 1) if c else 0), grads, self.per_slice)
-        return jax.lax.with_sharding_constraint(total, self.sharding)
-
-
-def _per_device(slice_losses, mesh, p_F, x_FGBT, y_FGBT):
-    """The F groups' losses when each is one device (a data-only mesh): a ``shard_map``, so
-    each device traces the one-device program on its own slice, custom calls included (the
-    grouped-GEMM kernels, which XLA's partitioner cannot split over the vmapped slices)."""
-    def one(p_1, x_1GBT, y_1GBT):
-        loss, metrics = slice_losses(jax.tree.map(lambda v: v[0], p_1), x_1GBT[0], y_1GBT[0])
-        return loss[None], jax.tree.map(lambda m: m[None], metrics)
-
-    # F over every axis (the others are size 1): an axis left out of a spec would get its
-    # cotangent psum-ed in every micro-batch. check_vma off: Pallas kernels declare outputs
-    # without the per-device typing it checks
-    every = P(tuple(mesh.axis_names))
-    return jax.shard_map(one, mesh=mesh, in_specs=every, out_specs=every,
-                         check_vma=False)(p_F, x_FGBT, y_FGBT)
-
-
 def accumulate_gradients(graphdef, params, x_WBT, y_WBT, grad_sharding=None, place_layer=None):
     """Mean loss gradient over W micro-batches (the original's gradient accumulation), with a
     ``lax.scan`` so only one micro-batch's activations are alive at a time. The micro-batches
     may be (W, B, T) or (W, Y, B, T) (Y device slices each).
 
     On a mesh (``grad_sharding``: the parameters' NamedShardings) the gradient is taken with
-    respect to per-group and per-slice copies of the parameters (:class:`_Copies`), carried
+    respect to per-group and per-slice copies of the parameters (replicas.py), carried
     through the micro-batch loop where it was made and summed once after it, in fp32: one
     reduction per optimizer step whatever W, the tied embedding's two uses included. Left to
     XLA, every micro-batch's gradient was all-reduced, in bf16 for the layers, and the
     embedding's twice."""
     x_WYBT, y_WYBT = (x_WBT[:, None], y_WBT[:, None]) if x_WBT.ndim == 3 else (x_WBT, y_WBT)
     W, Y = x_WYBT.shape[:2]
-    slice_losses = partial(loss_and_metrics, graphdef, place_layer=place_layer)
     if grad_sharding is None:  # one device: the gradient of the parameters themselves
-        grad_fn = jax.value_and_grad(slice_losses, has_aux=True)
+        grad_fn = jax.value_and_grad(partial(loss_and_metrics, graphdef), has_aux=True)
         params_F, x, y, pin, reduce, n = params, x_WYBT, y_WYBT, (lambda g: g), (lambda g: g), W
     else:
-        copies = _Copies(grad_sharding, Y)
-        F, G, axes = copies.F, copies.G, copies.axes()
-
-        def group_losses(p_F, x_FGBT, y_FGBT):
-            if G == 1:  # data only: each device runs the one-device program on its slice
-                loss_F, metrics_F = _per_device(slice_losses, copies.mesh, p_F, x_FGBT, y_FGBT)
-            else:
-                one = partial(slice_losses, param_axes=axes)
-                loss_F, metrics_F = jax.vmap(one, spmd_axis_name="data")(p_F, x_FGBT, y_FGBT)
-            return jnp.sum(loss_F), jax.tree.map(jnp.mean, metrics_F)
-
-        grad_fn = jax.value_and_grad(group_losses, has_aux=True)
-        params_F, pin, reduce, n = copies.make(params), copies.pin, copies.reduce, W * F
-        split = lambda v: v.reshape(W, F, G, *v.shape[2:])  # noqa: E731
+        copies = Copies(grad_sharding, Y)
+        losses = copies.group_losses(partial(slice_loss, graphdef, place_layer=place_layer),
+                                     partial(loss_and_metrics, graphdef, place_layer=place_layer))
+        grad_fn = jax.value_and_grad(losses, has_aux=True)
+        params_F, pin, reduce, n = copies.make(params), copies.pin, copies.reduce, W * copies.F
+        split = lambda v: v.reshape(W, copies.F, copies.G, *v.shape[2:])  # noqa: E731
         x, y = split(x_WYBT), split(y_WYBT)
 
     def micro(grads, xy):
@@ -226,3 +153,22 @@ def jit_train_step(graphdef, tx, state_sharding, batch_sharding, replicated, pos
                    in_shardings=(replicated, state_sharding, batch_sharding, batch_sharding,
                                  replicated),
                    out_shardings=(state_sharding, replicated))
+
+
+def mesh_loss_and_metrics(graphdef, param_sharding, params, x_YBT, y_YBT):
+    """Evaluation on a mesh: as the step runs, each device on its own slice where it runs per
+    device (fsdp weights gathered layer by layer), else under XLA's partitioner."""
+    if not shd.runs_per_device(jax.tree.leaves(param_sharding)[0].mesh):
+        return loss_and_metrics(graphdef, params, x_YBT, y_YBT)
+    one = partial(slice_loss, graphdef, place_layer=shd.layer_placement(param_sharding))
+    return per_device_mean(one, param_sharding, params, x_YBT, y_YBT)
+
+
+def jit_eval(graphdef, param_sharding, eval_sharding, replicated):
+    """The jitted evaluation: (params, x_YBT, y_YBT) -> (mean loss, mean metrics)."""
+    if eval_sharding.mesh.size == 1:
+        fn = partial(loss_and_metrics, graphdef)
+    else:
+        fn = partial(mesh_loss_and_metrics, graphdef, param_sharding)
+    return jax.jit(fn, in_shardings=(param_sharding, eval_sharding, eval_sharding),
+                   out_shardings=replicated)

@@ -6,7 +6,6 @@ changes nothing process-wide."""
 from __future__ import annotations
 
 import os
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,7 @@ from nanomoe_jax import sharding as shd
 from nanomoe_jax.execution import execution_notes, execution_options, options_kwargs
 from nanomoe_jax.ngpt import normalize_weights
 from nanomoe_jax.sample import generate
-from nanomoe_jax.train import (all_finite, is_embedding, jit_train_step, loss_and_metrics,
+from nanomoe_jax.train import (all_finite, is_embedding, jit_eval, jit_train_step,
                                make_optimizer)
 from nanomoe_jax.weights import load_torch_weights, torch_state_dict
 
@@ -64,7 +63,7 @@ class JaxBackend:
         had to choose against is printed once per run, before the run's first line."""
         device = jax.devices()[0]
         expert_parallel = self.mesh.shape["expert"] > 1
-        shared = dict(split_devices=shd.split_devices(self.mesh), dtype=args.dtype,
+        shared = dict(dtype=args.dtype,
                       moe_dispatch=getattr(args, "moe_dispatch", None),
                       expert_mesh=self.mesh if expert_parallel else None)
         options = execution_options(
@@ -103,10 +102,8 @@ class JaxBackend:
         post_update = normalize_weights if getattr(args, "ngpt_normalize_weights", False) else None
         self._step = jit_train_step(self.graphdef, self.tx, self.state_sharding,
                                     self.batch_sharding, replicated, post_update)
-        self._eval = jax.jit(partial(loss_and_metrics, self.graphdef),
-                             in_shardings=(self.param_sharding, self.eval_sharding,
-                                           self.eval_sharding),
-                             out_shardings=replicated)
+        self._eval = jit_eval(self.graphdef, self.param_sharding, self.eval_sharding,
+                              replicated)
         self._replicate = jax.jit(lambda p: p, out_shardings=jax.tree.map(
             lambda _: replicated, self.param_sharding))  # compiled once, used per sample/export
         self._logits = jax.jit(lambda params, idx: nnx.merge(self.graphdef, params)(idx)[0]

@@ -72,6 +72,10 @@ def results(tmp_path_factory):
         *[{"name": f"{m}-{mesh}", "argv": base_flags(m, data, tmp / f"{m}-{mesh}", "--mesh", mesh),
            "checks": ["fsdp_bytes"] + (["expert_hlo"] if "expert" in mesh else [])}
           for m, mesh in MESHES],
+        # each device runs the one-device program under fsdp: tokamax's grouped GEMM there
+        {"name": "tokamax-data=4,fsdp=2", "argv": base_flags(
+            "moegpt", data, tmp / "tokamax", "--mesh", "data=4,fsdp=2", "--moe_dispatch",
+            "tokamax")},
         {"name": "resume-on-8", "argv": base_flags("moegpt", data, tmp / "from-1", "--resume",
                                                    "--mesh", "data=2,expert=4")},
         {"name": "stop-8", "argv": base_flags("moegpt", data, tmp / "from-8", "--stop_at", "3",
@@ -108,6 +112,13 @@ def test_mesh_matches_one_device(results, model, mesh):
         f"{a}={n}" for a, n in {"data": 1, "fsdp": 1, "expert": 1,
                                 **dict(p.split("=") for p in mesh.split(","))}.items()))
     assert_same_run(result, results[f"ref-{model}"])
+
+
+def test_grouped_gemm_under_fsdp_matches_one_device(results):
+    """MoeGPT with tokamax's grouped GEMM (its XLA reference on CPU) on data=4,fsdp=2 gives
+    the one-device capacity run's losses and weights: each device runs the one-device
+    program on its slice, the fsdp weights gathered and reduce-scattered around it."""
+    assert_same_run(results["tokamax-data=4,fsdp=2"], results["ref-moegpt"])
 
 
 def test_fsdp_shards_params_and_optimizer_state(results):

@@ -309,13 +309,6 @@ def test_execution_options_pick_tokamax_where_it_runs(monkeypatch):
     assert execution_options(cpu, moe).moe_dispatch is None  # the config's capacity
     assert execution_options(gpu, moe, moe_dispatch="capacity").moe_dispatch == "capacity"
     assert execution_options(gpu, moe, expert_mesh=object()).moe_dispatch is None
-    # one replica split over fsdp x expert devices: capacity, whose collectives are planned
-    # (the kernels are not partitioned); data-parallel copies run the one-device program
-    assert execution_options(gpu, moe, split_devices=8).moe_dispatch == "capacity"
-    assert "8 fsdp x expert devices" in execution_notes(gpu, moe, split_devices=8)[0]
-    assert execution_options(gpu, moe, split_devices=8,
-                             moe_dispatch="tokamax").moe_dispatch == "tokamax"
-    assert execution_options(cpu, moe, split_devices=8).moe_dispatch is None
     # refused: an old card, odd sizes; each says why, once
     assert execution_options(old, moe).moe_dispatch == "grouped"
     assert "V100" in execution_notes(old, moe)[0]

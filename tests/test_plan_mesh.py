@@ -117,10 +117,9 @@ def ci_rows():
     from benchmarks.targets import load_target
 
     target = load_target("h100")
-    # capacity: the grouped GEMM's ragged_dot has no batching rule over device slices yet
-    opts = {"moe_dispatch": "capacity"}
-    return {(m, mesh, A): plan_layout(m, target, "1x1x8", devices, mesh, A, 16, 1024,
-                                      options=opts if m.startswith("moe") else None)
+    # the dispatch train.py picks: tokamax on fsdp (each device runs its own slice),
+    # capacity on an expert axis
+    return {(m, mesh, A): plan_layout(m, target, "1x1x8", devices, mesh, A, 16, 1024)
             for m, mesh, A, _ in CI_SET}
 
 
@@ -136,6 +135,19 @@ def test_fsdp_saves_three_quarters_of_the_state_it_shards(ci_rows):
     data, fsdp = ci_rows[("gpt", "data=8", 2)], ci_rows[("gpt", "fsdp=8", 2)]
     sharded = data["state_bytes"] - fsdp["state_bytes"]
     assert data["memory"]["peak"] - fsdp["memory"]["peak"] >= 0.75 * sharded
+
+
+def test_fsdp_gathers_bf16_and_reduces_fp32(ci_rows):
+    """GPT fsdp=8 on 8 H100s: layer weights all-gathered in bf16 inside the layer loop, every
+    gradient reduce-scattered in fp32 (torch FSDP's reduce_dtype=float32), no all-reduce
+    larger than the vectors fsdp leaves whole."""
+    row = ci_rows[("gpt", "fsdp=8", 2)]
+    colls = row["collectives"]
+    layer_gathers = [c for c in colls if c["kind"] == "all-gather" and " > " in c["loop"]]
+    assert layer_gathers and all(c["buffer"].startswith("bf16") for c in layer_gathers), colls
+    scatters = [c for c in colls if c["kind"] == "reduce-scatter"]
+    assert scatters and all(c["buffer"].startswith("f32") for c in scatters), scatters
+    assert all(c["bytes"] < 2**20 for c in colls if c["kind"] == "all-reduce"), colls
 
 
 def test_data_parallel_reduces_gradients_once_in_fp32(ci_rows):
@@ -199,3 +211,16 @@ def test_expert_axis_reduces_the_embedding_once(mesh):
     assert all(256 not in c[5] and c[2] <= shared_bytes + 64 for c in in_loops), in_loops
     after = [c for c in colls if c[0] == "all-reduce" and c[4] == "-" and c[2] >= 4096]
     assert after and all(c[1] == "f32" and c[3] == 1 for c in after), after
+
+
+def test_fsdp_reduce_scatters_gradients_on_cpu_devices():
+    """fsdp=8: each device runs its own slice with its weights all-gathered, and their
+    gradients come back reduce-scattered in every micro-batch; what fsdp leaves whole is
+    reduced once, after the loop. Under XLA's partitioner the gradients were all-reduced in
+    the loop, the embedding's included. (XLA:CPU runs bf16 collectives in fp32: the dtypes
+    are checked on the GPU target, test_fsdp_gathers_bf16_and_reduces_fp32.)"""
+    colls = _cpu_collectives("gpt", "fsdp=8")
+    scatters = [c for c in colls if c[0] == "reduce-scatter"]
+    assert scatters and all(c[4] != "-" for c in scatters), scatters
+    reduces = [c for c in colls if c[0] == "all-reduce" and c[2] >= 4096]
+    assert all(c[3] == 1 and c[4] == "-" and 256 * 64 * 4 > c[2] for c in reduces), reduces

@@ -33,24 +33,33 @@ PAD = 128  # >= the largest row block tokamax's Triton ragged dot uses (block_k 
 
 def _tokamax():
     """tokamax, imported on first use. Its options are absl flags that parse ``sys.argv`` when
-    first read unless parsed already: train.py's own flags would make that raise. It logs a
-    warning per GEMM traced when its autotuning cache has no entry for the shape; we run its
-    heuristic tile sizes on purpose (no autotuning), so that line is dropped."""
+    first read unless parsed already: train.py's own flags would make that raise, so they are
+    marked parsed (the one process-wide change, and only where tokamax is used)."""
     from absl import flags
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     import tokamax
 
-    absl_log = logging.getLogger("absl")
-    if not any(isinstance(f, _NoCacheMiss) for f in absl_log.filters):
-        absl_log.addFilter(_NoCacheMiss())
     return tokamax
 
 
 class _NoCacheMiss(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Autotuning cache miss")
+
+
+@contextlib.contextmanager
+def _no_cache_miss_lines():
+    """tokamax logs a warning per GEMM traced when its autotuning cache has no entry for the
+    shape; we run its heuristic tile sizes on purpose (no autotuning), so while a GEMM is
+    traced that line is dropped."""
+    absl_log, quiet = logging.getLogger("absl"), _NoCacheMiss()
+    absl_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        absl_log.removeFilter(quiet)
 
 
 def unavailable_reason() -> str | None:
@@ -86,10 +95,11 @@ def compiling_for(device):
 def _dot(lhs_PI, rhs_GIO, counts_G, out_dtype, activation=None):
     """``out[a] = act(lhs[a] @ rhs[group(a)])``: rows grouped by ``counts_G``; fp32
     accumulation, ``activation`` applied to it in the kernel."""
-    return _tokamax().ragged_dot(lhs_PI, rhs_GIO, counts_G,
-                                 precision=matmul_precision(lhs_PI.dtype),
-                                 preferred_element_type=out_dtype, activation=activation,
-                                 implementation=implementation())
+    with _no_cache_miss_lines():
+        return _tokamax().ragged_dot(lhs_PI, rhs_GIO, counts_G,
+                                     precision=matmul_precision(lhs_PI.dtype),
+                                     preferred_element_type=out_dtype, activation=activation,
+                                     implementation=implementation())
 
 
 # --- the experts on the sorted rows, and their gated sum per token --------------------------

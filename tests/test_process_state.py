@@ -46,3 +46,16 @@ def test_the_entry_points_quieting_is_process_wide_and_idempotent(monkeypatch):
     other = ValueError("kept")
     sys.excepthook(ValueError, other, None)
     assert seen == [other]
+
+
+def test_tracing_a_grouped_gemm_leaves_the_log_filters_as_they_were():
+    """tokamax's "Autotuning cache miss" lines are dropped only while its GEMM is traced."""
+    import jax.numpy as jnp
+
+    from nanomoe_jax import ragged_gemm
+
+    before = process_state()
+    x = jnp.ones((4 + ragged_gemm.PAD, 8))
+    out = ragged_gemm._dot(x, jnp.ones((2, 8, 16)), jnp.array([3, 1], jnp.int32), jnp.float32)
+    assert out.shape == (4 + ragged_gemm.PAD, 16)
+    assert process_state() == before

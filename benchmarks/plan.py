@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nanomoe.config import GPTConfig, ModernGPTConfig, MoeGPTConfig
+from nanomoe.config import GPTConfig, ModernGPTConfig, MoeGPTConfig, nGPTConfig
 from nanomoe.flops import active_params
 from nanomoe_jax import model_class
 from nanomoe_jax import sharding as shd
@@ -41,6 +41,7 @@ MODELS = {
     "moderngpt": (ModernGPTConfig, dict(vocab_size=50304, n_kv_head=1)),
     "moegpt": (MoeGPTConfig, {}),
     "moegpt-64": (MoeGPTConfig, FINE_MOE),
+    "ngpt": (nGPTConfig, {}),
 }
 BOUNDS = dict(flops_ratio=1.10)  # and peak <= the target's budget, flash attention present
 

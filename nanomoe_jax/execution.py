@@ -23,7 +23,8 @@ What it picks, and why:
   imports and takes the shapes; ``"grouped"`` on other GPUs or when it refuses, with a note
   (:func:`execution_notes`, printed once by ``train.py``); the config's otherwise.
 * ``remat="none"``, ``scan_layers=True``, ``loss_chunk_tokens=8192``: the step fits the
-  original's configs on a 24 GB card with flash attention, so no recomputation is bought.
+  original's configs on a 24 GB card with flash attention, so no recomputation is bought;
+  nGPT on an accelerator takes ``remat="dots"`` (:func:`default_remat`).
 * ``scan_layers=False`` on CPU up to ``CPU_UNROLL_MAX_LAYERS`` layers: XLA's CPU back end
   runs a layer ``scan`` as a loop that zero-fills, slices and copies the stacked per-layer
   residuals every step; at the quick-start sizes that was ~40 % of the step's kernel time and
@@ -41,6 +42,8 @@ import re
 from typing import Any
 
 import jax.numpy as jnp
+
+from nanomoe.config import nGPTConfig
 
 from .gather_gemm import C_MULTIPLE, H_MULTIPLE, fits
 from .layers import Options
@@ -157,6 +160,16 @@ def execution_notes(device: Any, config: Any = None, **overrides) -> list[str]:
     return [note] if note else []
 
 
+def default_remat(device: Any, config: Any) -> str:
+    """``"dots"`` for nGPT on accelerators: its residual stream and normalisations are fp32
+    (the original's autocast promotes them), and keeping every elementwise result for the
+    backward pass planned 28 GiB at the 4090 config (B=16, T=1024), past the card, where
+    XLA's own rematerialisation then ran 1.6x the FLOPs; recomputing all but the matmuls
+    plans 7 GiB and half the time (benchmarks/NOTES.md). ``"none"`` elsewhere: the step fits."""
+    on_cpu = getattr(device, "platform", "cpu") == "cpu"
+    return "dots" if isinstance(config, nGPTConfig) and not on_cpu else "none"
+
+
 def execution_options(device: Any, config: Any = None, **overrides) -> Options:
     """The :class:`Options` a model of ``config`` runs with on ``device`` (see the module
     docstring). ``overrides``: any Options field; ``None``
@@ -171,7 +184,7 @@ def execution_options(device: Any, config: Any = None, **overrides) -> Options:
     attention = ("cudnn" if flash_attention_ok(device, dtype, config)
                  else "custom_vjp" if cpu else "xla")
     n_layer = getattr(config, "n_layer", CPU_UNROLL_MAX_LAYERS + 1)
-    chosen = dict(dtype=dtype, attention_impl=attention, remat="none",
+    chosen = dict(dtype=dtype, attention_impl=attention, remat=default_remat(device, config),
                   scan_layers=not (cpu and n_layer <= CPU_UNROLL_MAX_LAYERS),
                   loss_chunk_tokens=8192, row_groups=CPU_ROW_GROUPS if cpu else 1)
     chosen.update(given)

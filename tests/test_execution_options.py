@@ -78,3 +78,15 @@ def test_moe_dispatch_grouped_on_gpus_unless_asked_or_expert_parallel():
     assert execution_options(gpu, MoeGPTConfig(), expert_mesh=object()).moe_dispatch is None
     assert execution_options(gpu, GPTConfig()).moe_dispatch is None
     assert execution_options(FakeDevice("cpu", "cpu"), MoeGPTConfig()).moe_dispatch is None
+
+
+def test_ngpt_recomputes_all_but_the_matmuls_on_accelerators():
+    """nGPT's fp32 residual stream kept whole planned 28 GiB on the 4090: it takes
+    remat="dots" on GPUs (7 GiB planned), none on CPU; a --remat flag still wins."""
+    from nanomoe import GPTConfig, nGPTConfig
+
+    ngpt = nGPTConfig()
+    assert execution_options(RTX4090, ngpt).remat == "dots"
+    assert execution_options(FakeDevice("cpu", "cpu"), ngpt).remat == "none"
+    assert execution_options(RTX4090, GPTConfig()).remat == "none"
+    assert execution_options(RTX4090, ngpt, remat="none").remat == "none"

@@ -35,7 +35,7 @@ class GPT(Decoding, nnx.Module):
         self.config, self.opts = config, Options(**options)
         opts, c = self.opts, config
         self.wte = embed(c.vocab_size, c.n_embd, opts, rngs)
-        self.wpe = embed(c.block_size, c.n_embd, opts, rngs)
+        self.wpe = embed(c.block_size, c.n_embd, opts, rngs, rows="positions")
         self.blocks = make_stack(lambda r: Block(c, opts, r), c.n_layer, rngs)
         self.ln_f = layer_norm(c.n_embd, opts, rngs)
 

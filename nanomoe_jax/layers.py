@@ -79,29 +79,42 @@ def normal(std: float = 0.02):
     return nnx.initializers.normal(std)
 
 
-def linear(n_in: int, n_out: int, opts: Options, rngs: nnx.Rngs, *, bias: bool = True,
-           std: float = 0.02, dtype: Dtype = None) -> nnx.Linear:
-    """nn.Linear's twin: N(0, std) kernel stored (in, out), zero bias."""
-    return nnx.Linear(n_in, n_out, use_bias=bias, kernel_init=normal(std),
-                      bias_init=nnx.initializers.zeros_init(), dtype=dtype or opts.dtype,
-                      param_dtype=opts.param_dtype, rngs=rngs)
+# Every parameter names its dimensions where it is made (logical axes, docs/dimensions.md);
+# sharding.py maps them onto the mesh. eager_sharding off: the mesh is chosen later.
+def with_axes(init, axes: tuple[str, ...]):
+    return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+def param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def linear(n_in: int, n_out: int, opts: Options, rngs: nnx.Rngs, axes: tuple[str, str], *,
+           bias: bool = True, std: float = 0.02, dtype: Dtype = None) -> nnx.Linear:
+    """nn.Linear's twin: N(0, std) kernel stored (in, out) with logical ``axes``, zero bias."""
+    return nnx.Linear(n_in, n_out, use_bias=bias, kernel_init=with_axes(normal(std), axes),
+                      bias_init=with_axes(nnx.initializers.zeros_init(), axes[1:]),
+                      dtype=dtype or opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
 
 
 # Norms compute and return fp32 (the next matmul casts to ``dtype``), as under autocast.
-def rms_norm(dim: int, opts: Options, rngs: nnx.Rngs) -> nnx.RMSNorm:
+def rms_norm(dim: int, opts: Options, rngs: nnx.Rngs, axis: str = "embed") -> nnx.RMSNorm:
     return norms.RMSNorm(dim, epsilon=1e-5, dtype=jnp.float32, param_dtype=opts.param_dtype,
-                           rngs=rngs)
+                         scale_init=with_axes(nnx.initializers.ones_init(), (axis,)), rngs=rngs)
 
 
 def layer_norm(dim: int, opts: Options, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return norms.LayerNorm(dim, epsilon=1e-5, dtype=jnp.float32, param_dtype=opts.param_dtype,
+                           scale_init=with_axes(nnx.initializers.ones_init(), ("embed",)),
+                           bias_init=with_axes(nnx.initializers.zeros_init(), ("embed",)),
                            rngs=rngs)
 
 
-def embed(n: int, dim: int, opts: Options, rngs: nnx.Rngs) -> nnx.Embed:
-    """Lookups return fp32 rows (the residual stream); :func:`tied_logits` reads it in dtype."""
-    return nnx.Embed(n, dim, embedding_init=normal(0.02), dtype=jnp.float32,
-                     param_dtype=opts.param_dtype, rngs=rngs)
+def embed(n: int, dim: int, opts: Options, rngs: nnx.Rngs, rows: str = "vocab") -> nnx.Embed:
+    """Lookups return fp32 rows (the residual stream); :func:`tied_logits` reads it in dtype.
+    ``rows``: the logical axis of the table's rows (the vocabulary, or positions)."""
+    return nnx.Embed(n, dim, embedding_init=with_axes(normal(0.02), (rows, "embed")),
+                     dtype=jnp.float32, param_dtype=opts.param_dtype, rngs=rngs)
 
 
 def tied_logits(wte: nnx.Embed, h: jax.Array, dtype: Dtype) -> jax.Array:
@@ -140,10 +153,12 @@ class Attention(nnx.Module):
                  double_scale: bool = False, out_std: float = 0.02):
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, n_embd // n_head
         self.rope_base, self.attention_impl, self.dtype = rope_base, opts.attention_impl, opts.dtype
-        self.c_qkv = linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, opts, rngs, bias=bias)
-        self.out_proj = linear(n_embd, n_embd, opts, rngs, bias=bias, std=out_std)
-        self.q_norm = rms_norm(self.head_dim, opts, rngs) if qk_norm else None
-        self.k_norm = rms_norm(self.head_dim, opts, rngs) if qk_norm else None
+        self.c_qkv = linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, opts, rngs,
+                            ("embed", "qkv"), bias=bias)
+        self.out_proj = linear(n_embd, n_embd, opts, rngs, ("heads", "embed"), bias=bias,
+                               std=out_std)
+        self.q_norm = rms_norm(self.head_dim, opts, rngs, "head_dim") if qk_norm else None
+        self.k_norm = rms_norm(self.head_dim, opts, rngs, "head_dim") if qk_norm else None
         # The original's quirk: 1/sqrt(hd) applied twice gives logits q.k / hd
         # (docs/original.md#moderngpt).
         self.scale = 1.0 / self.head_dim if double_scale else 1.0 / math.sqrt(self.head_dim)
@@ -171,12 +186,15 @@ class Attention(nnx.Module):
         return self.out_proj(y_BTQD.reshape(B, T, C)), cache
 
 
+IN_MLP, OUT_MLP = ("embed", "mlp"), ("mlp", "embed")  # the MLPs' matrices
+
+
 class GeluMLP(nnx.Module):
     """GPT-2: ``c_proj(gelu_tanh(c_fc(x)))``."""
 
     def __init__(self, n_embd: int, hidden: int, opts: Options, rngs: nnx.Rngs, out_std=0.02):
-        self.c_fc = linear(n_embd, hidden, opts, rngs)
-        self.c_proj = linear(hidden, n_embd, opts, rngs, std=out_std)
+        self.c_fc = linear(n_embd, hidden, opts, rngs, IN_MLP)
+        self.c_proj = linear(hidden, n_embd, opts, rngs, OUT_MLP, std=out_std)
 
     def __call__(self, x):
         return self.c_proj(gelu_tanh(self.c_fc(x)))
@@ -186,8 +204,8 @@ class GluMLP(nnx.Module):
     """``c_proj(a * silu(b))`` with ``a, b = split(c_fc(x))`` (ModernGPT's default)."""
 
     def __init__(self, n_embd: int, hidden: int, opts: Options, rngs: nnx.Rngs, bias=True):
-        self.c_fc = linear(n_embd, 2 * hidden, opts, rngs, bias=bias)
-        self.c_proj = linear(hidden, n_embd, opts, rngs, bias=bias)
+        self.c_fc = linear(n_embd, 2 * hidden, opts, rngs, IN_MLP, bias=bias)
+        self.c_proj = linear(hidden, n_embd, opts, rngs, OUT_MLP, bias=bias)
 
     def __call__(self, x):
         a, b = jnp.split(self.c_fc(x), 2, axis=-1)
@@ -198,9 +216,9 @@ class GatedMLP(nnx.Module):
     """Llama's SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
 
     def __init__(self, n_embd: int, hidden: int, opts: Options, rngs: nnx.Rngs, bias=True):
-        self.gate_proj = linear(n_embd, hidden, opts, rngs, bias=bias)
-        self.up_proj = linear(n_embd, hidden, opts, rngs, bias=bias)
-        self.down_proj = linear(hidden, n_embd, opts, rngs, bias=bias)
+        self.gate_proj = linear(n_embd, hidden, opts, rngs, IN_MLP, bias=bias)
+        self.up_proj = linear(n_embd, hidden, opts, rngs, IN_MLP, bias=bias)
+        self.down_proj = linear(hidden, n_embd, opts, rngs, OUT_MLP, bias=bias)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -210,8 +228,8 @@ def make_stack(make_block: Callable[[nnx.Rngs], nnx.Module], n_layer: int,
                rngs: nnx.Rngs) -> nnx.Module:
     """``n_layer`` blocks whose parameters are stacked on a leading layer axis."""
 
-    @nnx.split_rngs(splits=n_layer)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
+    @nnx.split_rngs(splits=n_layer)  # each parameter's axes gain a leading "layers"
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def build(rngs):
         return make_block(rngs)
 

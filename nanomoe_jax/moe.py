@@ -33,7 +33,7 @@ from .activations import relu_squared
 from .expert_mlps import expert_ffn, shared_experts
 from .expert_parallel import expert_parallel_dispatch
 from .grouped import pick_tile, tile_layout, tiled_matmul
-from .layers import Options, linear, normal
+from .layers import Options, linear, normal, param
 from .ragged_gemm import experts
 
 f32 = jnp.float32
@@ -113,13 +113,17 @@ class MoE(nnx.Module):
     def __init__(self, c: MoeGPTConfig, opts: Options, rngs: nnx.Rngs):
         self.config, self.opts = c, opts
         E, H, C = c.n_total_experts, c.expert_hidden, c.n_embd
-        # the router computes in fp32 whatever the activations' dtype
-        self.gate_linear = linear(C, E, opts, rngs, bias=c.use_bias, dtype=f32)
+        # the router computes in fp32 whatever the activations' dtype; its E outputs are
+        # "router", not "experts": every device scores every expert for its own tokens
+        self.gate_linear = linear(C, E, opts, rngs, ("embed", "router"), bias=c.use_bias,
+                                  dtype=f32)
         pd = opts.param_dtype
-        self.fc_weight = nnx.Param(normal(0.02)(rngs.params(), (E, H, C), pd))
-        self.fc_bias = nnx.Param(jnp.zeros((E, H), pd))
-        self.proj_weight = nnx.Param(jnp.zeros((E, C, H), pd))  # the original starts it at 0
-        self.proj_bias = nnx.Param(jnp.zeros((E, C), pd))
+        self.fc_weight = param(normal(0.02)(rngs.params(), (E, H, C), pd),
+                               ("experts", "mlp", "embed"))
+        self.fc_bias = param(jnp.zeros((E, H), pd), ("experts", "mlp"))
+        # the original starts it at 0
+        self.proj_weight = param(jnp.zeros((E, C, H), pd), ("experts", "embed", "mlp"))
+        self.proj_bias = param(jnp.zeros((E, C), pd), ("experts", "embed"))
 
     def __call__(self, x_BTC: jax.Array) -> tuple[jax.Array, dict]:
         # the scope names the layer's kernels in the compiled program (the plan's MoE bytes)

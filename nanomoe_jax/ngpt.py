@@ -17,8 +17,8 @@ from nanomoe.config import nGPTConfig
 from nanomoe.rope import rope_table
 
 from .attention import KVCache, attend
-from .layers import (Decoding, Options, apply_rope, check_sequence_length, embed, head_and_loss,
-                     linear, make_stack, rms_norm, run_stack)
+from .layers import (IN_MLP, OUT_MLP, Decoding, Options, apply_rope, check_sequence_length, embed,
+                     head_and_loss, linear, make_stack, param, rms_norm, run_stack)
 
 f32 = jnp.float32
 ROPE_BASE = 10000.0
@@ -56,15 +56,18 @@ class Block(nnx.Module):
         C, s = c.n_embd, c.base_scale
         self.config, self.dtype, self.attention_impl = c, opts.dtype, opts.attention_impl
         self.n_head, self.head_dim = c.n_head, C // c.n_head
-        vector = lambda n, v: nnx.Param(jnp.full((n,), v, opts.param_dtype))  # noqa: E731
+
+        def vector(n, v, axis="embed"):
+            return param(jnp.full((n,), v, opts.param_dtype), (axis,))
+
         self.attn_alpha = vector(C, ALPHA_TARGET * s)
         self.mlp_alpha = vector(C, ALPHA_TARGET * s)
         self.sqk = vector(C, s)
-        self.suv = vector(8 * C, s)
-        self.c_attn = linear(C, 3 * C, opts, rngs, bias=False, std=s)
-        self.attn_out = linear(C, C, opts, rngs, bias=False, std=s)
-        self.c_mlp = linear(C, 8 * C, opts, rngs, bias=False, std=s)
-        self.mlp_out = linear(4 * C, C, opts, rngs, bias=False, std=s)
+        self.suv = vector(8 * C, s, "mlp")
+        self.c_attn = linear(C, 3 * C, opts, rngs, ("embed", "qkv"), bias=False, std=s)
+        self.attn_out = linear(C, C, opts, rngs, ("heads", "embed"), bias=False, std=s)
+        self.c_mlp = linear(C, 8 * C, opts, rngs, IN_MLP, bias=False, std=s)
+        self.mlp_out = linear(4 * C, C, opts, rngs, OUT_MLP, bias=False, std=s)
         self.rms_att = rms_norm(C, opts, rngs)
         self.rms_mlp = rms_norm(C, opts, rngs)
 
@@ -128,23 +131,19 @@ class nGPT(Decoding, nnx.Module):  # noqa: N801 - the original's name
         return logits_BTV, {"loss": loss}
 
 
-# The paper's weight projection (--ngpt_normalize_weights): parameter path -> the axis of the
-# JAX array that holds the embedding dimension (layer-stacked kernels are (L, in, out)).
-NORM_AXES = {("wte", "embedding"): -1, ("blocks", "c_attn", "kernel"): -2,
-             ("blocks", "c_mlp", "kernel"): -2, ("blocks", "attn_out", "kernel"): -1,
-             ("blocks", "mlp_out", "kernel"): -1}
-
-
 def normalize_weights(params):
-    """Every weight vector along the embedding axis to unit norm, as
-    ``nanomoe_torch.ngpt.normalize_weights`` does (same vectors, same numbers)."""
-    def one(path, p):
-        keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-        keys = tuple(k for k in keys if k != "value")
-        axis = NORM_AXES.get(keys)
-        if axis is None:
-            return p
-        norm = jnp.sqrt(jnp.sum(p * p, axis=axis, keepdims=True))
-        return p / jnp.maximum(norm, 1e-12)
+    """The paper's weight projection (--ngpt_normalize_weights): every weight matrix to unit
+    norm along the axis it declares ``embed`` (each parameter's logical axes, layers.py), as
+    ``nanomoe_torch.ngpt.normalize_weights`` does (same vectors, same numbers). Vectors
+    (scales, norms) are left alone."""
+    def one(var):
+        if not isinstance(var, nnx.Variable):
+            return var
+        axes = var.get_metadata("out_sharding")
+        if sum(a != "layers" for a in axes) < 2:
+            return var
+        axis = axes.index("embed")
+        return jax.tree.map(lambda p: p / jnp.maximum(
+            jnp.sqrt(jnp.sum(p * p, axis=axis, keepdims=True)), 1e-12), var)
 
-    return jax.tree_util.tree_map_with_path(one, params)
+    return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))

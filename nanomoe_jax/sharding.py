@@ -32,12 +32,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from nanomoe.config import MoeGPTConfig
 from nanomoe.errors import ConfigError
 
 AXES = ("data", "fsdp", "expert")
 BATCH_AXES = AXES  # every device takes its own rows of the batch
-EXPERT_PARAMS = ("fc_weight", "fc_bias", "proj_weight", "proj_bias")  # MoE (L, E, ...) arrays
+LAYERS, EXPERTS = "layers", "experts"  # the logical axes the rule treats apart
 
 
 def parse_mesh(spec: str | None, n_devices: int) -> dict[str, int]:
@@ -89,38 +88,63 @@ def _key(entry) -> Any:
     return getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry)))
 
 
-def param_spec(path, shape: tuple[int, ...], mesh: Mesh, config) -> P:
-    """Where one parameter (or an optimizer moment of the same shape) lives. Layer-stacked
-    arrays (under ``blocks``) keep their leading layer axis whole: the scan slices it."""
-    keys = [_key(k) for k in path]
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def declared_axes(variable: nnx.Variable) -> tuple[str, ...]:
+    """The logical axes a parameter declared where it was made (layers.with_axes / param;
+    the layer stack adds ``layers``). One name per dimension, else an error: a parameter
+    left undeclared must not silently end up replicated."""
+    axes = variable.get_metadata("out_sharding", None)
+    shape = tuple(getattr(variable.get_value(), "shape", ()))  # a sharding's: not checked
+    if axes is None or (shape and len(axes) != len(shape)):
+        raise ValueError(f"a parameter of shape {shape} declares logical axes {axes}: declare "
+                         "one name per dimension where it is made (nanomoe_jax/layers.py, "
+                         "with_axes or param; docs/dimensions.md)")
+    return tuple(axes)
+
+
+def axes_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
+    """The one placement rule, from logical axes to mesh axes. ``layers`` is never split (the
+    scan slices it); ``experts`` goes on ``expert`` when that axis has several devices;
+    fsdp splits a matrix (two or more dimensions besides ``layers``) along its largest other
+    dimension divisible by the axis size."""
     spec: list[Any] = [None] * len(shape)
-    first = 1 if "blocks" in keys else 0
     expert_size, fsdp_size = mesh.shape["expert"], mesh.shape["fsdp"]
-    if (expert_size > 1 and isinstance(config, MoeGPTConfig)
-            and any(k in EXPERT_PARAMS for k in keys) and len(shape) > first):
-        if shape[first] % expert_size:
-            raise ConfigError(f"--mesh expert={expert_size}: {shape[first]} experts cannot be "
+    free = [d for d, a in enumerate(axes) if a != LAYERS]
+    if expert_size > 1 and EXPERTS in axes:
+        d = axes.index(EXPERTS)
+        if shape[d] % expert_size:
+            raise ConfigError(f"--mesh expert={expert_size}: {shape[d]} experts cannot be "
                               f"split over {expert_size} devices; choose an expert axis size "
                               "that divides n_experts * m_sub_experts")
-        spec[first] = "expert"
-        first += 1
+        spec[d] = "expert"
     # fsdp splits matrices only: a vector is a rounding error of the state, and gathering
     # one would cost a collective per layer for nothing
-    if fsdp_size > 1 and len(shape) - (1 if "blocks" in keys else 0) >= 2:
-        dims = [d for d in range(first, len(shape)) if shape[d] % fsdp_size == 0]
+    if fsdp_size > 1 and len(free) >= 2:
+        dims = [d for d in free if spec[d] is None and shape[d] % fsdp_size == 0]
         if dims:  # the largest divisible dimension; small odd vectors stay replicated
             spec[max(dims, key=lambda d: shape[d])] = "fsdp"
     return P(*spec)
 
 
-def tree_shardings(tree, mesh: Mesh, config):
-    """NamedShardings for a pytree of arrays (parameters, or optimizer state holding
-    parameter-shaped moments under the same names); scalars are replicated."""
-    def one(path, x):
-        shape = tuple(getattr(x, "shape", ()))
-        return NamedSharding(mesh, param_spec(path, shape, mesh, config) if shape else P())
+def tree_shardings(tree, mesh: Mesh, config=None):
+    """NamedShardings for the parameters (an nnx.State of Params), or for optimizer state
+    built from them: optax maps over the Params, so each moment is a Param carrying its
+    parameter's declared axes and gets its parameter's spec. Scalars (the step count) are
+    replicated; any other array without declared axes is an error. The result keeps the
+    tree's Variables (with their axes). ``config``: unused, the axes say everything."""
+    def one(x):
+        if _is_variable(x):
+            spec = axes_spec(declared_axes(x), tuple(x.get_value().shape), mesh)
+            return jax.tree.map(lambda _: NamedSharding(mesh, spec), x)
+        if getattr(x, "shape", ()) == ():
+            return NamedSharding(mesh, P())
+        raise ValueError(f"an array of shape {x.shape} outside any parameter: no declared "
+                         "logical axes to place it by")
 
-    return jax.tree_util.tree_map_with_path(one, tree)
+    return jax.tree.map(one, tree, is_leaf=_is_variable)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -169,13 +193,15 @@ class Placement:
 
     def __init__(self, param_sharding):
         self.layers, self.top, self.mesh = {}, {}, None
-        for path, s in jax.tree_util.tree_flatten_with_path(param_sharding)[0]:
-            keys = tuple(str(_key(k)) for k in path if _key(k) != "value")
+        flat = jax.tree_util.tree_flatten_with_path(param_sharding, is_leaf=_is_variable)[0]
+        for path, var in flat:
+            keys, s, axes = tuple(str(_key(k)) for k in path), var.get_value(), declared_axes(var)
             if "fsdp" not in s.spec:
                 continue
             self.mesh = s.mesh
-            if "blocks" in keys:  # the layer's slice: the stacked spec without its layer axis
-                self.layers[keys[keys.index("blocks") + 1:]] = P(*s.spec[1:])
+            if LAYERS in axes:  # the layer's slice (path below the stack), without that axis
+                d = axes.index(LAYERS)
+                self.layers[keys[1:]] = P(*s.spec[:d], *s.spec[d + 1:])
             else:
                 self.top[keys] = s.spec
 

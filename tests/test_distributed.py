@@ -233,27 +233,22 @@ def test_parse_mesh_refuses_bad_specs(spec, n, words):
         parse_mesh(spec, n)
 
 
-def test_param_spec_places_experts_and_fsdp():
-    """The placement rule itself: experts on 'expert', the largest divisible dim on 'fsdp',
-    the stacked layer axis never split, odd-sized vectors replicated."""
-    import jax
+def test_axes_spec_places_experts_and_fsdp():
+    """The placement rule itself, from logical axes: experts on 'expert', the largest
+    divisible other dim on 'fsdp', the stacked layer axis never split, odd-sized vectors
+    replicated (tests/test_param_sharding.py: every model's parameters)."""
     from jax.sharding import PartitionSpec as P
 
-    from nanomoe.config import MoeGPTConfig
     from nanomoe.errors import ConfigError
-    from nanomoe_jax.sharding import param_spec
+    from nanomoe_jax.sharding import axes_spec
 
     class FakeMesh:
         shape = {"data": 1, "fsdp": 2, "expert": 4}
 
-    cfg = MoeGPTConfig(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_experts=8)
-    key = jax.tree_util.DictKey
-    path = lambda *names: tuple(key(n) for n in names)  # noqa: E731
-    assert param_spec(path("blocks", "mlp", "fc_weight"), (2, 8, 128, 64), FakeMesh, cfg) == \
+    assert axes_spec(("layers", "experts", "mlp", "embed"), (2, 8, 128, 64), FakeMesh) == \
         P(None, "expert", "fsdp", None)
-    assert param_spec(path("blocks", "attn", "c_qkv", "kernel"), (2, 64, 192), FakeMesh, cfg) == \
-        P(None, None, "fsdp")
-    assert param_spec(path("wte", "embedding"), (256, 64), FakeMesh, cfg) == P("fsdp", None)
-    assert param_spec(path("blocks", "ln1", "scale"), (2, 7), FakeMesh, cfg) == P(None, None)
+    assert axes_spec(("layers", "embed", "qkv"), (2, 64, 192), FakeMesh) == P(None, None, "fsdp")
+    assert axes_spec(("vocab", "embed"), (256, 64), FakeMesh) == P("fsdp", None)
+    assert axes_spec(("layers", "embed"), (2, 7), FakeMesh) == P(None, None)
     with pytest.raises(ConfigError, match="experts cannot be split"):
-        param_spec(path("blocks", "mlp", "fc_bias"), (2, 6, 128), FakeMesh, cfg)
+        axes_spec(("layers", "experts", "mlp"), (2, 6, 128), FakeMesh)

@@ -29,23 +29,30 @@ def clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransformat
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def is_embedding(path) -> bool:
-    return any(getattr(k, "key", k) == "wte" for k in path)
+def per_parameter(params, fn):
+    """``fn(logical axes)`` for every parameter (the axes it declared where it was made), as
+    a tree shaped like ``params``' arrays (an optax mask, a table of lr multipliers)."""
+    variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.unflatten(jax.tree.structure(params),
+                              [fn(shd.declared_axes(v)) for v in variables])
+
+
+def is_embedding(axes: tuple[str, ...]) -> bool:
+    """The token embedding (and the head tied to it): rows over the vocabulary."""
+    return axes[:1] == ("vocab",)
 
 
 def make_optimizer(config, params, weight_decay=0.1, b1=0.9,
                    b2=0.95) -> optax.GradientTransformation:
     """Clip to 1.0, then AdamW (betas b1, b2: the original's 0.9, 0.95; eps 1e-8) with decay
-    on ndim >= 2 only; MoeGPT's embedding is not decayed (the original's param groups). The lr
-    is applied in the step."""
-    def decay(path, p):
-        if isinstance(config, MoeGPTConfig) and is_embedding(path):
+    on matrices only (two or more axes besides the layer stack's); MoeGPT's embedding is not
+    decayed (the original's param groups). The lr is applied in the step."""
+    def decay(axes):
+        if isinstance(config, MoeGPTConfig) and is_embedding(axes):
             return False
-        # layer-stacked tensors carry a leading layer axis: a stacked vector is still a vector
-        stacked = any(getattr(k, "key", k) == "blocks" for k in path)
-        return p.ndim - stacked >= 2
+        return len([a for a in axes if a != shd.LAYERS]) >= 2
 
-    mask = jax.tree_util.tree_map_with_path(decay, params)
+    mask = per_parameter(params, decay)
     return optax.chain(clip_by_global_norm_like_torch(1.0),
                        optax.scale_by_adam(b1=b1, b2=b2, eps=1e-8),
                        optax.add_decayed_weights(weight_decay, mask))

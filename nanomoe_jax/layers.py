@@ -1,4 +1,4 @@
-"""Pieces shared by the three Flax NNX models: options, norms, RoPE, attention, MLPs, the
+"""Pieces shared by the Flax NNX models: options, norms, RoPE, attention, MLPs, the
 layer stack (scan or unrolled, optional remat) and the tied head with its loss.
 
 Mirrors ``nanomoe_torch/layers.py``. Mixed precision as torch autocast does it: parameters
@@ -50,15 +50,11 @@ class Options:
     # None/"xla"/"cudnn": jax.nn.dot_product_attention; "custom_vjp": attention.py (CPU)
     attention_impl: str | None = None
     loss_chunk_tokens: int = 8192  # tokens per cross-entropy chunk (fp32 logits of one chunk)
-    # A jax Mesh with an "expert" axis: MoE weights are sharded over it and tokens exchanged
-    # with their experts (expert parallelism, see nanomoe_jax/sharding.py); None: one device.
+    # a Mesh with an "expert" axis (expert parallelism, expert_parallel.py); None: no such axis
     expert_mesh: Any = None
-    # MoE dispatch back end; None: the config's ``moe_dispatch`` (same numbers, see moe.py)
-    moe_dispatch: str | None = None
-    # training loss on this many independent row groups of a micro-batch (row_groups.py)
-    row_groups: int = 1
-    # (block, x) -> x, called on each layer just before it runs (inside the layer scan):
-    # fsdp gathers that layer's weights there (nanomoe_jax/sharding.py, layer_placement)
+    moe_dispatch: str | None = None  # None: the config's (same numbers, see moe.py)
+    row_groups: int = 1  # the training loss on this many row groups (row_groups.py)
+    # (block, x) -> x on each layer just before it runs: fsdp's gathers (sharding.Placement)
     place_layer: Any = None
 
     def __post_init__(self):

@@ -2,8 +2,8 @@
 expert weights never move.
 
 The stacked (E, ...) expert weights are split in E over the mesh's ``expert`` axis of size X:
-device x holds experts ``[x L, (x + 1) L)`` (``L = E / X`` local experts; the S shared ones sit
-on the first devices). Each device slice (one data-parallel replica, see sharding.py) routes
+device x holds experts ``[x e, (x + 1) e)`` (``e = E / X`` local experts; the S shared ones
+sit on the first devices). Each device slice (one data-parallel replica, see sharding.py) routes
 its own N tokens, then:
 
 1. **Send.** Its N k assignments are grouped by destination device. Each destination takes at
@@ -12,9 +12,9 @@ its own N tokens, then:
    counted as ``dropped_fraction`` reports. The kept rows fill a routed-only (X, cap, C)
    buffer, ordered by local expert within each destination's chunk.
 2. **Exchange.** The buffer is constrained to be sharded on X over ``expert``: XLA moves it
-   with one all-to-all (and the (X, L) row counts with a tiny one). Nothing of the shared
+   with one all-to-all (and the (X, e) row counts with a tiny one). Nothing of the shared
    experts' rows travels, unlike the (E, capacity, C) buffer this replaces.
-3. **Compute.** Each device runs its L experts on the rows it received as a grouped matmul of
+3. **Compute.** Each device runs its e experts on the rows it received as a grouped matmul of
    tiles (nanomoe_jax/grouped.py): the rows plus at most a tile per expert.
 4. **Return** by the reverse all-to-all; gates applied where the tokens are.
 
@@ -81,13 +81,13 @@ def shared_weights(w, S: int):
     return [jnp.einsum("se,e...->s...", pick_SE, a) for a in w]
 
 
-def send_layout(top_idx_NK, S: int, L: int, X: int, cap: int):
-    """Where each assignment goes: (device_A, slot_A, kept_A, token_XM, filled_XM, counts_XL).
+def send_layout(top_idx_NK, S: int, e: int, X: int, cap: int):
+    """Where each assignment goes: (device_A, slot_A, kept_A, token_XM, filled_XM, counts_Xe).
     Within a device's chunk the kept rows are ordered by local expert, token order inside."""
     N, K = top_idx_NK.shape
     A = N * K
     g_A = top_idx_NK.reshape(-1) + S                   # global expert of each assignment
-    dev_A, lid_A = g_A // L, g_A % L
+    dev_A, lid_A = g_A // e, g_A % e
     arange_A = jnp.arange(A, dtype=jnp.int32)
     by_dev_A = jnp.argsort(dev_A, stable=True)         # token order within a device
     rank_A = jnp.zeros(A, jnp.int32).at[by_dev_A].set(arange_A)
@@ -95,29 +95,29 @@ def send_layout(top_idx_NK, S: int, L: int, X: int, cap: int):
     starts_X = jnp.cumsum(counts_X) - counts_X
     kept_A = rank_A - starts_X[dev_A] < cap            # the first cap rows in token order
     # kept rows of a device grouped by local expert; dropped ones after them
-    key_A = dev_A * (L + 1) + jnp.where(kept_A, lid_A, L)
+    key_A = dev_A * (e + 1) + jnp.where(kept_A, lid_A, e)
     order_A = jnp.argsort(key_A, stable=True)
     slot_A = jnp.zeros(A, jnp.int32).at[order_A].set(arange_A) - starts_X[dev_A]
     slot_M = jnp.arange(cap)
     filled_XM = slot_M[None] < jnp.minimum(counts_X, cap)[:, None]
     token_XM = order_A[jnp.clip(starts_X[:, None] + slot_M[None], 0, A - 1)] // K
-    counts_XL = jnp.zeros((X, L), jnp.int32).at[dev_A, lid_A].add(kept_A.astype(jnp.int32))
-    return dev_A, slot_A, kept_A, token_XM, filled_XM, counts_XL
+    counts_Xe = jnp.zeros((X, e), jnp.int32).at[dev_A, lid_A].add(kept_A.astype(jnp.int32))
+    return dev_A, slot_A, kept_A, token_XM, filled_XM, counts_Xe
 
 
-def local_experts(x_MC, counts_L, w1_LHC, b1_LH, w2_LCH, b2_LC):
-    """One device's L experts on the M rows one slice sent it (grouped by expert, the empty
+def local_experts(x_MC, counts_e, w1_eHC, b1_eH, w2_eCH, b2_eC):
+    """One device's e experts on the M rows one slice sent it (grouped by expert, the empty
     slots last) as tiles (grouped.py). Rows of the empty slots come back as garbage: unread."""
     M, C = x_MC.shape
-    L = w1_LHC.shape[0]
-    counts = jnp.concatenate([counts_L, (M - counts_L.sum())[None]])  # last group: empty slots
-    tile = pick_tile(M, L + 1)
+    e = w1_eHC.shape[0]
+    counts = jnp.concatenate([counts_e, (M - counts_e.sum())[None]])  # last group: empty slots
+    tile = pick_tile(M, e + 1)
     lay = tile_layout(counts, M, tile)
     x_PC = jnp.where((lay.src_P >= 0)[:, None], x_MC[jnp.maximum(lay.src_P, 0)], 0)
     x_nTC = x_PC.reshape(-1, tile, C).astype(x_MC.dtype)
-    g_n = jnp.minimum(lay.tile_expert_n, L - 1)        # empty tiles: any expert, unread
-    h_nTH = relu_squared(tiled_matmul(x_nTC, w1_LHC, g_n) + b1_LH[g_n][:, None])
-    y_nTC = tiled_matmul(h_nTH, w2_LCH, g_n) + b2_LC[g_n][:, None]
+    g_n = jnp.minimum(lay.tile_expert_n, e - 1)        # empty tiles: any expert, unread
+    h_nTH = relu_squared(tiled_matmul(x_nTC, w1_eHC, g_n) + b1_eH[g_n][:, None])
+    y_nTC = tiled_matmul(h_nTH, w2_eCH, g_n) + b2_eC[g_n][:, None]
     return y_nTC.reshape(-1, C)[lay.dest_A]
 
 
@@ -136,12 +136,12 @@ def routed_dispatch(x_NC, top_idx_NK, top_gates_NK, w, S: int, X: int, cap: int,
     """The routed experts of one slice: (y_NC fp32, dropped assignments)."""
     N, K = top_idx_NK.shape
     E, C = w[0].shape[0], x_NC.shape[1]
-    L = E // X
-    dev_A, slot_A, kept_A, token_XM, filled_XM, counts_XL = send_layout(top_idx_NK, S, L, X, cap)
+    e = E // X
+    dev_A, slot_A, kept_A, token_XM, filled_XM, counts_Xe = send_layout(top_idx_NK, S, e, X, cap)
     x_XMC = jnp.where(filled_XM[..., None], x_NC[token_XM], 0).astype(x_NC.dtype)
-    x_XMC, counts_XL = _to_experts(x_XMC, mesh), _to_experts(counts_XL, mesh)
-    w_X = [a.reshape(X, L, *a.shape[1:]) for a in w]  # device x's experts (E split in X)
-    y_XMC = _to_experts(jax.vmap(local_experts)(x_XMC, counts_XL, *w_X), mesh, back=True)
+    x_XMC, counts_Xe = _to_experts(x_XMC, mesh), _to_experts(counts_Xe, mesh)
+    w_X = [a.reshape(X, e, *a.shape[1:]) for a in w]  # device x's experts (E split in X)
+    y_XMC = _to_experts(jax.vmap(local_experts)(x_XMC, counts_Xe, *w_X), mesh, back=True)
     y_AC = y_XMC[dev_A, jnp.minimum(slot_A, cap - 1)].astype(f32)
     y_AC = jnp.where(kept_A[:, None], y_AC, 0.0)
     y_NC = jnp.einsum("nk,nkc->nc", top_gates_NK, y_AC.reshape(N, K, C))

@@ -1,7 +1,7 @@
 """A training step on a mesh: who runs which slice, and where each device's gradient stays
 until the step's one reduction.
 
-The Y device slices of a micro-batch form F groups, one per index of the ``data`` axis, of G
+The Y device slices of a micro-batch form F groups, one per index of the ``data`` axis, of g
 slices each (the group's fsdp x expert devices). The gradient is taken with respect to copies
 of the parameters: each group gets its own copy of what it splits (on fsdp or expert) and each
 slice its own copy of the rest, so the gradient of a copy is its group's or slice's alone.
@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from .sharding import runs_per_device, spec_axes
 
 INNER = ("fsdp", "expert")  # the axes of one group's slices
-F_G = P("data", INNER)  # (F, G, ...): slice g of group f on its own device
+F_g = P("data", INNER)  # (F, g, ...): each slice of each group on its own device
 
 
 class Copies:
@@ -42,13 +42,13 @@ class Copies:
         self.sharding = grad_sharding
         self.mesh = jax.tree.leaves(grad_sharding)[0].mesh
         self.F = self.mesh.shape["data"]
-        self.G = Y // self.F
+        self.g = Y // self.F  # slices of one group (lower case: derived, docs/dimensions.md)
         self.per_device = runs_per_device(self.mesh)
         self.per_slice = jax.tree.map(lambda s: not set(INNER) & spec_axes(s.spec),
                                       grad_sharding)
 
     def specs(self):
-        """Where each copy lives: (F, G, ...) per slice, (F, ...) per group. Per device every
+        """Where each copy lives: (F, g, ...) per slice, (F, ...) per group. Per device every
         axis is named (the unsplit ones are size 1): an axis a shard_map spec leaves out gets
         its cotangent psum-ed in every micro-batch."""
         group = ("data", "expert") if self.per_device else "data"
@@ -61,7 +61,7 @@ class Copies:
 
     def make(self, params):
         def one(p, c):
-            return jnp.broadcast_to(p, (self.F, self.G, *p.shape) if c else (self.F, *p.shape))
+            return jnp.broadcast_to(p, (self.F, self.g, *p.shape) if c else (self.F, *p.shape))
         return self.pin(jax.tree.map(one, params, self.per_slice))
 
     def reduce(self, grads):
@@ -70,29 +70,29 @@ class Copies:
         return jax.lax.with_sharding_constraint(total, self.sharding)
 
     def group_losses(self, slice_loss, slices_loss):
-        """``(copies, x_FGBT, y_FGBT) -> (sum over groups of their mean loss, mean metrics)``.
+        """``(copies, x_FgBT, y_FgBT) -> (sum over groups of their mean loss, mean metrics)``.
         ``slice_loss(params, x_BT, y_BT)`` runs one slice on its device (per device);
-        ``slices_loss(params, x_GBT, y_GBT, param_axes)`` a group's G slices (partitioned)."""
+        ``slices_loss(params, x_gBT, y_gBT, param_axes)`` a group's g slices (partitioned)."""
         if self.per_device:
             return partial(self._per_device, slice_loss)
         axes = jax.tree.map(lambda c: 0 if c else None, self.per_slice)
 
-        def losses(p_F, x_FGBT, y_FGBT):
+        def losses(p_F, x_FgBT, y_FgBT):
             one = partial(slices_loss, param_axes=axes)
-            loss_F, metrics_F = jax.vmap(one, spmd_axis_name="data")(p_F, x_FGBT, y_FGBT)
+            loss_F, metrics_F = jax.vmap(one, spmd_axis_name="data")(p_F, x_FgBT, y_FgBT)
             return jnp.sum(loss_F), jax.tree.map(jnp.mean, metrics_F)
         return losses
 
-    def _per_device(self, slice_loss, p_F, x_FGBT, y_FGBT):
+    def _per_device(self, slice_loss, p_F, x_FgBT, y_FgBT):
         def one(p, x, y):
             local = jax.tree.map(lambda v, c: v[0, 0] if c else v[0], p, self.per_slice)
             loss, metrics = slice_loss(local, x[0, 0], y[0, 0])
             return loss[None, None], jax.tree.map(lambda m: m[None, None], metrics)
 
         # check_vma off: Pallas kernels declare outputs without the per-device typing it checks
-        loss_FG, metrics_FG = jax.shard_map(one, mesh=self.mesh, in_specs=(self.specs(), F_G, F_G),
-                                            out_specs=F_G, check_vma=False)(p_F, x_FGBT, y_FGBT)
-        return jnp.sum(jnp.mean(loss_FG, 1)), jax.tree.map(jnp.mean, metrics_FG)
+        loss_Fg, metrics_Fg = jax.shard_map(one, mesh=self.mesh, in_specs=(self.specs(), F_g, F_g),
+                                            out_specs=F_g, check_vma=False)(p_F, x_FgBT, y_FgBT)
+        return jnp.sum(jnp.mean(loss_Fg, 1)), jax.tree.map(jnp.mean, metrics_Fg)
 
 
 def per_device_mean(slice_loss, param_sharding, params, x_YBT, y_YBT):

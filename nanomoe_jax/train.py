@@ -78,7 +78,7 @@ def loss_and_metrics(graphdef, params, x, y, place_layer=None, param_axes=None):
     loss is computed on its own, as on one DDP rank (token mean, MoE capacity and balance loss
     per slice), and the Y losses are averaged, as DDP averages gradients. ``param_axes``: per
     leaf, 0 where ``params`` holds one copy per slice (its gradient then stays per slice, see
-    accumulate_gradients), None where the slices share the leaf."""
+    replicas.py), None where the slices share the leaf."""
     one = partial(slice_loss, graphdef, place_layer=place_layer)
     if param_axes is None and (x.ndim == 2 or x.shape[0] == 1):
         return one(params, x.reshape(x.shape[-2:]), y.reshape(y.shape[-2:]))
@@ -108,7 +108,7 @@ def accumulate_gradients(graphdef, params, x_WBT, y_WBT, grad_sharding=None, pla
                                      partial(loss_and_metrics, graphdef, place_layer=place_layer))
         grad_fn = jax.value_and_grad(losses, has_aux=True)
         params_F, pin, reduce, n = copies.make(params), copies.pin, copies.reduce, W * copies.F
-        split = lambda v: v.reshape(W, copies.F, copies.G, *v.shape[2:])  # noqa: E731
+        split = lambda v: v.reshape(W, copies.F, copies.g, *v.shape[2:])  # noqa: E731
         x, y = split(x_WYBT), split(y_WYBT)
 
     def micro(grads, xy):

@@ -39,6 +39,8 @@ without a GPU.
 Results go to ``<out>/<device>-<date>.json``, ``.md`` and ``.png`` (tokens/s against E);
 ``--out`` defaults to ~/.cache/nanomoe/results (benchmarks/results_dir.py), so a run never
 replaces a committed result unless told ``--out benchmarks/results``.
+
+jax is imported where a cell runs: --help and --merge import no framework.
 """
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The device and the machine: names, versions, a matmul peak, step timing."""
+"""The device and the machine: names, versions, a matmul peak, step timing.
+
+jax and torch are imported where used: a run imports only the frameworks it measures.
+"""
 
 from __future__ import annotations
 

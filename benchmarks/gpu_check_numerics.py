@@ -14,6 +14,8 @@
 The models keep the original's widths at 2 layers (compiles in seconds); the weights are the
 seeded init with the zero-initialised tensors (MoE expert projections) filled, so every
 gradient is non-zero.
+
+jax, torch and their models are imported where used: each check imports only its framework.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ import traceback
 from functools import partial
 
 import numpy as np
+
+from nanomoe.config import MoeGPTConfig, nGPTConfig
+
+from .gpu_check_run import PARTIAL_TAG
 
 TOL = 2e-2  # tests: bf16 vs the fp32 reference, loss and every token's logits
 SEED = 1337
@@ -44,8 +50,6 @@ def numerics_part(sz: dict) -> dict:
 def guarded(checks: list, name: str, fn) -> None:
     """One check (or a list of them); an exception is a failed row and the rest go on. Each
     row is printed as a partial result at once, so a part cut short by its limit keeps it."""
-    from .gpu_check_run import PARTIAL_TAG
-
     t0, n0 = time.perf_counter(), len(checks)
     try:
         out = fn()
@@ -62,8 +66,6 @@ def guarded(checks: list, name: str, fn) -> None:
 
 
 def config_of(name: str, n: dict):
-    from nanomoe.config import nGPTConfig
-
     from .plan import model_config
 
     if name == "ngpt":
@@ -171,8 +173,6 @@ def step_check(config, n: dict, sz: dict) -> dict:
 def moe_dispatches() -> list[str]:
     """The back ends this version of nanomoe accepts, ``tokamax`` included when it does: the
     config's own validation decides, so nothing here depends on it existing."""
-    from nanomoe.config import MoeGPTConfig
-
     out = []
     for d in ("grouped", "capacity", "ragged", "tokamax"):
         try:

@@ -6,7 +6,10 @@
 
 A part prints progress, then one result line (``gpu_check_run.RESULT_TAG`` + JSON). The timing
 part reuses the benchmark's cells read-only (``timing.prepare_*`` through
-``interleave.run_interleaved``) and the plan's configs, memory formula and roofline."""
+``interleave.run_interleaved``) and the plan's configs, memory formula and roofline.
+
+jax, torch and the plan (which imports jax) are imported where a part uses them: each part
+imports only what it runs."""
 
 from __future__ import annotations
 
@@ -19,7 +22,16 @@ from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
 
+from nanomoe.config import config_to_dict
+from nanomoe.flops import device_peak_flops
+
+from . import hlo, timing
+from .env import environment, measure_matmul_peak
+from .gpu_check_numerics import numerics_part
+from .gpu_check_report import card_slug
 from .gpu_check_run import PARTIAL_TAG, RESULT_TAG
+from .interleave import run_interleaved
+from .targets import target_for_device
 
 RESULTS = Path(__file__).parent / "results"
 # The plan's file for a card (H200: the H100's program and memory plan; its estimate is the
@@ -36,8 +48,6 @@ DISTRIBUTIONS = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-c
 
 def env_part(sz: dict) -> dict:
     """Versions, the device as jax and torch see it, the driver, a bf16 matmul peak."""
-    from .env import environment
-
     env = environment()
     env["distributions"] = {}
     for name in DISTRIBUTIONS:
@@ -79,8 +89,6 @@ def env_part(sz: dict) -> dict:
 
 
 def matmul_peak(sz: dict) -> dict:
-    from .env import measure_matmul_peak
-
     try:
         peaks = measure_matmul_peak(sz["matmul_n"], sz["dtype"], ("jax", "torch"))
         return {"n": sz["matmul_n"], "dtype": sz["dtype"], **peaks}
@@ -91,8 +99,6 @@ def matmul_peak(sz: dict) -> dict:
 def card_figures(device_kind: str, measured_peak: float | None) -> dict:
     """Peak FLOP/s and bandwidth to estimate a step with: the plan's target for the card, a
     datasheet line, or (CPU, dry run) a nominal pair that only exercises the arithmetic."""
-    from .targets import target_for_device
-
     t = target_for_device(SimpleNamespace(device_kind=device_kind))
     if t is not None:
         return {"peak_flops": t.peak_bf16, "bandwidth": t.bandwidth, "source": f"target {t.name}"}
@@ -119,12 +125,6 @@ def committed_plan(card: str, model: str, B: int, T: int) -> dict | None:
 def timing_part(sz: dict, model: str, frameworks: str) -> dict:
     import jax
 
-    from nanomoe.config import config_to_dict
-    from nanomoe.flops import device_peak_flops
-
-    from . import hlo, timing
-    from .gpu_check_report import card_slug
-    from .interleave import run_interleaved
     from .plan import analytic_flops, model_config, peak_bytes
 
     config = model_config(model, sz["shape"])
@@ -199,8 +199,6 @@ def main(argv: list[str]) -> int:
     if name == "env":
         result = env_part(sz)
     elif name == "numerics":
-        from .gpu_check_numerics import numerics_part
-
         result = numerics_part(sz)
     elif name == "timing":
         result = timing_part(sz, argv[2], argv[3])

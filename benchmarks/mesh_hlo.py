@@ -144,6 +144,7 @@ def ideal_bytes(params, param_sharding, mesh, config, A: int, B: int, T: int,
             reduce += 4 * local
     routed = buffer = 0.0
     if expert > 1:
+        # the models' package (flax, the model classes) only when experts are split
         from nanomoe_jax.expert_parallel import device_capacity
 
         k = config.n_activated_experts  # routed experts per token (shared ones stay local)

@@ -11,6 +11,8 @@ they are: GPT-2's biases (nanoGPT trains without) and a 256-byte vocabulary (65 
 Runs go to a new folder under ``--log_root`` (nothing is replaced); the table, curves and
 commands go to ``--out``/nanogpt-shakespeare.{json,md,png}: by default a folder in the user's
 cache (benchmarks/results_dir.py), since ``--out benchmarks/results`` replaces the committed one.
+
+matplotlib is imported where the curves are drawn: slow to import, and --help needs none.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The benchmark's report: markdown tables, the sweep plot, files, merging runs."""
+"""The benchmark's report: markdown tables, the sweep plot, files, merging runs.
+
+matplotlib is imported where the plot is drawn: slow to import, and the tables need none.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """The GPUs the plan compiles for: an XLA ``GpuTargetConfigProto`` per card (in
 ``benchmarks/targets/``), plus the figures the compiler does not need but the plan reports
-(dense bf16 peak, the memory budget to plan against)."""
+(dense bf16 peak, the memory budget to plan against).
+
+jax is imported where a device is needed: reading the targets (the plan's --help, its bad-input
+errors) imports none."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """One timed cell: a (config, framework) training step in JAX, torch eager or
-`torch.compile`, in this process or a fresh one (``--isolate``)."""
+`torch.compile`, in this process or a fresh one (``--isolate``).
+
+jax, torch and their models are imported where used: a cell imports only its framework."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -173,8 +176,6 @@ def run_jax(config, spec: dict) -> dict:
 
 def prepare_torch(config, spec: dict):
     """(res, step, sync, finish) of the original's step in torch eager or torch.compile."""
-    from contextlib import nullcontext
-
     import torch
 
     import nanomoe_torch

@@ -1,9 +1,13 @@
-"""Files that appear only when complete: write to a temporary name, then rename."""
+"""Files that appear only when complete: write to a temporary name, then rename.
+
+torch is imported by atomic_torch_save only: nanomoe itself imports no framework.
+"""
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 from typing import Callable
 
 from .errors import CheckpointError
@@ -76,8 +80,6 @@ def as_os_error(e: BaseException) -> BaseException:
 def check_free_space(folder: str, need_bytes: int, what: str) -> None:
     """Refuse a write that cannot fit before it starts: a checkpoint that dies half-way on a
     full disk leaves debris and, with async writers, errors from background threads."""
-    import shutil
-
     free = shutil.disk_usage(folder).free
     if free < need_bytes:
         raise CheckpointError(f"could not write {what}: it needs about {need_bytes / 2**20:.1f} "

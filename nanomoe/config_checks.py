@@ -16,6 +16,7 @@ import numpy as np
 
 from .config import config_from_dict, config_to_dict
 from .errors import ConfigError
+from .init import count_params
 
 # Float fields: (lowest, highest, why). A RoPE base at or below 1 gives frequencies that do
 # not fall with the pair index (at 1e-300 they overflow to inf), so positions lose meaning;
@@ -58,8 +59,6 @@ def check_config(config) -> None:
 def param_count(config) -> int:
     """Parameters of ``config`` (the tied matrix once), without listing every layer: the
     layers are identical, so two small configs give the per-layer and the fixed parts."""
-    from .init import count_params
-
     one = count_params(dataclasses.replace(config, n_layer=1))
     two = count_params(dataclasses.replace(config, n_layer=2))
     return one + (config.n_layer - 1) * (two - one)

@@ -1,6 +1,8 @@
 """The documents ``python -m nanomoe.prepare`` tokenises: local ``.txt`` files (one document
 each), ``.jsonl`` (one per line, its "text" field), ``.parquet`` (its "text" column), folders of
-them, or FineWeb-Edu through the ``datasets`` package."""
+them, or FineWeb-Edu through the ``datasets`` package.
+
+pyarrow and datasets (the data extra) are imported where a .parquet file or FineWeb is read."""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""What a run shows and leaves behind: a progress line, metrics.jsonl, loss.png, wandb."""
+"""What a run shows and leaves behind: a progress line, metrics.jsonl, loss.png, wandb.
+
+wandb (optional) and matplotlib (slow to import) are imported where used: most runs need
+neither.
+"""
 
 from __future__ import annotations
 

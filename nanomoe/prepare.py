@@ -22,6 +22,11 @@ from typing import Iterable
 
 import numpy as np
 
+try:
+    from tqdm import tqdm
+except ImportError:  # a line per shard without it
+    tqdm = None
+
 from .documents import FINEWEB, find_inputs, fineweb_documents, iter_documents
 from .errors import DataError, NanoMoeError
 from .tokenizer import get_tokenizer
@@ -64,10 +69,6 @@ class _Progress:
 
     def __init__(self, shard_size: int, quiet: bool = False):
         self.shard_size, self.quiet, self.bar = shard_size, quiet, None
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            tqdm = None
         self.tqdm = None if quiet else tqdm
 
     def update(self, index: int, n: int) -> None:

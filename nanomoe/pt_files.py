@@ -9,6 +9,8 @@ globals it names:
 * the original's config dataclass (``__main__.MoeGPTConfig``, ``model.GPTConfig``, ...) is
   admitted under its exact name as a plain attribute holder (:func:`_stand_in`), never imported;
 * any other name torch does not allow is refused with one sentence that names it.
+
+torch is imported where a file is loaded: nanomoe itself imports no framework.
 """
 
 from __future__ import annotations

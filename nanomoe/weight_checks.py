@@ -1,9 +1,13 @@
 """Checks on a checkpoint's weights before any is used: string keys, floating-point dtypes, a
-total size that fits the memory available, finite values; one sentence for each failure."""
+total size that fits the memory available, finite values; one sentence for each failure.
+
+torch is imported where a torch state_dict is checked: nanomoe itself imports no framework."""
 
 from __future__ import annotations
 
 import os
+
+import numpy as np
 
 from .errors import ConversionError
 
@@ -70,8 +74,6 @@ def check_finite_arrays(arrays: dict, where: str) -> None:
     """Refuse NaN/inf in ``arrays`` (NumPy-like, the original's keys in their order) with
     :func:`non_finite_error` naming the first such key; non-float arrays are skipped
     (bfloat16 is a float here, though NumPy does not count it as np.floating)."""
-    import numpy as np
-
     for key, value in arrays.items():
         value = np.asarray(value)
         floating = np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"

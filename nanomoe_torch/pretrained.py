@@ -1,5 +1,7 @@
 """Loading the original's state_dicts and the shared NumPy init into the reference models, and
-nanomoe's own Hugging-Face-style folders: ``model.safetensors`` + ``config.json``."""
+nanomoe's own Hugging-Face-style folders: ``model.safetensors`` + ``config.json``.
+
+safetensors (the hf extra) is imported where a folder is read or written."""
 
 from __future__ import annotations
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import sys
 
+import torch
+
 ENV = "NANOMOE_TORCH_THREADS"
 
 
@@ -51,8 +53,6 @@ def pick(env: dict, cores: int, load: float, local_processes: int = 1) -> tuple[
 
 def choose_cpu_threads(stream=sys.stdout) -> int | None:
     """Set torch's thread count for a CPU run (nothing on CUDA); says so when it lowers it."""
-    import torch
-
     if torch.cuda.is_available():
         return None
     try:

@@ -23,7 +23,11 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
+
+from .plan_mesh_report import render
 from .results_dir import default_out
+from .targets import TARGETS, load_target
 
 BOUNDS = dict(collective_ratio=1.15)
 DEFAULT_OUT = default_out()
@@ -68,7 +72,6 @@ def build_step(config, devices, mesh_spec: str, A: int, B: int, T: int, options=
 def state_bytes_per_device(state) -> int:
     """Parameters + AdamW moments one device holds, plus an fp32 gradient of its shard."""
     import jax
-    import numpy as np
 
     def local(x):
         return int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize if x.shape else 0
@@ -140,7 +143,6 @@ def broken_bounds(rows: list[dict]) -> list[str]:
 
 def parse_args(argv):
     from .plan import MODELS
-    from .targets import TARGETS
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.plan_mesh", description=__doc__
                                 .split("\n\n")[0])
@@ -178,9 +180,6 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     import jax
-
-    from .plan_mesh_report import render
-    from .targets import load_target
 
     target = load_target(args.target)
     try:

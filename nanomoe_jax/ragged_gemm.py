@@ -74,7 +74,7 @@ def unavailable_reason() -> str | None:
 def implementation() -> str:
     """tokamax's Triton kernels on a GPU (the default device: the plan sets it to the target's
     compile-only device), its XLA reference (``jax.lax.ragged_dot``) anywhere else."""
-    from jax.extend.backend import get_default_device
+    from jax.extend.backend import get_default_device  # jax.extend: only where tokamax runs
 
     return "triton" if get_default_device().platform in ("gpu", "cuda") else "xla"
 

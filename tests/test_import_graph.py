@@ -192,10 +192,6 @@ LAZY_OK = {
 LAZY_HERE = {
     ("train.py", "nanomoe.train_loop"): "imported once __main__ has installed the signal "
     "handlers, so a Ctrl-C during its imports is noted, not raised",
-    # benchmarks/plan_mesh.py is being reworked in another change (the multi-GPU plan); its
-    # in-function imports of light modules go to the top there, then these three go
-    **{("benchmarks/plan_mesh.py", m): "pending: another change owns this file"
-       for m in ("numpy", "benchmarks.targets", "benchmarks.plan_mesh_report")},
 }
 
 

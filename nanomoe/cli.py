@@ -23,16 +23,13 @@ DEFAULT_MAX_LR = 6e-4
 ORIGINAL_PROMPT = "Hello, I'm a language model,"
 DEFAULT_CORPUS_PROMPT = "ROMEO:\n"
 
-# On a machine without an accelerator, with no size flag given: a model and batch that train
-# in about 2 minutes on 2 cores to nanoGPT's quick-start loss on Shakespeare (val 1.93 nats a
-# byte at 400 steps; 2.20 at 200, where the sample was still fragments), ending with a sample
-# that reads as verse (benchmarks/NOTES.md).
+# No accelerator and no size flag: about 2 minutes on 2 cores to nanoGPT's quick-start loss
+# on Shakespeare (val 1.93 at 400 steps; 2.20 at 200, a sample still in fragments; NOTES.md).
 CPU_PRESET = dict(n_layer=4, n_embd=128, n_head=4, block_size=256, B=8, T=256,
                   total_batch_size=8 * 256 * 2, max_steps=400, warmup_steps=40,
                   eval_interval=200, eval_steps=4, ckpt_interval=200, sample_every=400,
                   sample_tokens=200)
-# --max_steps is not among them: a shorter first run (python train.py --max_steps 20) keeps the
-# small model rather than switching to the original's 8x512 at 262k tokens a step.
+# Not --max_steps: a shorter first run (--max_steps 20) keeps the small model, not 8x512.
 SIZE_FLAGS = ("n_layer", "n_embd", "n_head", "n_kv_head", "block_size", "B", "T",
               "total_batch_size", "n_experts")
 

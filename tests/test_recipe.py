@@ -20,6 +20,7 @@ from nanomoe.loader import DataLoader
 from nanomoe.prefetch import Prefetcher
 from nanomoe.loader import AllWindows, RandomWindowLoader
 from nanomoe.train_loop import main, run
+from nanomoe_jax.layers import param
 from nanomoe_jax.train import make_optimizer as jax_optimizer
 from nanomoe_torch.train import make_optimizer as torch_optimizer
 from nanomoe_train.jax_backend import JaxBackend
@@ -105,14 +106,15 @@ def test_betas_and_weight_decay_reach_both_optimizers():
     lr = 1e-2
     want = adamw_numpy(w.astype(np.float64), grads, lr, 0.8, 0.99, 0.3)
 
-    tx = jax_optimizer(GPTConfig(), {"w": jnp.asarray(w)}, args.weight_decay, args.beta1,
-                       args.beta2)
-    params, state = {"w": jnp.asarray(w)}, None
+    # a parameter as the models make it: its logical axes say it is a matrix (decayed)
+    as_param = lambda a: {"w": param(jnp.asarray(a), ("embed", "mlp"))}  # noqa: E731
+    params = as_param(w)
+    tx = jax_optimizer(GPTConfig(), params, args.weight_decay, args.beta1, args.beta2)
     state = tx.init(params)
     for g in grads:
-        updates, state = tx.update({"w": jnp.asarray(g)}, state, params)
+        updates, state = tx.update(as_param(g), state, params)
         params = jax.tree.map(lambda p, u: p - lr * u, params, updates)  # as the JAX step
-    np.testing.assert_allclose(params["w"], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(params["w"][...], want, rtol=1e-5, atol=1e-6)
 
     model = torch.nn.Linear(3, 4, bias=False)
     with torch.no_grad():

@@ -98,3 +98,13 @@ def fail_if_blocked(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+# the integer fields of each config (the config tests: each must be an int > 0)
+INT_FIELDS = {
+    GPTConfig: ["block_size", "vocab_size", "n_layer", "n_head", "n_embd"],
+    ModernGPTConfig: ["block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
+                      "ffn_factor"],
+    MoeGPTConfig: ["block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_experts",
+                   "m_sub_experts", "n_activated_experts", "ffn_factor"],
+}

@@ -1,11 +1,17 @@
-"""Small builders shared by the parity tests: tiny configs, random weights, both frameworks."""
+"""Small builders shared by the tests: tiny configs, random weights, both frameworks, tiny
+training runs."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
 import signal
+import sys
 
 import numpy as np
+import pytest
 import torch
 from flax import nnx
 
@@ -98,6 +104,65 @@ def fail_if_blocked(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+# --- tiny training runs through train.py's entry point (reliability and run-safety tests) ---
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = "The quick brown fox jumps over the lazy dog. " * 200
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(TEXT)
+    return str(path)
+
+
+def tiny(framework, text_file, log_dir, *extra, steps=24):
+    return ["--framework", framework, "--model", "moegpt", "--n_layer", "1", "--n_embd", "32",
+            "--n_head", "2", "--block_size", "32", "--data", text_file, "--log_dir", str(log_dir),
+            "--B", "2", "--T", "16", "--total_batch_size", "64", "--max_steps", str(steps),
+            "--warmup_steps", "2", "--dtype", "float32", "--eval_interval", "8",
+            "--eval_steps", "1", "--ckpt_interval", "3", "--sample_tokens", "2", *extra]
+
+
+def train_cmd(args):
+    return [sys.executable, os.path.join(ROOT, "train.py"), *args]
+
+
+def step_losses(log_dir):
+    records = [json.loads(line) for line in open(os.path.join(log_dir, "metrics.jsonl"))]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
+def complete_checkpoints(framework, log_dir):
+    if not os.path.isdir(log_dir):
+        return []
+    if framework == "jax":
+        folder = os.path.join(log_dir, "checkpoints")
+        return [n for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
+    return [n for n in os.listdir(log_dir) if n.startswith("model_0") and n.endswith(".pt")]
+
+
+def _backend(framework):
+    if framework == "jax":
+        from nanomoe_train.jax_backend import JaxBackend
+
+        return JaxBackend()
+    from nanomoe_train.torch_backend import TorchBackend
+
+    return TorchBackend()
+
+
+def snapshot(folder):
+    """Every file under folder with its bytes' hash: 'nothing overwritten' is equality."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
 
 
 # the integer fields of each config (the config tests: each must be an int > 0)

@@ -165,6 +165,25 @@ def snapshot(folder):
     return out
 
 
+def one_sentence(err: str, *words: str) -> None:
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in err, (word, err)
+
+
+def checkpoint_steps(framework, log) -> list[int]:
+    names = complete_checkpoints(framework, log)  # "3" (JAX) or "model_000003.pt" (torch)
+    return sorted(int(n.removeprefix("model_").removesuffix(".pt")) for n in names)
+
+
+def run(framework, argv, capsys):
+    from nanomoe.train_loop import main
+
+    code = main(argv, lambda: _backend(framework))
+    return code, capsys.readouterr().err
+
+
 # the integer fields of each config (the config tests: each must be an int > 0)
 INT_FIELDS = {
     GPTConfig: ["block_size", "vocab_size", "n_layer", "n_head", "n_embd"],

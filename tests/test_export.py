@@ -36,13 +36,11 @@ MODERN = {  # every value of kv sharing, bias, MLP form and the double scale app
 MODERN_DOUBLE = ModernGPTConfig(**TINY, n_kv_head=2, double_attn_scale=True)
 GPT = GPTConfig(**TINY)
 MOE = MoeGPTConfig(**TINY, moe_dispatch="dense")
+_forward = nnx.jit(lambda model, idx: model(idx)[0])  # one program, not op by op
 
 
 def jax_model(config, seed=0):
     return jax_twin(random_torch_model(config, seed), dtype=jnp.float32)
-
-
-_forward = nnx.jit(lambda model, idx: model(idx)[0])  # one program, not op by op
 
 
 def jax_logits(model, idx=IDX):
@@ -54,12 +52,8 @@ def saved(model, tmp_path, name="ckpt", step=3):
     return str(tmp_path / name)
 
 
-def params(model):
-    return conversion.export_arrays(model)
-
-
 def assert_same_params(a, b):
-    pa, pb = params(a), params(b)
+    pa, pb = conversion.export_arrays(a), conversion.export_arrays(b)
     assert list(pa) == list(pb)
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)

@@ -4,6 +4,7 @@ training runs."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -182,6 +183,45 @@ def run(framework, argv, capsys):
 
     code = main(argv, lambda: _backend(framework))
     return code, capsys.readouterr().err
+
+
+# --- models exported with transformers remote code (the test_hf_remote* files) ---
+
+# default and sigmoid routing with fine-grained (m=2) experts; block 64 holds 8 + 50 tokens
+HF_GEN = {k: dataclasses.replace(MOE_CONFIGS[k], block_size=64, moe_dispatch="dense")
+          for k in ("default", "sigmoid-m2")}
+# nGPT: the original's quirks, and the paper's attention scale with the interleaved RoPE
+HF_NGPT = nGPTConfig(n_layer=2, n_embd=32, n_head=4, block_size=64, vocab_size=96)
+HF_NGPT_CONFIGS = {"ngpt": HF_NGPT, "ngpt-paper-std-rope": dataclasses.replace(
+    HF_NGPT, paper_attn_scale=True, standard_rope=True)}
+HF_GEN.update(HF_NGPT_CONFIGS)
+HF_PROMPT = [5, 17, 3, 44, 2, 9, 61, 30]
+
+
+def random_model(config, seed=0, scale=0.5):
+    """Weights far enough from the init that greedy text varies (at 0.05 it repeats a token)."""
+    torch.manual_seed(seed)
+    model = nanomoe_torch.create_model(config, seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model.eval()
+
+
+def export_remote(model, folder, meta=None):
+    from conversion.remote_export import write_remote_folder
+    from nanomoe.pt_source import Source
+
+    arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    write_remote_folder(str(folder), Source(model.config, arrays, 7, meta or {}), log=None)
+    return str(folder)
+
+
+def load_remote(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True,
+                                                local_files_only=True).eval()
 
 
 # the integer fields of each config (the config tests: each must be an int > 0)

@@ -71,7 +71,7 @@ def test_moe_dispatch_grouped_on_gpus_unless_asked_or_expert_parallel():
     gpu = FakeDevice("gpu", "NVIDIA GeForce RTX 4090")
     from nanomoe_jax.ragged_gemm import unavailable_reason
 
-    # tokamax's grouped GEMM where it imports, else the padded tiles (tests/test_moe.py)
+    # tokamax's grouped GEMM where it imports, else the padded tiles (tests/test_moe_grouped.py)
     picked = "grouped" if unavailable_reason() else "tokamax"
     assert execution_options(gpu, MoeGPTConfig()).moe_dispatch == picked
     assert execution_options(gpu, MoeGPTConfig(), moe_dispatch="capacity").moe_dispatch == "capacity"

@@ -7,9 +7,8 @@ import os
 import pytest
 
 from nanomoe.train_loop import main
-from test_reliability import _backend, step_losses, text_file, tiny  # noqa: F401
-from test_run_safety import checkpoint_steps, one_sentence, run
-from helpers import fail_if_blocked
+from helpers import (_backend, checkpoint_steps, fail_if_blocked, one_sentence, run,  # noqa: F401
+                     step_losses, text_file, tiny)
 
 
 def snapshot(folder) -> dict:

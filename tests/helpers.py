@@ -113,11 +113,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "The quick brown fox jumps over the lazy dog. " * 200
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(TEXT)
-    return str(path)
+def corpus_fixture(text: str):
+    """A module-scoped fixture: the path of a corpus file holding ``text`` (each module that
+    trains tiny runs binds one as ``text_file``)."""
+    @pytest.fixture(scope="module")
+    def text_file(tmp_path_factory):
+        path = tmp_path_factory.mktemp("data") / "corpus.txt"
+        path.write_text(text)
+        return str(path)
+    return text_file
+
+
+text_file = corpus_fixture(TEXT)
 
 
 def tiny(framework, text_file, log_dir, *extra, steps=24):

@@ -37,17 +37,10 @@ def test_drift_generated_model_equals_nanomoe_torch(name, tmp_path):
     """The exported code against the reference on random weights, every MoE config, and the
     reference's own source inside the exported file: a change on either side fails here."""
     tm = random_model(dataclasses.replace(MOE_CONFIGS[name], moe_dispatch="dense"), seed=3)
-    hf = load(export(tm, tmp_path / "hf"))
-    idx = torch.from_numpy(np.random.default_rng(2).integers(0, 96, (2, 32)))
-    with torch.no_grad():
-        assert rel_err(hf(idx).logits.numpy(), tm(idx)[0].numpy()) <= 1e-6
-    text = generate_files("moegpt")["modeling_moegpt.py"]
-    from nanomoe import rope
-    from nanomoe_torch import layers, moe
+    from nanomoe_torch import moe
 
-    for obj in (rope.rope_table, layers.RMSNorm, layers.apply_rope, moe.Routing, moe.route,
-                moe.ParallelMoE, moe.MoE):
-        assert inspect.getsource(obj) in text, obj.__name__
+    assert_same_as_reference(tm, tmp_path, "moegpt",
+                             (moe.Routing, moe.route, moe.ParallelMoE, moe.MoE))
 
 
 @pytest.mark.parametrize("name", list(NGPT_CONFIGS))
@@ -57,19 +50,28 @@ def test_drift_generated_ngpt_equals_nanomoe_torch(name, tmp_path):
     tm = random_model(NGPT_CONFIGS[name], seed=3)
     assert all(len(set(tm.blocks[0].state_dict()[k].tolist())) > 1
                for k in ("attn_alpha", "mlp_alpha", "sqk", "suv"))  # not the init's constants
+    from nanomoe_torch import ngpt
+
+    assert_same_as_reference(tm, tmp_path, "ngpt",
+                             (ngpt.justnorm, ngpt.eff, ngpt.half_split_rotary))
+    text = generate_files("ngpt")["modeling_ngpt.py"]
+    for line in ("ROPE_BASE = ", "ALPHA_TARGET = ", "SCALE_FLOOR = "):
+        assert next(x for x in inspect.getsource(ngpt).splitlines() if x.startswith(line)) in text
+
+
+def assert_same_as_reference(tm, tmp_path, kind: str, own_sources) -> None:
+    """The exported ``kind`` model gives the reference's logits (1e-6), and its code holds
+    the reference's own source of the shared pieces and of ``own_sources``."""
     hf = load(export(tm, tmp_path / "hf"))
     idx = torch.from_numpy(np.random.default_rng(2).integers(0, 96, (2, 32)))
     with torch.no_grad():
         assert rel_err(hf(idx).logits.numpy(), tm(idx)[0].numpy()) <= 1e-6
-    text = generate_files("ngpt")["modeling_ngpt.py"]
+    text = generate_files(kind)[f"modeling_{kind}.py"]
     from nanomoe import rope
-    from nanomoe_torch import layers, ngpt
+    from nanomoe_torch import layers
 
-    for obj in (rope.rope_table, layers.RMSNorm, layers.apply_rope, ngpt.justnorm, ngpt.eff,
-                ngpt.half_split_rotary):
+    for obj in (rope.rope_table, layers.RMSNorm, layers.apply_rope, *own_sources):
         assert inspect.getsource(obj) in text, obj.__name__
-    for line in ("ROPE_BASE = ", "ALPHA_TARGET = ", "SCALE_FLOOR = "):
-        assert next(x for x in inspect.getsource(ngpt).splitlines() if x.startswith(line)) in text
 
 
 def test_generator_refuses_an_uncopied_project_name():

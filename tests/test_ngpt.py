@@ -17,7 +17,7 @@ from flax import nnx
 import conversion
 import nanomoe_jax
 import nanomoe_torch
-from helpers import NGPT_CONFIGS, jax_twin, random_torch_model
+from helpers import NGPT_CONFIGS, corpus_fixture, jax_twin, random_torch_model
 from nanomoe import ConfigError, count_params, init_params, nGPTConfig, param_specs
 from nanomoe.cli import build_config, parse_args
 from nanomoe.init import tied_names
@@ -231,11 +231,7 @@ def train_flags(text_file, log_dir, *extra, steps=10):
             "--eval_steps", "2", "--sample_tokens", "4", *extra]
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(TEXT)
-    return str(path)
+text_file = corpus_fixture(TEXT)
 
 
 def test_jax_and_torch_train_the_same(text_file, tmp_path):

@@ -22,6 +22,8 @@ from nanomoe_jax.train import make_optimizer as jax_optimizer
 from nanomoe_torch.train import make_optimizer as torch_optimizer
 from nanomoe_train.jax_backend import JaxBackend
 from nanomoe_train.torch_backend import TorchBackend
+
+from helpers import corpus_fixture
 from nanomoe import GPTConfig
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good "
@@ -31,11 +33,7 @@ RECIPE = ["--beta1", "0.8", "--beta2", "0.99", "--weight_decay", "0.3", "--data_
           "--eval_steps", "all"]
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(TEXT)
-    return str(path)
+text_file = corpus_fixture(TEXT)
 
 
 def tiny(framework, text_file, log_dir, *extra, steps=6):

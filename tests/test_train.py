@@ -19,6 +19,8 @@ from nanomoe.train_loop import run
 from nanomoe_train.jax_backend import JaxBackend
 from nanomoe_train.torch_backend import TorchBackend
 
+from helpers import corpus_fixture
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good "
         "fortune, must be in want of a wife. ") * 40 + "".join(chr(32 + (i * 7) % 90) for i in range(3000))
@@ -32,11 +34,7 @@ TINY_FLAGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(TEXT)
-    return str(path)
+text_file = corpus_fixture(TEXT)
 
 
 def flags(model, text_file, log_dir, *extra, steps=10):

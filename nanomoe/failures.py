@@ -60,6 +60,17 @@ def nonfinite_message(step: int, metrics: dict, lr: float, last_good: str | None
     return f"step {step}: {what}; no checkpoint was written yet: start again with {fix}"
 
 
+def nonfinite_weights_message(step: int, lr: float, last_good: str | None) -> str:
+    """A step whose loss, gradients and learning rate were finite but whose update overflowed
+    the weights: the run cannot skip it (the new weights replaced the old on the device)."""
+    what = (f"step {step}: the update at learning rate {lr:.4g} made the weights non-finite "
+            "and the run stopped without saving them")
+    if last_good:
+        return (f"{what}; continue from the last good checkpoint, {last_good}, with --resume "
+                "and a lower --max_lr")
+    return f"{what}; no checkpoint was written yet: start again with a lower --max_lr"
+
+
 def _out_of_memory(e: BaseException) -> bool:
     text = f"{type(e).__name__} {e}"
     return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text or "OutOfMemory" in text

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from .errors import NonFiniteError
-from .failures import nonfinite_message
+from .failures import nonfinite_message, nonfinite_weights_message
 
 # What StepLog reads the time from; a test replaces it with a fake clock.
 CLOCK = time.monotonic
@@ -90,6 +90,8 @@ class StepLog:
         self._pending = None
         args = self._args
         metrics = self._backend.fetch(handle)
+        if metrics.pop("nonfinite_weights", 0.0):  # applied and not finite: nothing to skip
+            raise NonFiniteError(nonfinite_weights_message(step, lr, self._last_good))
         if metrics.get("skipped"):
             self._skipped += 1
             if self._skipped > args.skip_nonfinite:

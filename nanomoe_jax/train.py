@@ -131,22 +131,27 @@ def train_step(graphdef, tx, lr_mult, state, x_WBT, y_WBT, lr, post_update=None,
                grad_sharding=None, place_layer=None):
     """One optimizer step: accumulate, clip, AdamW with the host-computed learning rate.
 
-    A step whose loss, gradient norm or new parameters are not finite is not applied (the
-    state comes back unchanged and ``skipped`` is 1), so NaN never enters the weights; the
-    host decides whether to stop."""
+    A step whose loss, gradient norm or learning rate is not finite is not applied (the state
+    comes back unchanged and ``skipped`` is 1); the host decides whether to stop. This is
+    decided before the update, so the choice fuses into AdamW's one pass over the state: with
+    those finite, the clipped gradients (and so both moments and the update) are finite. A
+    new state that is still not finite (an update that overflows fp32) is reported as
+    ``nonfinite_weights`` (its check fuses into the same pass) and the host stops."""
     params, opt_state = state
     grads, metrics = accumulate_gradients(graphdef, params, x_WBT, y_WBT, grad_sharding,
                                           place_layer)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(lr)
     updates, new_opt_state = tx.update(grads, opt_state, params)
     updates = jax.tree.map(lambda u, m: -lr * m * u, updates, lr_mult)
     new_params = optax.apply_updates(params, updates)
     if post_update is not None:  # nGPT's --ngpt_normalize_weights projection
         new_params = post_update(new_params)
-    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & all_finite(new_params)
-    metrics["skipped"] = (~ok).astype(jnp.float32)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
-    return (keep(new_params, params), keep(new_opt_state, opt_state)), metrics
+    new_params, new_opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
+    metrics["skipped"] = (~ok).astype(jnp.float32)
+    metrics["nonfinite_weights"] = (~all_finite(new_params)).astype(jnp.float32)
+    return (new_params, new_opt_state), metrics
 
 
 def jit_train_step(graphdef, tx, state_sharding, batch_sharding, replicated, post_update=None):

@@ -4,6 +4,7 @@ clipping, DDP under torchrun, .pt checkpoints."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from contextlib import nullcontext
@@ -125,9 +126,10 @@ class TorchBackend:
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / W
         sums = self._all_mean(sums)  # the logged loss is the mean over ranks, as the original
         sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        # A step with a non-finite loss or gradient is not applied (as the JAX step); the
+        # A step with a non-finite loss, gradient or lr is not applied (as the JAX step); the
         # host decides whether to stop. The check is one small sync per step.
-        ok = bool(torch.isfinite(sums["loss"]) & torch.isfinite(sums["grad_norm"]))
+        ok = bool(torch.isfinite(sums["loss"]) & torch.isfinite(sums["grad_norm"])) and \
+            math.isfinite(lr)
         if ok:
             self.optimizer.step()
             if self.post_step is not None:

@@ -121,6 +121,23 @@ def test_skip_nonfinite_skips_and_counts(text_file, tmp_path, monkeypatch):
     assert records[-1]["skipped_steps"] == 1
 
 
+def test_an_update_that_overflows_the_weights_stops_even_when_skips_are_allowed(
+        text_file, tmp_path, capsys, monkeypatch):
+    """The JAX step decides the skip before the update (from the loss, gradient norm and lr);
+    a finite lr whose update still overflows fp32 cannot be skipped afterwards: it stops."""
+    f32_max = float(np.finfo(np.float32).max)
+    monkeypatch.setattr(train_loop, "lr_at", lambda step, *a: (
+        f32_max if step == 5 else lr_at(step, *a)))
+    log = tmp_path / "run"
+    code = main(tiny("jax", text_file, log, "--skip_nonfinite", "3", steps=8),
+                lambda: _backend("jax"))
+    err = capsys.readouterr().err
+    assert code == 2 and "step 5: the update at learning rate 3.403e+38 made the weights" in err
+    records = [r for r in map(json.loads, open(log / "metrics.jsonl")) if "loss" in r]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]  # step 5 never logged as trained
+    assert all("nonfinite_weights" not in r for r in records)
+
+
 @pytest.mark.parametrize("framework", ["jax", "torch"])
 def test_disk_full_keeps_the_previous_checkpoint(framework, text_file, tmp_path, capsys,
                                                  monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 from nanomoe import config_checks, data_fingerprint, flag_checks, run_files
 from nanomoe.cli import build_config, parse_args
 from nanomoe.errors import ConfigError, DataError
-from nanomoe.failures import nonfinite_message
+from nanomoe.failures import nonfinite_message, nonfinite_weights_message
 from nanomoe.init import count_params
 from nanomoe.prompts import PromptError
 
@@ -221,6 +221,10 @@ def test_a_nonfinite_step_blames_what_was_not_finite():
     assert "no checkpoint was written yet" in finite
     nan = nonfinite_message(7, {"loss": float("nan"), "grad_norm": 1.0}, 1e-3, "step 6 in log")
     assert "the loss is nan" in nan and "step 6 in log: continue from it with --resume" in nan
+    applied = nonfinite_weights_message(9, 3e38, "step 6 in log")
+    assert "step 9: the update at learning rate 3e+38 made the weights non-finite" in applied
+    assert "last good checkpoint, step 6 in log, with --resume" in applied
+    assert "no checkpoint was written yet" in nonfinite_weights_message(2, 1.0, None)
 
 
 def test_advice_to_overwrite_names_what_it_deletes(tmp_path):

@@ -60,7 +60,7 @@ def build_step(config, devices, mesh_spec: str, A: int, B: int, T: int, options=
     flags = SimpleNamespace(mesh=mesh_spec, moe_dispatch=(options or {}).get("moe_dispatch"))
     check_mesh_flags(mesh, config, flags)  # the refusals train.py would print
     expert = mesh.shape["expert"] > 1
-    opts = execution_options(devices[0], config,
+    opts = execution_options(devices[0], config, mesh.size,
                              expert_mesh=mesh if expert else None, **(options or {}))
     step, args = abstract_step_inputs(config, opts, mesh, B, T, A)
     state = args[1]

@@ -151,7 +151,9 @@ def _output_flags(g: argparse._ArgumentGroup) -> None:
 
 def _jax_execution_flags(g: argparse._ArgumentGroup) -> None:
     """How the JAX step runs; None lets nanomoe_jax.execution_options decide for the device."""
-    g.add_argument("--scan_layers", type=_bool, default=None)
+    g.add_argument("--scan_layers", type=_bool, default=None,
+                   help="true: one lax.scan over the layers (faster compile); default: unrolled "
+                        "up to 12 layers, scanned beyond and on a mesh of several GPUs")
     g.add_argument("--remat", choices=["none", "full", "dots"], default=None)
     g.add_argument("--attention_impl", choices=["xla", "cudnn", "custom_vjp"], default=None,
                    help="default: cudnn flash attention on NVIDIA GPUs >= sm_80 in bf16, "

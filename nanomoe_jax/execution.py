@@ -22,14 +22,18 @@ What it picks, and why:
   ``ragged_gemm.py``) for MoeGPT on NVIDIA GPUs >= sm_80 without an expert mesh when tokamax
   imports and takes the shapes; ``"grouped"`` on other GPUs or when it refuses, with a note
   (:func:`execution_notes`, printed once by ``train.py``); the config's otherwise.
-* ``remat="none"``, ``scan_layers=True``, ``loss_chunk_tokens=8192``: the step fits the
-  original's configs on a 24 GB card with flash attention, so no recomputation is bought;
-  nGPT on an accelerator takes ``remat="dots"`` (:func:`default_remat`).
-* ``scan_layers=False`` on CPU up to ``CPU_UNROLL_MAX_LAYERS`` layers: XLA's CPU back end
-  runs a layer ``scan`` as a loop that zero-fills, slices and copies the stacked per-layer
-  residuals every step; at the quick-start sizes that was ~40 % of the step's kernel time and
-  the unrolled step ran 1.25-1.3x faster (benchmarks/NOTES.md, "CPU quick start"). Compile
-  time grows with the layer count, hence the cap.
+* ``remat="none"``, ``loss_chunk_tokens=8192``: the step fits the original's configs on a
+  24 GB card with flash attention, so no recomputation is bought; nGPT on an accelerator
+  takes ``remat="dots"`` (:func:`default_remat`).
+* ``scan_layers=False`` (the layers unrolled) up to ``UNROLL_MAX_LAYERS`` layers, on CPU and
+  on one accelerator: a layer ``scan`` zero-fills, copies into and slices out of its stacked
+  per-layer residuals every step. On CPU that was ~40 % of the quick-start step's kernel time
+  (unrolled: 1.25-1.3x faster, benchmarks/NOTES.md "CPU quick start"); the GPU plan estimates
+  the unrolled step 1.1-1.3x faster on the 4090 and H100 at a lower peak, for 3-5x the compile
+  time (seconds deviceless). A mesh of several accelerators keeps the scan
+  (``mesh_devices > 1``): unrolled, XLA schedules the layers' fsdp gathers and expert
+  exchanges early and the planned peak per device rises (GPT data=8 8.4 -> 9.8 GiB, MoeGPT-64
+  expert=8 12.0 -> 16.4 GiB). Compile time grows with the layer count, hence the cap.
 * ``row_groups=2`` on CPU: the training loss of a micro-batch as two independent graphs of
   half its rows, which XLA's CPU runtime runs side by side (1.12x faster at the nanoGPT
   quick-start size on 2 cores; 3 and 4 groups were slower there). Same numbers
@@ -60,7 +64,7 @@ KNOWN_CC = {
 FLASH_MIN_CC = (8, 0)
 FLASH_DTYPES = (jnp.bfloat16, jnp.float16)
 FLASH_MAX_HEAD_DIM = 128
-CPU_UNROLL_MAX_LAYERS = 12
+UNROLL_MAX_LAYERS = 12
 CPU_ROW_GROUPS = 2
 
 
@@ -170,9 +174,11 @@ def default_remat(device: Any, config: Any) -> str:
     return "dots" if isinstance(config, nGPTConfig) and not on_cpu else "none"
 
 
-def execution_options(device: Any, config: Any = None, **overrides) -> Options:
-    """The :class:`Options` a model of ``config`` runs with on ``device`` (see the module
-    docstring). ``overrides``: any Options field; ``None``
+def execution_options(device: Any, config: Any = None, mesh_devices: int = 1,
+                      **overrides) -> Options:
+    """The :class:`Options` a model of ``config`` runs with on ``device``, one of the
+    ``mesh_devices`` of the run's mesh (see the module docstring). ``overrides``: any Options
+    field; ``None``
     values are ignored, so command-line flags that default to None mean "let this function
     decide"."""
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -183,9 +189,9 @@ def execution_options(device: Any, config: Any = None, **overrides) -> Options:
     cpu = getattr(device, "platform", "cpu") == "cpu"
     attention = ("cudnn" if flash_attention_ok(device, dtype, config)
                  else "custom_vjp" if cpu else "xla")
-    n_layer = getattr(config, "n_layer", CPU_UNROLL_MAX_LAYERS + 1)
+    n_layer = getattr(config, "n_layer", UNROLL_MAX_LAYERS + 1)
     chosen = dict(dtype=dtype, attention_impl=attention, remat=default_remat(device, config),
-                  scan_layers=not (cpu and n_layer <= CPU_UNROLL_MAX_LAYERS),
+                  scan_layers=n_layer > UNROLL_MAX_LAYERS or (mesh_devices > 1 and not cpu),
                   loss_chunk_tokens=8192, row_groups=CPU_ROW_GROUPS if cpu else 1)
     chosen.update(given)
     chosen["moe_dispatch"] = _moe_choice(device, config, given, dtype)[0]

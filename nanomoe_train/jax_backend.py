@@ -67,7 +67,7 @@ class JaxBackend:
                       moe_dispatch=getattr(args, "moe_dispatch", None),
                       expert_mesh=self.mesh if expert_parallel else None)
         options = execution_options(
-            device, config, scan_layers=args.scan_layers, remat=args.remat,
+            device, config, self.mesh.size, scan_layers=args.scan_layers, remat=args.remat,
             attention_impl=args.attention_impl, loss_chunk_tokens=args.loss_chunk_tokens,
             row_groups=args.row_groups, **shared)
         notes = execution_notes(device, config, **shared)

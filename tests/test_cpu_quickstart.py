@@ -13,7 +13,7 @@ import pytest
 from benchmarks import bench, configs
 from nanomoe.cli import CPU_PRESET, DEFAULT_CORPUS_PROMPT, ORIGINAL_PROMPT, parse_args
 from nanomoe.config import GPTConfig, MoeGPTConfig
-from nanomoe_jax.execution import CPU_UNROLL_MAX_LAYERS, execution_options
+from nanomoe_jax.execution import UNROLL_MAX_LAYERS, execution_options
 
 pytest.importorskip("torch")
 
@@ -73,16 +73,16 @@ def test_rounds_cannot_be_isolated():
         bench.parse_args(["--preset", "cpu-nanogpt", "--rounds", "2", "--isolate"])
 
 
-def test_cpu_unrolls_the_layer_stack():
-    cpu = FakeDevice("cpu", "cpu")
-    small = GPTConfig(n_layer=4, n_embd=128, n_head=4)
-    deep = GPTConfig(n_layer=CPU_UNROLL_MAX_LAYERS + 1, n_embd=64, n_head=4)
-    assert execution_options(cpu, small).scan_layers is False
-    assert execution_options(cpu, deep).scan_layers is True  # compile time grows with layers
-    assert execution_options(cpu, small, scan_layers=True).scan_layers is True  # a flag wins
-    assert execution_options(FakeDevice("gpu", "NVIDIA H100", "9.0"), small).scan_layers
-    assert execution_options(jax.devices()[0], small).scan_layers is (
-        jax.devices()[0].platform != "cpu")
+def test_one_device_unrolls_the_layer_stack_and_a_gpu_mesh_scans_it():
+    cpu, h100 = FakeDevice("cpu", "cpu"), FakeDevice("gpu", "NVIDIA H100", "9.0")
+    small = GPTConfig(n_layer=UNROLL_MAX_LAYERS, n_embd=128, n_head=4)
+    deep = GPTConfig(n_layer=UNROLL_MAX_LAYERS + 1, n_embd=64, n_head=4)
+    for device in (cpu, h100):
+        assert execution_options(device, small).scan_layers is False
+        assert execution_options(device, deep).scan_layers is True  # compile time grows
+        assert execution_options(device, small, scan_layers=True).scan_layers is True  # a flag
+    assert execution_options(h100, small, mesh_devices=8).scan_layers is True  # peaks (NOTES)
+    assert execution_options(cpu, small, mesh_devices=8).scan_layers is False
 
 
 def test_default_prompt_fits_the_data():

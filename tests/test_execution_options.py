@@ -55,7 +55,7 @@ def test_overrides_win_and_none_means_decide():
     opts = execution_options(RTX4090, GPT, attention_impl="xla", remat="dots",
                              loss_chunk_tokens=None, scan_layers=None)
     assert (opts.attention_impl, opts.remat, opts.loss_chunk_tokens, opts.scan_layers) == (
-        "xla", "dots", 8192, True)
+        "xla", "dots", 8192, False)
     with pytest.raises(TypeError):
         execution_options(RTX4090, GPT, attn="cudnn")
 

@@ -127,17 +127,26 @@ def _gather_dot_kernel(x_ref, idx_ref, w_ref, b_ref, lo_ref, hi_ref, o_ref, *, a
 
 # --- out[g] = a[rows of g]^T b[rows of g], a or b gathered ------------------------------------
 
-def gather_wgrad(a, b, idx_P, counts_G, gathered: str, colsum=False, use_kernel=False):
+def _scaled(rows, scale_P):
+    """Rows times their fp32 scale, rounded back to the rows' dtype (as XLA would write it)."""
+    return (rows.astype(f32) * scale_P[:, None]).astype(rows.dtype)
+
+
+def gather_wgrad(a, b, idx_P, counts_G, gathered: str, colsum=False, use_kernel=False,
+                 scale_P=None):
     """(G, M, N) fp32: per group, ``a_rows^T b_rows`` where ``gathered`` ("a" or "b") is a
     table read at ``idx_P`` and the other is (P, .) in the sorted order; 0 for an empty group.
-    ``colsum``: also the (G, M) sums of a's rows (a bias's gradient)."""
+    ``colsum``: also the (G, M) sums of a's rows (a bias's gradient). ``scale_P``: an fp32
+    scale per row for the sorted (not gathered) operand, applied as its rows are loaded (the
+    gates on h for W2's gradient: no gated copy of h is written first)."""
     P, G = idx_P.shape[0], counts_G.shape[0]
     M, N = a.shape[1], b.shape[1]
     if use_kernel and (M % WM or N % WN):
         raise ValueError(f"gather_wgrad's kernel needs M % {WM} == N % {WN} == 0, not {M}, {N}")
+    scale_P = jnp.ones((P,), f32) if scale_P is None else scale_P.astype(f32)
     if not use_kernel:
-        a_PM = a[idx_P] if gathered == "a" else a
-        b_PN = b[idx_P] if gathered == "b" else b
+        a_PM = a[idx_P] if gathered == "a" else _scaled(a, scale_P)
+        b_PN = b[idx_P] if gathered == "b" else _scaled(b, scale_P)
         nums = jax.lax.RaggedDotDimensionNumbers(
             dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0],
             rhs_group_dimensions=[])
@@ -148,24 +157,26 @@ def gather_wgrad(a, b, idx_P, counts_G, gathered: str, colsum=False, use_kernel=
         return (out, sums) if colsum else out
     lo_G, hi_G = _bounds(counts_G)
     idx = jnp.concatenate([idx_P.astype(jnp.int32), jnp.zeros(WR, jnp.int32)])
+    scale = jnp.concatenate([scale_P, jnp.zeros(WR, f32)])
     kernel = functools.partial(_wgrad_kernel, gathered=gathered,
                                precision=matmul_precision(a.dtype))
     item = jnp.dtype(a.dtype).itemsize
     out_shape = [jax.ShapeDtypeStruct((G, M, N), f32), jax.ShapeDtypeStruct((G, M), f32)]
     out, sums = pl.pallas_call(
         kernel, out_shape=out_shape,
-        in_specs=[pl.no_block_spec] * 3 + [pl.BlockSpec((None,), lambda g, i, j: (g,))] * 2,
+        in_specs=[pl.no_block_spec] * 4 + [pl.BlockSpec((None,), lambda g, i, j: (g,))] * 2,
         out_specs=[pl.BlockSpec((None, WM, WN), lambda g, i, j: (g, i, j)),
                    pl.BlockSpec((None, WM), lambda g, i, j: (g, i))],
         grid=(G, M // WM, N // WN), name="gather_wgrad", interpret=INTERPRET,
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
         metadata=_meta(2.0 * P * M * N, 0 if gathered == "a" else 1,
                        P * (M if gathered == "a" else N) * item),
-    )(a, b, idx, lo_G, hi_G)
+    )(a, b, idx, scale, lo_G, hi_G)
     return (out, sums) if colsum else out
 
 
-def _wgrad_kernel(a_ref, b_ref, idx_ref, lo_ref, hi_ref, o_ref, s_ref, *, gathered, precision):
+def _wgrad_kernel(a_ref, b_ref, idx_ref, scale_ref, lo_ref, hi_ref, o_ref, s_ref, *, gathered,
+                  precision):
     lo, hi = plgpu.load(lo_ref), plgpu.load(hi_ref)
     cols_a = pl.program_id(1) * WM + jnp.arange(WM)
     cols_b = pl.program_id(2) * WN + jnp.arange(WN)
@@ -178,6 +189,11 @@ def _wgrad_kernel(a_ref, b_ref, idx_ref, lo_ref, hi_ref, o_ref, s_ref, *, gather
         ra, rb = (src if gathered == "a" else rows), (src if gathered == "b" else rows)
         x = plgpu.load(a_ref.at[ra[:, None], cols_a[None, :]], mask=real, other=0)
         y = plgpu.load(b_ref.at[rb[:, None], cols_b[None, :]], mask=real, other=0)
+        scale = plgpu.load(scale_ref.at[pl.ds(lo + t * WR, WR)])
+        if gathered == "a":
+            y = _scaled(y, scale)
+        else:
+            x = _scaled(x, scale)
         return acc + plgpu.dot(x.T, y, precision=precision), s + jnp.sum(x.astype(f32), axis=0)
 
     steps = pl.cdiv(hi - lo, WR)  # 0 for an empty group: its gradient is 0

@@ -164,7 +164,6 @@ def _bwd(res, dout_NC):
                         use_kernel=kernels).astype(f32)
     h32_PH = h_PH.astype(f32)
     dv_PH = (gate_P * dhu_PH * 2.0 * jnp.sqrt(h32_PH)).astype(dt)
-    hg_PH = (gate_P * h32_PH).astype(dt)                             # for W2's gradient
     # d gates = <dout, y + b2> = <dout W2, h> + <dout, b2>: read where h is read anyway
     dg_P = jnp.sum(dhu_PH * h32_PH, axis=1)
     # the small matmuls with b2 read the output gradient in the compute dtype too, as every
@@ -177,7 +176,8 @@ def _bwd(res, dout_NC):
     # the parameters' layouts; b1's gradient as the column sums of dv, in the same kernel
     dw1_EHC, db1_EH = gather_wgrad(dv_PH, x_NC, tok_P, counts_E, "b", colsum=True,
                                    use_kernel=kernels)
-    dw2_ECH = gather_wgrad(dout_lo, hg_PH, tok_P, counts_E, "a", use_kernel=kernels)
+    dw2_ECH = gather_wgrad(dout_lo, h_PH, tok_P, counts_E, "a", use_kernel=kernels,
+                           scale_P=gate_P[:, 0])                    # gated h, on load
     db2_EC = jnp.einsum("ne,nc->ec", gates_NE.astype(dt), dout_lo, precision=hi,
                         preferred_element_type=f32)
     return (dx_NC, dgates_Nj, None, None, None, None, None, dw1_EHC.astype(w1_EHC.dtype),

@@ -64,3 +64,22 @@ def test_gather_wgrad_kernel_per_group_with_an_empty_one(interpreted, gathered):
     assert float(jnp.abs(got[1]).max()) == 0.0 and float(jnp.abs(sums[1]).max()) == 0.0
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(sums, want_sums, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("gathered", ["a", "b"])
+def test_gather_wgrad_scales_the_sorted_rows_as_it_loads_them(interpreted, gathered):
+    """W2's gradient takes the gates on h inside the kernel: the same numbers as a gated copy
+    of h written first (rounded to its dtype the same way)."""
+    x, idx, _, _, a = tables(2)
+    x, a = x.astype(jnp.bfloat16), a.astype(jnp.bfloat16)
+    scale = jax.random.uniform(jax.random.key(3), (P,), minval=0.1, maxval=1.0)
+    args = (a, x) if gathered == "b" else (x, a)
+    dense = 0 if gathered == "b" else 1
+    copied = list(args)
+    copied[dense] = (args[dense].astype(jnp.float32) * scale[:, None]).astype(jnp.bfloat16)
+    want = gg.gather_wgrad(*copied, idx, COUNTS, gathered)
+    got_xla = gg.gather_wgrad(*args, idx, COUNTS, gathered, scale_P=scale)
+    got = gg.gather_wgrad(*args, idx, COUNTS, gathered, scale_P=scale, use_kernel=True)
+    assert float(jnp.abs(want).max()) > 1.0
+    np.testing.assert_array_equal(got_xla, want)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)

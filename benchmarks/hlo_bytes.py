@@ -1,7 +1,9 @@
 """Bytes one kernel moves: each operand read once and each result written once per run, except
 
 * an operand the kernel only slices (``dynamic-slice``, ``slice``, ``gather``, also behind
-  ``bitcast`` / ``reshape`` / ``get-tuple-element``): the slices it reads, not the whole array
+  ``bitcast`` / ``reshape`` / ``get-tuple-element`` / ``convert``, which a fused kernel
+  computes per element it reads: the loss's target logits, gathered from a cast of the
+  (chunk, V) logits): the slices it reads, not the whole array
   (a layer's weights or residuals out of the stacks a layer scan keeps); but never more than
   the whole array when that is at most ``CACHED_BYTES``: a table that small (a bias per
   expert) stays in the L2 cache (40-72 MB on the targets) while a gather reads its rows over
@@ -49,7 +51,7 @@ def terminal_uses(comp: Computation, name: str, users=None) -> list[tuple[Instr,
     users = _users(comp) if users is None else users
     out = []
     for ins, pos in users.get(name, []):
-        if ins.op in PASS_THROUGH:
+        if ins.op in PASS_THROUGH or ins.op == "convert":  # convert: per element read
             out += terminal_uses(comp, ins.name, users)
         else:
             out.append((ins, pos))

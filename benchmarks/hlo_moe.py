@@ -30,6 +30,9 @@ MOE_FUNCTIONS = ("MoE.__call__",)
 # name it; tokamax is used for the routed experts only
 MOE_FILES = ("nanomoe_jax/moe.py", "nanomoe_jax/grouped.py", "nanomoe_jax/ragged_gemm.py")
 MOE_PACKAGES = ("/tokamax/",)
+# the optimizer's kernels are not the layer's, even where an MoE weight gradient's last op
+# (its cast to the parameter dtype) fused into AdamW's pass over that weight (unrolled layers)
+NOT_MOE_PACKAGES = ("/optax/",)
 MOVEMENT = {"parameter", "constant", "bitcast", "reshape", "copy", "transpose", "slice",
             "dynamic-slice", "dynamic-update-slice", "concatenate", "broadcast", "pad",
             "get-tuple-element", "tuple", "convert"}
@@ -37,6 +40,9 @@ PARTS = ("tile_weights", "residuals", "glue", "matmul")
 
 
 def _in_moe(stats: ProgramStats, k) -> bool:
+    files = {file for fid in k.frames for file, _ in stats.frames.get(fid, [])}
+    if any(p in f for f in files for p in NOT_MOE_PACKAGES):
+        return False
     for fid in k.frames:
         for file, func in stats.frames.get(fid, []):
             if (func in MOE_FUNCTIONS or file.endswith(MOE_FILES)

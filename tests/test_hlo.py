@@ -179,3 +179,35 @@ def test_op_names_with_escaped_quotes_are_read_whole():
     y = hlo_text.parse_module(text)["main"].instrs[-1]
     assert y.op_name == 'jit(f)/moe_ffn/tokamax:{\\"k\\": 1}/ragged_dot/pallas_call'
     assert y.frame == 7
+
+
+def test_a_gather_through_a_convert_is_charged_its_elements_not_the_table():
+    """The loss's target logits: one element per row gathered from the fp32 cast of bf16
+    (rows, V) logits, fused, reads those elements; a cast that is also summed reads all."""
+    def module(reduced: str) -> str:
+        comps = f"""%add (a: f32[], b: f32[]) -> f32[] {{
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}}
+
+%fused (p0: bf16[64,1000], p1: s32[64,1]) -> (f32[64,1], f32[64]) {{
+  %p0 = bf16[64,1000]{{1,0}} parameter(0)
+  %p1 = s32[64,1]{{1,0}} parameter(1)
+  %f = f32[64,1000]{{1,0}} convert(%p0)
+  %g = f32[64,1]{{1,0}} gather(%f, %p1), offset_dims={{}}, collapsed_slice_dims={{0,1}}, start_index_map={{1}}, index_vector_dim=1, slice_sizes={{1,1}}
+  %z = f32[] constant(0)
+  %r = f32[64]{{0}} reduce({reduced}, %z), dimensions={{1}}, to_apply=%add
+  ROOT %t = (f32[64,1]{{1,0}}, f32[64]{{0}}) tuple(%g, %r)
+}}"""
+        return _module("""(x: bf16[64,1000], i: s32[64,1]) -> (f32[64,1], f32[64]) {
+  %x = bf16[64,1000]{1,0} parameter(0)
+  %i = s32[64,1]{1,0} parameter(1)
+  ROOT %fus = (f32[64,1]{1,0}, f32[64]{0}) fusion(%x, %i), kind=kLoop, calls=%fused
+}""", comps)
+
+    def x_read(text):
+        return next(k for k in hlo.program_stats(text).kernels if k.name == "fus").parts[0].bytes
+
+    assert x_read(module("%g")) == 64 * 4  # the gathered elements (as the fp32 they become)
+    assert x_read(module("%f")) == 64 * 1000 * 2  # the whole bf16 table

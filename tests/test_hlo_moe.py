@@ -159,3 +159,17 @@ def test_moe_kernels_include_backward_passes_traced_outside_the_layer():
                           ops=frozenset({"multiply"})) for i in (1, 2, 3)]
     stats = hlo.ProgramStats(kernels=kernels, frames=frames)
     assert hlo_moe.moe_kernels(stats) == {0, 1}
+
+
+def test_the_optimizer_pass_is_not_the_moe_layer_even_with_a_gradient_cast_fused_in():
+    """Unrolled, the last op of an expert weight's gradient (its cast to fp32, traced in
+    ragged_gemm.py) fuses into AdamW's pass over that weight: that kernel is the optimizer's."""
+    from benchmarks import hlo_moe
+
+    frames = {1: [("/r/nanomoe_jax/ragged_gemm.py", "_bwd")],
+              2: [("/v/site-packages/optax/_src/transform.py", "update_fn")]}
+    kernels = [hlo.Kernel("grad", "fusion", 0.0, 1.0, 1, frames=frozenset({1}),
+                          ops=frozenset({"multiply"})),
+               hlo.Kernel("adamw", "fusion", 0.0, 1.0, 1, frames=frozenset({1, 2}),
+                          ops=frozenset({"multiply", "select"}))]
+    assert hlo_moe.moe_kernels(hlo.ProgramStats(kernels=kernels, frames=frames)) == {0}

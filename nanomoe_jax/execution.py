@@ -24,7 +24,7 @@ What it picks, and why:
   (:func:`execution_notes`, printed once by ``train.py``); the config's otherwise.
 * ``remat="none"``, ``loss_chunk_tokens=8192``: the step fits the original's configs on a
   24 GB card with flash attention, so no recomputation is bought; nGPT on an accelerator
-  takes ``remat="dots"`` (:func:`default_remat`).
+  takes ``remat="dots"`` where it scans its layers (:func:`default_remat`).
 * ``scan_layers=False`` (the layers unrolled) up to ``UNROLL_MAX_LAYERS`` layers, on CPU and
   on one accelerator: a layer ``scan`` zero-fills, copies into and slices out of its stacked
   per-layer residuals every step. On CPU that was ~40 % of the quick-start step's kernel time
@@ -164,14 +164,15 @@ def execution_notes(device: Any, config: Any = None, **overrides) -> list[str]:
     return [note] if note else []
 
 
-def default_remat(device: Any, config: Any) -> str:
-    """``"dots"`` for nGPT on accelerators: its residual stream and normalisations are fp32
-    (the original's autocast promotes them), and keeping every elementwise result for the
-    backward pass planned 28 GiB at the 4090 config (B=16, T=1024), past the card, where
-    XLA's own rematerialisation then ran 1.6x the FLOPs; recomputing all but the matmuls
-    plans 7 GiB and half the time (benchmarks/NOTES.md). ``"none"`` elsewhere: the step fits."""
+def default_remat(device: Any, config: Any, scan_layers: bool = True) -> str:
+    """``"dots"`` for nGPT on accelerators under a layer scan: its residual stream and
+    normalisations are fp32 (the original's autocast promotes them), and the scan's stacks of
+    every elementwise result planned 28 GiB at the 4090 config (B=16, T=1024), past the card;
+    recomputing all but the matmuls plans 7 GiB. Unrolled, the same step keeps 10.7 GiB with
+    no recomputation and runs 0.91x the time of "dots" (benchmarks/NOTES.md), so ``"none"``
+    there, and everywhere else: the step fits."""
     on_cpu = getattr(device, "platform", "cpu") == "cpu"
-    return "dots" if isinstance(config, nGPTConfig) and not on_cpu else "none"
+    return "dots" if isinstance(config, nGPTConfig) and not on_cpu and scan_layers else "none"
 
 
 def execution_options(device: Any, config: Any = None, mesh_devices: int = 1,
@@ -190,9 +191,10 @@ def execution_options(device: Any, config: Any = None, mesh_devices: int = 1,
     attention = ("cudnn" if flash_attention_ok(device, dtype, config)
                  else "custom_vjp" if cpu else "xla")
     n_layer = getattr(config, "n_layer", UNROLL_MAX_LAYERS + 1)
-    chosen = dict(dtype=dtype, attention_impl=attention, remat=default_remat(device, config),
-                  scan_layers=n_layer > UNROLL_MAX_LAYERS or (mesh_devices > 1 and not cpu),
-                  loss_chunk_tokens=8192, row_groups=CPU_ROW_GROUPS if cpu else 1)
+    scan = given.get("scan_layers", n_layer > UNROLL_MAX_LAYERS or (mesh_devices > 1 and not cpu))
+    chosen = dict(dtype=dtype, attention_impl=attention, scan_layers=scan,
+                  remat=default_remat(device, config, scan), loss_chunk_tokens=8192,
+                  row_groups=CPU_ROW_GROUPS if cpu else 1)
     chosen.update(given)
     chosen["moe_dispatch"] = _moe_choice(device, config, given, dtype)[0]
     return Options(**chosen)

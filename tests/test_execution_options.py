@@ -80,13 +80,16 @@ def test_moe_dispatch_grouped_on_gpus_unless_asked_or_expert_parallel():
     assert execution_options(FakeDevice("cpu", "cpu"), MoeGPTConfig()).moe_dispatch is None
 
 
-def test_ngpt_recomputes_all_but_the_matmuls_on_accelerators():
-    """nGPT's fp32 residual stream kept whole planned 28 GiB on the 4090: it takes
-    remat="dots" on GPUs (7 GiB planned), none on CPU; a --remat flag still wins."""
+def test_ngpt_recomputes_all_but_the_matmuls_where_it_scans_its_layers():
+    """nGPT's fp32 residual stream stacked by a layer scan planned 28 GiB on the 4090: there
+    it takes remat="dots" (7 GiB planned); unrolled (one GPU, the default) it keeps 10.7 GiB
+    without; none on CPU; a --remat flag still wins."""
     from nanomoe import GPTConfig, nGPTConfig
 
     ngpt = nGPTConfig()
-    assert execution_options(RTX4090, ngpt).remat == "dots"
-    assert execution_options(FakeDevice("cpu", "cpu"), ngpt).remat == "none"
-    assert execution_options(RTX4090, GPTConfig()).remat == "none"
-    assert execution_options(RTX4090, ngpt, remat="none").remat == "none"
+    assert execution_options(RTX4090, ngpt).remat == "none"  # 12 layers: unrolled
+    assert execution_options(RTX4090, ngpt, scan_layers=True).remat == "dots"
+    assert execution_options(RTX4090, ngpt, mesh_devices=8).remat == "dots"  # a mesh scans
+    assert execution_options(FakeDevice("cpu", "cpu"), ngpt, scan_layers=True).remat == "none"
+    assert execution_options(RTX4090, GPTConfig(), scan_layers=True).remat == "none"
+    assert execution_options(RTX4090, ngpt, scan_layers=True, remat="none").remat == "none"

@@ -250,9 +250,11 @@ def run_stack(blocks: nnx.Module, x: jax.Array, opts: Options, cache: KVCache | 
         x, aux, layer_cache = block(x, layer_cache, pos)
         return x, (aux, layer_cache)
 
-    if opts.remat != "none":
-        step = jax.checkpoint(step, policy=REMAT_POLICIES[opts.remat],
-                              prevent_cse=not opts.scan_layers)
+    policy = REMAT_POLICIES[opts.remat]
+    if opts.place_layer is not None:  # fsdp: the gathered weights are gathered again
+        policy = opts.place_layer.remat_policy(policy)
+    if policy is not None:
+        step = jax.checkpoint(step, policy=policy, prevent_cse=not opts.scan_layers)
     if opts.scan_layers:
         x, (aux, cache) = jax.lax.scan(step, x, (state, cache))
         return x, aux, cache

@@ -225,6 +225,21 @@ class Placement:
         self._gather(block, self.layers, compute_dtypes(block, None))
         return x
 
+    def remat_policy(self, base):
+        """The layer's remat policy with fsdp: ``base`` (None: save everything) except the
+        gathered weights, which the backward pass gathers again (as torch FSDP reshards after
+        forward) instead of keeping every layer's whole weights until then. Per device only:
+        under XLA's partitioner the gathers are sharding constraints it schedules itself."""
+        if not runs_per_device(self.mesh):
+            return base
+
+        def policy(prim, *args, **params):
+            if prim.name == "all_gather":
+                return False
+            return True if base is None else base(prim, *args, **params)
+
+        return policy
+
     def outside_layers(self, params):
         """``params`` (the model's nnx.State) with the weights outside the layers gathered."""
         def one(path, value):
@@ -261,21 +276,20 @@ def _gather_bwd(dtype, whole, split, w_zero, g):
 _gather.defvjp(_gather_fwd, _gather_bwd)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+@partial(jax.custom_jvp, nondiff_argnums=(1, 2))
 def _all_gather(w, dtype, dim):
     """One device's shard of ``w`` gathered whole over ``fsdp`` in ``dtype`` (inside a
-    shard_map); its gradient reduce-scattered in fp32."""
+    shard_map); its gradient reduce-scattered in fp32. A custom JVP, not a VJP: the tangent is
+    gathered in fp32 and then cast, so its transpose casts the cotangent up and reduce-scatters
+    in fp32; and the gather stays an ordinary ``all_gather`` that a remat policy can decline
+    to save (:meth:`Placement.remat_policy`; jax keeps a custom VJP's outputs whatever the
+    policy)."""
     return jax.lax.all_gather(w.astype(dtype), "fsdp", axis=dim, tiled=True)
 
 
-def _all_gather_fwd(w, dtype, dim):
-    return _all_gather(w, dtype, dim), jnp.zeros((), w.dtype)
-
-
-def _all_gather_bwd(dtype, dim, w_zero, g):
-    total = jax.lax.psum_scatter(g.astype(jnp.float32), "fsdp", scatter_dimension=dim,
-                                 tiled=True)
-    return (total.astype(w_zero.dtype),)
-
-
-_all_gather.defvjp(_all_gather_fwd, _all_gather_bwd)
+@_all_gather.defjvp
+def _all_gather_jvp(dtype, dim, primals, tangents):
+    (w,), (t,) = primals, tangents
+    out = jax.lax.all_gather(w.astype(dtype), "fsdp", axis=dim, tiled=True)
+    return out, jax.lax.all_gather(t.astype(jnp.float32), "fsdp", axis=dim,
+                                   tiled=True).astype(out.dtype)

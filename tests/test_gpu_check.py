@@ -83,7 +83,12 @@ def test_dry_run_end_to_end(tmp_path):
     for model in gpu_check.MODELS:
         part = report["timing"][model]
         rows = {r["framework"]: r for r in part["rows"]}
-        assert set(rows) == {"jax", "torch"}, part
+        # gpt also times the layer scan against the unrolled default
+        assert set(rows) == {"jax", "torch"} | (
+            {"jax (scan_layers=True)"} if model == "gpt" else set()), part
+        if model == "gpt":
+            assert "scan_layers=True" in rows["jax (scan_layers=True)"]["jax_execution"]
+            assert "scan_layers=False" in rows["jax"]["jax_execution"]
         for r in rows.values():
             assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["timed_steps"] == 2, r
         cal = part["calibration"]

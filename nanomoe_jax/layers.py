@@ -238,8 +238,7 @@ def run_stack(blocks: nnx.Module, x: jax.Array, opts: Options, cache: KVCache | 
     aux and the updated caches come back stacked per layer.
 
     With ``scan_layers`` one ``lax.scan`` step is compiled for all layers; otherwise the same
-    stacked parameters are sliced layer by layer in a Python loop (the reference for tests).
-    """
+    stacked parameters are sliced layer by layer in a Python loop (one device's default)."""
     graphdef, state = nnx.split(blocks)
 
     def step(x, layer):

@@ -7,6 +7,8 @@ C) array first and read back by the GEMM. Pallas Triton kernels of our own (toka
 its block starts past the group's end.
 
 * :func:`gather_dot`: ``out[p] = act(x[idx[p]] @ w[g(p)] + b[g(p)])``;
+* :func:`gather_dot_relu2_grad`: the same GEMM with relu^2's gated gradient and the gate's
+  gradient in its epilogue (the MoE backward's first GEMM);
 * :func:`gather_wgrad`: ``out[g] = a[rows of g]^T b[rows of g]`` with a or b gathered, and
   the column sums of a (a bias's gradient) when asked.
 
@@ -123,6 +125,74 @@ def _gather_dot_kernel(x_ref, idx_ref, w_ref, b_ref, lo_ref, hi_ref, o_ref, *, a
             acc = activation(acc)
         mask = (start + jnp.arange(BM)) < hi
         plgpu.store(o_ref.at[pl.ds(start, BM), :], acc.astype(o_ref.dtype), mask=mask[:, None])
+
+
+# --- the relu^2 backward on the same rows: dv = g * (x[idx] @ w) * 2 sqrt(h) ----------------
+
+def gather_dot_relu2_grad(x_NI, idx_P, w, counts_G, h_PN, gate_P, use_kernel=False):
+    """The MoE backward's first GEMM with its elementwise tail in the epilogue: ``d =
+    x[idx[p]] @ w[g(p)]`` (fp32 accumulator), then ``dv = gate * d * 2 sqrt(h)`` in h's dtype
+    (relu^2's gradient through h = relu(u)^2, gated) and ``dg = sum(d * h)`` per row (the
+    gate's gradient, before its bias term). The accumulator never leaves the kernel: no (P, N)
+    array of d is written and read back. ``dg`` comes as (N // BN, P) column-block partial
+    sums on the kernel path; :func:`relu2_grad_rows` sums them."""
+    K, G, P, N = x_NI.shape[1], w.shape[0], idx_P.shape[0], w.shape[2]
+    gate_P = gate_P.astype(f32)
+    if not use_kernel:
+        d = jax.lax.ragged_dot(x_NI[idx_P], w.astype(x_NI.dtype), counts_G,
+                               precision=matmul_precision(x_NI.dtype), preferred_element_type=f32)
+        h = h_PN.astype(f32)
+        return (gate_P[:, None] * d * 2.0 * jnp.sqrt(h)).astype(h_PN.dtype), jnp.sum(d * h, 1)[None]
+    if K % BK or N % BN:
+        raise ValueError(f"gather_dot's kernel needs K % {BK} == N % {BN} == 0, not {K}, {N}")
+    lo_G, hi_G = _bounds(counts_G)
+    idx = jnp.concatenate([idx_P.astype(jnp.int32), jnp.zeros(BM, jnp.int32)])
+    gate = jnp.concatenate([gate_P, jnp.zeros(BM, f32)])
+    item = jnp.dtype(x_NI.dtype).itemsize
+    kernel = functools.partial(_relu2_grad_kernel, precision=matmul_precision(x_NI.dtype))
+    return pl.pallas_call(
+        kernel, out_shape=[jax.ShapeDtypeStruct((P, N), h_PN.dtype),
+                           jax.ShapeDtypeStruct((N // BN, P), f32)],
+        in_specs=[pl.no_block_spec, pl.no_block_spec,
+                  pl.BlockSpec((None, K, BN), lambda i, j, g: (g, 0, j)),
+                  pl.BlockSpec((P, BN), lambda i, j, g: (0, j)), pl.no_block_spec,
+                  pl.BlockSpec((None,), lambda i, j, g: (g,)),
+                  pl.BlockSpec((None,), lambda i, j, g: (g,))],
+        out_specs=[pl.BlockSpec((P, BN), lambda i, j, g: (0, j)),
+                   pl.BlockSpec((None, P), lambda i, j, g: (j, 0))],
+        grid=(pl.cdiv(P, BM), N // BN, G), name="gather_dot_relu2_grad", interpret=INTERPRET,
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
+        metadata=_meta(2.0 * P * K * N, 0, P * K * item),
+    )(x_NI, idx, w, h_PN, gate, lo_G, hi_G)
+
+
+def relu2_grad_rows(dg_parts) -> jax.Array:
+    """The (P,) gate gradients from :func:`gather_dot_relu2_grad`'s partial sums."""
+    return jnp.sum(dg_parts, axis=0)
+
+
+def _relu2_grad_kernel(x_ref, idx_ref, w_ref, h_ref, gate_ref, lo_ref, hi_ref, dv_ref, dg_ref, *,
+                       precision):
+    lo, hi = plgpu.load(lo_ref), plgpu.load(hi_ref)
+    start = lo + pl.program_id(0) * BM
+
+    @pl.when(start < hi)
+    def _():
+        rows_B = plgpu.load(idx_ref.at[pl.ds(start, BM)])
+
+        def body(i, acc):
+            cols = i * BK + jnp.arange(BK)
+            a = plgpu.load(x_ref.at[rows_B[:, None], cols[None, :]])
+            w = plgpu.load(w_ref.at[pl.ds(i * BK, BK), :]).astype(a.dtype)
+            return acc + plgpu.dot(a, w, precision=precision)
+
+        acc = jax.lax.fori_loop(0, x_ref.shape[1] // BK, body, jnp.zeros((BM, BN), f32))
+        mask = (start + jnp.arange(BM)) < hi
+        h = plgpu.load(h_ref.at[pl.ds(start, BM), :], mask=mask[:, None], other=0).astype(f32)
+        gate = plgpu.load(gate_ref.at[pl.ds(start, BM)])
+        dv = gate[:, None] * acc * 2.0 * jnp.sqrt(h)
+        plgpu.store(dv_ref.at[pl.ds(start, BM), :], dv.astype(dv_ref.dtype), mask=mask[:, None])
+        plgpu.store(dg_ref.at[pl.ds(start, BM)], jnp.sum(acc * h, axis=1), mask=mask)
 
 
 # --- out[g] = a[rows of g]^T b[rows of g], a or b gathered ------------------------------------

@@ -25,7 +25,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from .gather_gemm import gather_dot, gather_wgrad, matmul_precision
+from .gather_gemm import (gather_dot, gather_dot_relu2_grad, gather_wgrad, matmul_precision,
+                          relu2_grad_rows)
 
 f32 = jnp.float32
 PAD = 128  # >= the largest row block tokamax's Triton ragged dot uses (block_k <= 128)
@@ -159,13 +160,13 @@ def _bwd(res, dout_NC):
     dout_lo = jax.lax.optimization_barrier(dout_NC.astype(dt))
     src = jnp.maximum(src_P, 0)
     tok_P = src // j
-    gate_P = jnp.where(src_P >= 0, gates_Nj.reshape(-1)[src], 0.0)[:, None]   # 0 on pads
-    dhu_PH = gather_dot(dout_lo, tok_P, w2_ECH, counts_E, dt,                # dout W2, ungated
-                        use_kernel=kernels).astype(f32)
-    h32_PH = h_PH.astype(f32)
-    dv_PH = (gate_P * dhu_PH * 2.0 * jnp.sqrt(h32_PH)).astype(dt)
-    # d gates = <dout, y + b2> = <dout W2, h> + <dout, b2>: read where h is read anyway
-    dg_P = jnp.sum(dhu_PH * h32_PH, axis=1)
+    gate_P = jnp.where(src_P >= 0, gates_Nj.reshape(-1)[src], 0.0)           # 0 on pads
+    # dout W2 (ungated) stays in the kernel's accumulator: its epilogue forms relu^2's gated
+    # gradient dv, and the gates' gradient <dout, y + b2> = <dout W2, h> + <dout, b2> (its
+    # first term here, where h is read anyway)
+    dv_PH, dg_parts = gather_dot_relu2_grad(dout_lo, tok_P, w2_ECH, counts_E, h_PH, gate_P,
+                                            use_kernel=kernels)
+    dg_P = relu2_grad_rows(dg_parts)
     # the small matmuls with b2 read the output gradient in the compute dtype too, as every
     # other weight gradient here does (fp32 runs: fp32)
     hi = matmul_precision(dt)
@@ -177,7 +178,7 @@ def _bwd(res, dout_NC):
     dw1_EHC, db1_EH = gather_wgrad(dv_PH, x_NC, tok_P, counts_E, "b", colsum=True,
                                    use_kernel=kernels)
     dw2_ECH = gather_wgrad(dout_lo, h_PH, tok_P, counts_E, "a", use_kernel=kernels,
-                           scale_P=gate_P[:, 0])                    # gated h, on load
+                           scale_P=gate_P)                          # gated h, on load
     db2_EC = jnp.einsum("ne,nc->ec", gates_NE.astype(dt), dout_lo, precision=hi,
                         preferred_element_type=f32)
     return (dx_NC, dgates_Nj, None, None, None, None, None, dw1_EHC.astype(w1_EHC.dtype),

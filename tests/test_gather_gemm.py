@@ -83,3 +83,25 @@ def test_gather_wgrad_scales_the_sorted_rows_as_it_loads_them(interpreted, gathe
     assert float(jnp.abs(want).max()) > 1.0
     np.testing.assert_array_equal(got_xla, want)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_relu2_grad_epilogue_equals_the_gemm_then_the_elementwise_tail(interpreted):
+    """The MoE backward's first GEMM with relu^2's gated gradient and the gates' gradient in
+    its epilogue: the kernel against the XLA path against the two steps written out (with an
+    empty group, and rows after the last group, which neither writes)."""
+    x, idx, w, _, _ = tables(4)
+    h = jnp.square(jax.random.normal(jax.random.key(5), (P, N)))  # relu^2 outputs: >= 0
+    gate = jax.random.uniform(jax.random.key(6), (P,), minval=0.1, maxval=1.0)
+    n = int(COUNTS.sum())
+    groups = np.searchsorted(np.cumsum(np.asarray(COUNTS)), np.arange(n), side="right")
+    d = jnp.einsum("pk,pkn->pn", x[idx[:n]], w[groups])
+    want_dv = gate[:n, None] * d * 2.0 * jnp.sqrt(h[:n])
+    want_dg = jnp.sum(d * h[:n], axis=1)
+    for use_kernel in (False, True):
+        dv, parts = gg.gather_dot_relu2_grad(x, idx, w, COUNTS, h, gate, use_kernel=use_kernel)
+        dg = gg.relu2_grad_rows(parts)
+        assert dv.shape == (P, N) and dv.dtype == h.dtype
+        np.testing.assert_allclose(dv[:n], want_dv, rtol=1e-5,
+                                   atol=1e-5 * float(jnp.abs(want_dv).max()))
+        np.testing.assert_allclose(dg[:n], want_dg, rtol=1e-5,
+                                   atol=1e-5 * float(jnp.abs(want_dg).max()))

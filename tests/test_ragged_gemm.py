@@ -110,7 +110,7 @@ def test_triton_kernels_interpreted_match_autodiff(triton_interpreted, monkeypat
     from nanomoe_jax import gather_gemm
 
     traced = set()
-    for name in ("_gather_dot_kernel", "_wgrad_kernel"):
+    for name in ("_gather_dot_kernel", "_relu2_grad_kernel", "_wgrad_kernel"):
         kernel = getattr(gather_gemm, name)
         monkeypatch.setattr(gather_gemm, name,
                             lambda *a, _k=kernel, _n=name, **kw: (traced.add(_n), _k(*a, **kw))[1])
@@ -119,7 +119,7 @@ def test_triton_kernels_interpreted_match_autodiff(triton_interpreted, monkeypat
     x, gates, top_idx, params, S = case(seed=2, N=16, R=4, C=128, H=128, empty=(2,))
     (v, g), (v_ref, g_ref) = (value_and_grads(f, x, gates, top_idx, params, S)
                               for f in (routed, reference))
-    assert traced == {"_gather_dot_kernel", "_wgrad_kernel"}
+    assert traced == {"_gather_dot_kernel", "_relu2_grad_kernel", "_wgrad_kernel"}
     np.testing.assert_allclose(v, v_ref, rtol=1e-5)
     assert_close(g, g_ref, 1e-5)
     for p in g[2]:

@@ -151,13 +151,14 @@ def test_compiled_pallas_triton_kernel_is_counted_from_metadata_or_named():
 
 @pytest.mark.skipif(not _has_cuda_plugin(), reason="needs the plan extra (CUDA plugin)")
 def test_gather_kernels_compile_and_are_charged_their_rows():
-    """The MoE layer's row-gathering GEMMs (nanomoe_jax/gather_gemm.py) compile for the 4090
-    and the h100 without a GPU, and the plan counts each: its FLOPs from its metadata, and its
-    gathered operand as the rows it reads (P x K), not the table (T x K) it reads them from."""
+    """The MoE layer's row-gathering GEMMs (nanomoe_jax/gather_gemm.py, the one with relu^2's
+    gradient in its epilogue too) compile for the 4090 and the h100 without a GPU, and the plan
+    counts each: its FLOPs from its metadata, and its gathered operand as the rows it reads
+    (P x K), not the table (T x K) it reads them from."""
     from jax.sharding import SingleDeviceSharding
 
     from benchmarks.targets import compile_devices
-    from nanomoe_jax.gather_gemm import gather_dot, gather_wgrad
+    from nanomoe_jax.gather_gemm import gather_dot, gather_dot_relu2_grad, gather_wgrad
 
     T, K, N, G, P = 256, 64, 128, 3, 1000
     for target in ("rtx4090", "h100"):
@@ -172,8 +173,13 @@ def test_gather_kernels_compile_and_are_charged_their_rows():
         def wgrad(a, x, idx, counts):
             return gather_wgrad(a, x, idx, counts, "b", colsum=True, use_kernel=True)
 
+        def relu2_grad(x, idx, w, h, gate, counts):
+            return gather_dot_relu2_grad(x, idx, w, counts, h, gate, use_kernel=True)
+
         for fn, args in ((dot, (sds((T, K)), sds((P,), jnp.int32), sds((G, K, N)))),
-                         (wgrad, (sds((P, N)), sds((T, K)), sds((P,), jnp.int32)))):
+                         (wgrad, (sds((P, N)), sds((T, K)), sds((P,), jnp.int32))),
+                         (relu2_grad, (sds((T, K)), sds((P,), jnp.int32), sds((G, K, N)),
+                                       sds((P, N)), sds((P,), jnp.float32)))):
             with jax.default_device(dev):
                 text = jax.jit(fn).lower(*args, sds((G,), jnp.int32)).compile().as_text()
             s = hlo.program_stats(text)

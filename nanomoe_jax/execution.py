@@ -29,8 +29,8 @@ What it picks, and why:
   on one accelerator: a layer ``scan`` zero-fills, copies into and slices out of its stacked
   per-layer residuals every step. On CPU that was ~40 % of the quick-start step's kernel time
   (unrolled: 1.25-1.3x faster, benchmarks/NOTES.md "CPU quick start"); the GPU plan estimates
-  the unrolled step 1.1-1.3x faster on the 4090 and H100 at a lower peak, for 3-5x the compile
-  time (seconds deviceless). A mesh of several accelerators keeps the scan
+  the unrolled step 1.1-1.35x faster on the 4090 and H100 (planned peaks 2.1 GiB lower to 1.6
+  GiB higher), for 3-5x the compile time (seconds deviceless). A mesh of several accelerators keeps the scan
   (``mesh_devices > 1``): unrolled, XLA schedules the layers' fsdp gathers and expert
   exchanges early and the planned peak per device rises (GPT data=8 8.4 -> 9.8 GiB, MoeGPT-64
   expert=8 12.0 -> 16.4 GiB). Compile time grows with the layer count, hence the cap.

@@ -101,6 +101,23 @@ def gather_dot(x_NI, idx_P, w, counts_G, out_dtype, bias_GO=None, activation=Non
     )(x_NI, idx, w, bias, lo_G, hi_G)
 
 
+def _gathered_acc(x_ref, idx_ref, w_ref, start, *, w_nk, precision):
+    """The fp32 (BM, BN) block of ``x[idx[start:start + BM]] @ w`` (w a group's (K, BN) or,
+    with ``w_nk``, (BN, K) block, cast to x's dtype as it is loaded): both kernels' GEMM."""
+    rows_B = plgpu.load(idx_ref.at[pl.ds(start, BM)])
+
+    def body(i, acc):
+        cols = i * BK + jnp.arange(BK)
+        a = plgpu.load(x_ref.at[rows_B[:, None], cols[None, :]])
+        if w_nk:
+            w = plgpu.load(w_ref.at[:, pl.ds(i * BK, BK)]).astype(a.dtype).T
+        else:
+            w = plgpu.load(w_ref.at[pl.ds(i * BK, BK), :]).astype(a.dtype)
+        return acc + plgpu.dot(a, w, precision=precision)
+
+    return jax.lax.fori_loop(0, x_ref.shape[1] // BK, body, jnp.zeros((BM, BN), f32))
+
+
 def _gather_dot_kernel(x_ref, idx_ref, w_ref, b_ref, lo_ref, hi_ref, o_ref, *, activation,
                        w_nk, precision):
     lo, hi = plgpu.load(lo_ref), plgpu.load(hi_ref)
@@ -108,18 +125,7 @@ def _gather_dot_kernel(x_ref, idx_ref, w_ref, b_ref, lo_ref, hi_ref, o_ref, *, a
 
     @pl.when(start < hi)
     def _():
-        rows_B = plgpu.load(idx_ref.at[pl.ds(start, BM)])
-
-        def body(i, acc):
-            cols = i * BK + jnp.arange(BK)
-            a = plgpu.load(x_ref.at[rows_B[:, None], cols[None, :]])
-            if w_nk:
-                w = plgpu.load(w_ref.at[:, pl.ds(i * BK, BK)]).astype(a.dtype).T
-            else:
-                w = plgpu.load(w_ref.at[pl.ds(i * BK, BK), :]).astype(a.dtype)
-            return acc + plgpu.dot(a, w, precision=precision)
-
-        acc = jax.lax.fori_loop(0, x_ref.shape[1] // BK, body, jnp.zeros((BM, BN), f32))
+        acc = _gathered_acc(x_ref, idx_ref, w_ref, start, w_nk=w_nk, precision=precision)
         acc = acc + plgpu.load(b_ref).astype(f32)[None, :]
         if activation is not None:
             acc = activation(acc)
@@ -178,15 +184,7 @@ def _relu2_grad_kernel(x_ref, idx_ref, w_ref, h_ref, gate_ref, lo_ref, hi_ref, d
 
     @pl.when(start < hi)
     def _():
-        rows_B = plgpu.load(idx_ref.at[pl.ds(start, BM)])
-
-        def body(i, acc):
-            cols = i * BK + jnp.arange(BK)
-            a = plgpu.load(x_ref.at[rows_B[:, None], cols[None, :]])
-            w = plgpu.load(w_ref.at[pl.ds(i * BK, BK), :]).astype(a.dtype)
-            return acc + plgpu.dot(a, w, precision=precision)
-
-        acc = jax.lax.fori_loop(0, x_ref.shape[1] // BK, body, jnp.zeros((BM, BN), f32))
+        acc = _gathered_acc(x_ref, idx_ref, w_ref, start, w_nk=False, precision=precision)
         mask = (start + jnp.arange(BM)) < hi
         h = plgpu.load(h_ref.at[pl.ds(start, BM), :], mask=mask[:, None], other=0).astype(f32)
         gate = plgpu.load(gate_ref.at[pl.ds(start, BM)])

@@ -211,10 +211,10 @@ def gather_wgrad(a, b, idx_P, counts_G, gathered: str, colsum=False, use_kernel=
     M, N = a.shape[1], b.shape[1]
     if use_kernel and (M % WM or N % WN):
         raise ValueError(f"gather_wgrad's kernel needs M % {WM} == N % {WN} == 0, not {M}, {N}")
-    scale_P = jnp.ones((P,), f32) if scale_P is None else scale_P.astype(f32)
+    scaled = scale_P is not None
     if not use_kernel:
-        a_PM = a[idx_P] if gathered == "a" else _scaled(a, scale_P)
-        b_PN = b[idx_P] if gathered == "b" else _scaled(b, scale_P)
+        a_PM = a[idx_P] if gathered == "a" else _scaled(a, scale_P) if scaled else a
+        b_PN = b[idx_P] if gathered == "b" else _scaled(b, scale_P) if scaled else b
         nums = jax.lax.RaggedDotDimensionNumbers(
             dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0],
             rhs_group_dimensions=[])
@@ -225,26 +225,27 @@ def gather_wgrad(a, b, idx_P, counts_G, gathered: str, colsum=False, use_kernel=
         return (out, sums) if colsum else out
     lo_G, hi_G = _bounds(counts_G)
     idx = jnp.concatenate([idx_P.astype(jnp.int32), jnp.zeros(WR, jnp.int32)])
-    scale = jnp.concatenate([scale_P, jnp.zeros(WR, f32)])
-    kernel = functools.partial(_wgrad_kernel, gathered=gathered,
+    scale = [jnp.concatenate([scale_P.astype(f32), jnp.zeros(WR, f32)])] if scaled else []
+    kernel = functools.partial(_wgrad_kernel, gathered=gathered, scaled=scaled,
                                precision=matmul_precision(a.dtype))
     item = jnp.dtype(a.dtype).itemsize
     out_shape = [jax.ShapeDtypeStruct((G, M, N), f32), jax.ShapeDtypeStruct((G, M), f32)]
     out, sums = pl.pallas_call(
         kernel, out_shape=out_shape,
-        in_specs=[pl.no_block_spec] * 4 + [pl.BlockSpec((None,), lambda g, i, j: (g,))] * 2,
+        in_specs=[pl.no_block_spec] * (3 + len(scale))
+        + [pl.BlockSpec((None,), lambda g, i, j: (g,))] * 2,
         out_specs=[pl.BlockSpec((None, WM, WN), lambda g, i, j: (g, i, j)),
                    pl.BlockSpec((None, WM), lambda g, i, j: (g, i))],
         grid=(G, M // WM, N // WN), name="gather_wgrad", interpret=INTERPRET,
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
         metadata=_meta(2.0 * P * M * N, 0 if gathered == "a" else 1,
                        P * (M if gathered == "a" else N) * item),
-    )(a, b, idx, scale, lo_G, hi_G)
+    )(a, b, idx, *scale, lo_G, hi_G)
     return (out, sums) if colsum else out
 
 
-def _wgrad_kernel(a_ref, b_ref, idx_ref, scale_ref, lo_ref, hi_ref, o_ref, s_ref, *, gathered,
-                  precision):
+def _wgrad_kernel(a_ref, b_ref, idx_ref, *refs, gathered, scaled, precision):
+    scale_ref, (lo_ref, hi_ref, o_ref, s_ref) = (refs[0], refs[1:]) if scaled else (None, refs)
     lo, hi = plgpu.load(lo_ref), plgpu.load(hi_ref)
     cols_a = pl.program_id(1) * WM + jnp.arange(WM)
     cols_b = pl.program_id(2) * WN + jnp.arange(WN)
@@ -257,11 +258,9 @@ def _wgrad_kernel(a_ref, b_ref, idx_ref, scale_ref, lo_ref, hi_ref, o_ref, s_ref
         ra, rb = (src if gathered == "a" else rows), (src if gathered == "b" else rows)
         x = plgpu.load(a_ref.at[ra[:, None], cols_a[None, :]], mask=real, other=0)
         y = plgpu.load(b_ref.at[rb[:, None], cols_b[None, :]], mask=real, other=0)
-        scale = plgpu.load(scale_ref.at[pl.ds(lo + t * WR, WR)])
-        if gathered == "a":
-            y = _scaled(y, scale)
-        else:
-            x = _scaled(x, scale)
+        if scaled:  # the sorted operand's rows, times their scale
+            scale = plgpu.load(scale_ref.at[pl.ds(lo + t * WR, WR)])
+            x, y = (x, _scaled(y, scale)) if gathered == "a" else (_scaled(x, scale), y)
         return acc + plgpu.dot(x.T, y, precision=precision), s + jnp.sum(x.astype(f32), axis=0)
 
     steps = pl.cdiv(hi - lo, WR)  # 0 for an empty group: its gradient is 0

@@ -1,7 +1,8 @@
 """Collectives of a compiled multi-device program, and what a layout should ideally send.
 
 Bytes per device per step are the buffer each device hands to a collective (all-reduce operand,
-gathered all-gather result, full reduce-scatter input, all-to-all operand, permuted buffer),
+gathered all-gather result, full reduce-scatter input, all-to-all operand, permuted buffer, the
+smaller of a ragged all-to-all's operand and output),
 times the trip counts of the loops around it. The HLO parsing comes from ``benchmarks.hlo_text``
 (used as it is); this module only walks it for collectives and keeps the loop each sits in.
 """
@@ -63,6 +64,11 @@ def collectives(hlo_text: str) -> list[Collective]:
             if ins.op.endswith("-start") and len(results) > 1:  # ((inputs), (outputs))
                 results = results[len(results) // 2:]
             return max(results, key=lambda s: nbytes([s])), nbytes(results)
+        elif kind == "ragged-all-to-all":
+            # only the rows its sizes name travel: at most its operand (what a device sends)
+            # and its output (what lands); the expert exchange sends the routed rows out and
+            # the same rows back, so the smaller of the two is what a device sends on average
+            leaf = min((shapes[o][0] for o in ins.operands[:2]), key=lambda s: nbytes([s]))
         elif operands:
             leaf = max(operands, key=lambda s: nbytes([s]))
         else:
@@ -126,9 +132,9 @@ def ideal_bytes(params, param_sharding, mesh, config, A: int, B: int, T: int,
       exists to save;
     * expert (MoeGPT): each micro-batch sends the N k routed rows (compute dtype) through 4
       all-to-alls per MoE layer (tokens out and back, forward and backward). Not in the total
-      but beside it, ``expert_buffer``: the same 4 all-to-alls of the routed-only buffer that
-      nanomoe_jax/expert_parallel.py sends with its capacity, X x cap rows per slice (cap the
-      rows a slice may send one device, ``device_capacity``): the floor of that design.
+      but beside it, ``expert_buffer``: the same 4 exchanges of the padded (X, cap) buffers
+      (cap the rows a slice may send one device, ``device_capacity``): what the CPU's
+      all_to_all sends; GPUs send only the rows (ragged_all_to_all, expert_parallel.py).
     """
     fsdp, expert = mesh.shape["fsdp"], mesh.shape["expert"]
     n_batch = int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")]))

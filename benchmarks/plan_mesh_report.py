@@ -28,7 +28,9 @@ def render(report: dict) -> str:
             f"{r['compile_s']} |")
     lines += ["", "Per device and optimizer step. Collective bytes: the buffer each device hands "
               "to a collective (all-reduce operand, gathered all-gather result, full "
-              "reduce-scatter input, all-to-all operand) times the trip counts of the loops "
+              "reduce-scatter input, all-to-all operand; a ragged all-to-all, which sends only the "
+              "rows its sizes name: the smaller of its operand and its output) times the trip "
+              "counts of the loops "
               "around it. Ideal: each gradient all-reduced once a step in fp32 over the devices "
               "holding the same shard; fsdp: per micro-batch, weights gathered forward and "
               "backward in bf16 and the fp32 gradient reduce-scattered (so it stays sharded); "
@@ -56,14 +58,15 @@ def render(report: dict) -> str:
 
 
 def _expert_buffers(rows) -> list[str]:
-    """One line per expert layout: the routed-only buffer's all-to-alls against the N k rows
-    (its capacity's floor, mesh_hlo.ideal_bytes), so a ratio above 1 is read against it."""
+    """One line per expert layout: the receive buffers (X x cap rows a device, what the CPU's
+    padded all_to_all sends) against the N k routed rows (mesh_hlo.ideal_bytes)."""
     out = []
     for r in rows:
         ideal = r.get("ideal") or {}
         if ideal.get("expert_buffer") and ideal.get("expert_all_to_all"):
-            out.append(f"- {r['model']} {r['mesh']} A={r['A']}: the routed-only buffer (X x "
-                       f"cap rows, expert_parallel.py) sends {ideal['expert_buffer'] / GiB:.3f} "
-                       f"GiB, {ideal['expert_buffer'] / ideal['expert_all_to_all']:.2f}x the "
-                       f"N k routed rows' {ideal['expert_all_to_all'] / GiB:.3f} GiB")
+            out.append(f"- {r['model']} {r['mesh']} A={r['A']}: the receive buffers (X x cap "
+                       f"rows, expert_parallel.py) hold {ideal['expert_buffer'] / GiB:.3f} GiB, "
+                       f"{ideal['expert_buffer'] / ideal['expert_all_to_all']:.2f}x the N k "
+                       f"routed rows' {ideal['expert_all_to_all'] / GiB:.3f} GiB: what the "
+                       f"padded exchange (CPU) sends; GPUs send the rows (ragged)")
     return out + [""] if out else []

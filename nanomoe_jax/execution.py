@@ -129,10 +129,10 @@ def _moe_choice(device: Any, config: Any, given: dict,
     GEMM (each expert's weights read once per GEMM, the useful FLOPs plus 2 x 128 pad rows)
     when it takes the config, else as the ``grouped`` padded tiles (about 1.02x the useful
     FLOPs, each expert's weights read once per tile), instead of the config's ``capacity``
-    buffer (1.14x-1.27x on the 4090 plan). An expert-parallel mesh needs ``capacity`` (the only
-    back end partitioned over experts), and on CPU the config's choice stays (the tested paths;
-    no FLOP budget to meet there). A ``tokamax`` asked for where it refuses becomes
-    ``grouped``, with the reason as the note. A mesh without an expert axis changes nothing:
+    buffer (1.14x-1.27x on the 4090 plan). An expert-parallel mesh takes ``capacity`` (its
+    rows travel to the devices holding their experts, expert_parallel.py), and on CPU the
+    config's choice stays (the tested paths; no FLOP budget to meet there). A ``tokamax``
+    asked for where it refuses becomes ``grouped``, with the reason as the note. On a mesh
     each device runs the one-device program on its own slice (nanomoe_jax/replicas.py).
     None: the config decides."""
     asked = given.get("moe_dispatch")

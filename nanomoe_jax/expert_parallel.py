@@ -9,14 +9,16 @@ its own N tokens, then:
 1. **Send.** Its N k assignments are grouped by destination device. Each destination takes at
    most ``cap`` rows from one slice (:func:`device_capacity`), earlier tokens first (tokens are
    position-major, so a token's drop never depends on later tokens); the rest drop and are
-   counted as ``dropped_fraction`` reports. The kept rows fill a routed-only (X, cap, C)
-   buffer, ordered by local expert within each destination's chunk.
-2. **Exchange.** The buffer is constrained to be sharded on X over ``expert``: XLA moves it
-   with one all-to-all (and the (X, e) row counts with a tiny one). Nothing of the shared
-   experts' rows travels, unlike the (E, capacity, C) buffer this replaces.
-3. **Compute.** Each device runs its e experts on the rows it received as a grouped matmul of
-   tiles (nanomoe_jax/grouped.py): the rows plus at most a tile per expert.
-4. **Return** by the reverse all-to-all; gates applied where the tokens are.
+   counted as ``dropped_fraction`` reports. Within a destination's chunk the kept rows are
+   ordered by local expert.
+2. **Exchange** (inside the step's ``shard_map``, replicas.py). On GPUs one
+   ``ragged_all_to_all`` moves exactly the kept rows (the bytes the layout needs, whatever
+   ``cap``); XLA:CPU has no ragged kind, so there an ``all_to_all`` moves a padded
+   (X, cap, C) buffer. Both land in the same (X, cap, C) buffer on the receiver, chunk j
+   from slice j. Nothing of the shared experts' rows travels.
+3. **Compute.** Each device runs its e experts on the rows it received, per source slice, as a
+   grouped matmul of tiles (nanomoe_jax/grouped.py): the rows plus at most a tile per expert.
+4. **Return** the same way back; gates applied where the tokens are.
 
 The shared experts run on every device on its own tokens; their weights are picked from the
 sharded stack with a one-hot contraction (an all-reduce of S experts' weights, never a gather
@@ -27,20 +29,18 @@ device), ``cap = ceil(capacity_factor * share * N k * r / R)`` with r the most r
 one device holds, R the routed experts, ``share = max(1/sqrt(r), DEVICE_SHARE)``. When the
 config cannot drop on one device (``capacity(N) == N``) the mesh cannot drop either (cap =
 the most rows a slice can send one device). :func:`expert_parallel_dispatch` with
-``mesh=None, groups=X`` computes the same numbers on one device (the tests' reference).
-
-Sharding constraints, not ``shard_map``: the step vmaps the model over device slices, and a
-``shard_map`` under that vmap sees the slice axis replicated (it would gather every slice's
-tokens); ``ragged_all_to_all`` has no XLA:CPU lowering (benchmarks/NOTES.md, issue 23.4).
+``mesh=None, groups=X`` computes the same numbers on one device (the tests' reference; the
+CPU tests also run the ragged path against an emulation of the collective's documented
+semantics).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .activations import relu_squared
 from .grouped import pick_tile, tile_layout, tiled_matmul
@@ -81,9 +81,24 @@ def shared_weights(w, S: int):
     return [jnp.einsum("se,e...->s...", pick_SE, a) for a in w]
 
 
-def send_layout(top_idx_NK, S: int, e: int, X: int, cap: int):
-    """Where each assignment goes: (device_A, slot_A, kept_A, token_XM, filled_XM, counts_Xe).
-    Within a device's chunk the kept rows are ordered by local expert, token order inside."""
+class SendLayout(NamedTuple):
+    """Where one slice's N k assignments go (A = N k; X devices of e experts, cap slots each).
+    The sorted order groups the assignments by destination device, kept rows first and by
+    local expert within a device, token order inside; device x's chunk of it starts at
+    ``starts_X[x]`` and its first ``sizes_X[x]`` rows are the ones sent."""
+    dev_A: jax.Array        # destination device of each assignment
+    slot_A: jax.Array       # its row in that device's chunk
+    kept_A: jax.Array       # within the device's capacity
+    token_XM: jax.Array     # the token in each (device, slot) of the padded buffer
+    filled_XM: jax.Array    # whether that slot holds a row
+    counts_Xe: jax.Array    # kept rows per (device, local expert)
+    order_A: jax.Array      # assignment at each sorted position
+    starts_X: jax.Array     # each device's chunk in the sorted order
+    sizes_X: jax.Array      # rows sent to each device
+
+
+def send_layout(top_idx_NK, S: int, e: int, X: int, cap: int) -> SendLayout:
+    """The :class:`SendLayout` of one slice's routed assignments (global expert = id + S)."""
     N, K = top_idx_NK.shape
     A = N * K
     g_A = top_idx_NK.reshape(-1) + S                   # global expert of each assignment
@@ -99,10 +114,12 @@ def send_layout(top_idx_NK, S: int, e: int, X: int, cap: int):
     order_A = jnp.argsort(key_A, stable=True)
     slot_A = jnp.zeros(A, jnp.int32).at[order_A].set(arange_A) - starts_X[dev_A]
     slot_M = jnp.arange(cap)
-    filled_XM = slot_M[None] < jnp.minimum(counts_X, cap)[:, None]
+    sizes_X = jnp.minimum(counts_X, cap)
+    filled_XM = slot_M[None] < sizes_X[:, None]
     token_XM = order_A[jnp.clip(starts_X[:, None] + slot_M[None], 0, A - 1)] // K
     counts_Xe = jnp.zeros((X, e), jnp.int32).at[dev_A, lid_A].add(kept_A.astype(jnp.int32))
-    return dev_A, slot_A, kept_A, token_XM, filled_XM, counts_Xe
+    return SendLayout(dev_A, slot_A, kept_A, token_XM, filled_XM, counts_Xe, order_A,
+                      starts_X, sizes_X)
 
 
 def local_experts(x_MC, counts_e, w1_eHC, b1_eH, w2_eCH, b2_eC):
@@ -121,40 +138,119 @@ def local_experts(x_MC, counts_e, w1_eHC, b1_eH, w2_eCH, b2_eC):
     return y_nTC.reshape(-1, C)[lay.dest_A]
 
 
-def _to_experts(a, mesh, back=False):
-    """Chunk axis 0 from the slice's own device to the experts' devices (or back): a change
-    of the sharded dimension, which XLA realises as an all-to-all."""
-    if mesh is None:
-        return a
-    local = NamedSharding(mesh, P())
-    split = NamedSharding(mesh, P("expert", *(None,) * (a.ndim - 1)))
-    first, then = (split, local) if back else (local, split)
-    return jax.lax.with_sharding_constraint(jax.lax.with_sharding_constraint(a, first), then)
+AXIS = "expert"
 
 
-def routed_dispatch(x_NC, top_idx_NK, top_gates_NK, w, S: int, X: int, cap: int, mesh=None):
-    """The routed experts of one slice: (y_NC fp32, dropped assignments)."""
-    N, K = top_idx_NK.shape
-    E, C = w[0].shape[0], x_NC.shape[1]
-    e = E // X
-    dev_A, slot_A, kept_A, token_XM, filled_XM, counts_Xe = send_layout(top_idx_NK, S, e, X, cap)
-    x_XMC = jnp.where(filled_XM[..., None], x_NC[token_XM], 0).astype(x_NC.dtype)
-    x_XMC, counts_Xe = _to_experts(x_XMC, mesh), _to_experts(counts_Xe, mesh)
+@jax.custom_vjp
+def _psum_exact(a):
+    """``psum`` over the expert axis whose gradient is the ``psum`` of the devices'
+    cotangents (the step's shard_map runs without replication typing, which would otherwise
+    decide psum's transpose)."""
+    return jax.lax.psum(a, AXIS)
+
+
+_psum_exact.defvjp(lambda a: (_psum_exact(a), None), lambda _, g: (jax.lax.psum(g, AXIS),))
+
+
+def local_shared_weights(w_local, S: int):
+    """The S shared experts' weights on every device, from the devices holding them (the
+    first ones): each device contracts its own experts with its rows of a one-hot (S, E) and
+    the expert axis sums them, an all-reduce of S experts' weights, never a gather of all E."""
+    e = w_local[0].shape[0]
+    X = jax.lax.axis_size(AXIS)
+    pick_Se = jax.lax.dynamic_slice_in_dim(jnp.eye(S, X * e, dtype=w_local[0].dtype),
+                                           jax.lax.axis_index(AXIS) * e, e, axis=1)
+    return [_psum_exact(jnp.einsum("se,e...->s...", pick_Se, a)) for a in w_local]
+
+
+def _all_to_all(a):
+    return jax.lax.all_to_all(a, AXIS, 0, 0, tiled=True)
+
+
+def send_rows(x_NC, lay: SendLayout, cap: int, ragged: bool):
+    """Each device's rows to it: (X, cap, C) on the receiver, chunk j from slice j (its
+    first ``sizes`` rows filled, zeros after). ``ragged``: only those rows travel
+    (``ragged_all_to_all`` of the sorted rows; GPUs); else the padded (X, cap, C) buffer
+    (``all_to_all``; XLA:CPU has no ragged kind). Both give the same buffer."""
+    X, C = lay.sizes_X.shape[0], x_NC.shape[1]
+    if not ragged:
+        return _all_to_all(jnp.where(lay.filled_XM[..., None], x_NC[lay.token_XM], 0))
+    K = lay.order_A.shape[0] // x_NC.shape[0]
+    me = jax.lax.axis_index(AXIS)
+    out = jax.lax.ragged_all_to_all(
+        x_NC[lay.order_A // K], jnp.zeros((X * cap, C), x_NC.dtype), lay.starts_X, lay.sizes_X,
+        jnp.full((X,), me * cap, jnp.int32), _all_to_all(lay.sizes_X), axis_name=AXIS)
+    return out.reshape(X, cap, C)
+
+
+def return_rows(y_XMC, lay: SendLayout, cap: int, ragged: bool):
+    """The rows :func:`send_rows` delivered, computed, back to their slices: (A, C) in
+    assignment order (a dropped assignment's row is zero or garbage: the caller masks it)."""
+    X, _, C = y_XMC.shape
+    if not ragged:
+        back_XMC = _all_to_all(y_XMC)
+        return back_XMC[lay.dev_A, jnp.minimum(lay.slot_A, cap - 1)]
+    A = lay.order_A.shape[0]
+    back_AC = jax.lax.ragged_all_to_all(
+        y_XMC.reshape(X * cap, C), jnp.zeros((A, C), y_XMC.dtype),
+        jnp.arange(X, dtype=jnp.int32) * cap, _all_to_all(lay.sizes_X),
+        _all_to_all(lay.starts_X), lay.sizes_X, axis_name=AXIS)
+    return back_AC[lay.starts_X[lay.dev_A] + lay.slot_A]
+
+
+def gated_sum(y_AC, lay: SendLayout, top_gates_NK):
+    """The routed experts' outputs of each token, gated (fp32)."""
+    N, K = top_gates_NK.shape
+    y_AC = jnp.where(lay.kept_A[:, None], y_AC.astype(f32), 0.0)
+    return jnp.einsum("nk,nkc->nc", top_gates_NK, y_AC.reshape(N, K, -1))
+
+
+def routed_dispatch(x_NC, top_idx_NK, top_gates_NK, w, S: int, X: int, cap: int):
+    """The routed experts of one slice as X devices would run them, on one device (all E
+    experts' weights): (y_NC fp32, dropped assignments). The reference of the exchange."""
+    e = w[0].shape[0] // X
+    lay = send_layout(top_idx_NK, S, e, X, cap)
+    x_XMC = jnp.where(lay.filled_XM[..., None], x_NC[lay.token_XM], 0).astype(x_NC.dtype)
     w_X = [a.reshape(X, e, *a.shape[1:]) for a in w]  # device x's experts (E split in X)
-    y_XMC = _to_experts(jax.vmap(local_experts)(x_XMC, counts_Xe, *w_X), mesh, back=True)
-    y_AC = y_XMC[dev_A, jnp.minimum(slot_A, cap - 1)].astype(f32)
-    y_AC = jnp.where(kept_A[:, None], y_AC, 0.0)
-    y_NC = jnp.einsum("nk,nkc->nc", top_gates_NK, y_AC.reshape(N, K, C))
-    return y_NC, jnp.sum(~kept_A).astype(f32)
+    y_XMC = jax.vmap(local_experts)(x_XMC, lay.counts_Xe, *w_X)
+    y_AC = y_XMC[lay.dev_A, jnp.minimum(lay.slot_A, cap - 1)]
+    return gated_sum(y_AC, lay, top_gates_NK), jnp.sum(~lay.kept_A).astype(f32)
+
+
+def exchanged_dispatch(x_NC, top_idx_NK, top_gates_NK, w_local, S: int, cap: int,
+                       ragged: bool):
+    """The routed experts of this device's slice, inside the step's shard_map: rows out to
+    the devices holding their experts, each device's e experts on what it received from every
+    slice (per slice: the same tiles as the reference), rows back."""
+    X, e = jax.lax.axis_size(AXIS), w_local[0].shape[0]
+    lay = send_layout(top_idx_NK, S, e, X, cap)
+    recv_XMC = send_rows(x_NC, lay, cap, ragged)
+    counts_Xe = _all_to_all(lay.counts_Xe)          # per source slice, per local expert
+    y_XMC = jax.vmap(local_experts, in_axes=(0, 0) + (None,) * 4)(recv_XMC, counts_Xe,
+                                                                   *w_local)
+    y_AC = return_rows(y_XMC, lay, cap, ragged)
+    return gated_sum(y_AC, lay, top_gates_NK), jnp.sum(~lay.kept_A).astype(f32)
+
+
+def ragged_exchange(mesh) -> bool:
+    """Whether the rows travel by ``ragged_all_to_all`` (every platform but XLA:CPU)."""
+    return mesh.devices.flat[0].platform != "cpu"
 
 
 def expert_parallel_dispatch(x_NC, r, w, c, mesh=None, groups: int | None = None):
-    """Shared and routed experts of one slice with the (E, ...) weights split over the mesh's
-    ``expert`` axis: (y_NC fp32, dropped assignments). ``mesh=None, groups=X``: the same
-    numbers on one device, no placement (the reference the tests compare the mesh with)."""
+    """Shared and routed experts of one slice: (y_NC fp32, dropped assignments).
+    Inside the step's shard_map ``w`` holds this device's E/X experts and the rows travel.
+    With all E experts' weights (``mesh=None, groups=X``, or a model replicated to sample
+    from) the same numbers on one device, no exchange: the reference the tests compare the
+    mesh with."""
     S, N = c.n_shared, x_NC.shape[0]
-    X = groups or mesh.shape["expert"]
+    X = groups or mesh.shape[AXIS]
     cap = device_capacity(N, c, X)
-    y_NC = shared_experts(x_NC, r.gates_NE[:, :S], shared_weights(w, S))
-    y_r, dropped = routed_dispatch(x_NC, r.top_idx_NK, r.top_gates_NK, w, S, X, cap, mesh)
+    if w[0].shape[0] == c.n_total_experts:
+        y_NC = shared_experts(x_NC, r.gates_NE[:, :S], shared_weights(w, S))
+        y_r, dropped = routed_dispatch(x_NC, r.top_idx_NK, r.top_gates_NK, w, S, X, cap)
+    else:
+        y_NC = shared_experts(x_NC, r.gates_NE[:, :S], local_shared_weights(w, S))
+        y_r, dropped = exchanged_dispatch(x_NC, r.top_idx_NK, r.top_gates_NK, w, S, cap,
+                                          ragged_exchange(mesh))
     return y_NC + y_r, dropped

@@ -137,16 +137,16 @@ class MoE(nnx.Module):
         # capacity: tokens in position-major order (t, b), so slots go to earlier positions
         # first and a token's drop never depends on later tokens of any row (causal). The
         # dropless back ends take the rows as they are (no transposed copy, there and back).
-        position_major = dispatch == "capacity"
+        position_major = dispatch == "capacity" or self.opts.expert_mesh is not None
         x_NC = (x_BTC.transpose(1, 0, 2) if position_major else x_BTC).reshape(B * T, C)
         r = route(self.gate_linear(x_NC.astype(f32)), c)  # router in fp32
         x_NC = x_NC.astype(dtype)
         params = [p[...] for p in (self.fc_weight, self.fc_bias, self.proj_weight, self.proj_bias)]
         w = [p.astype(dtype) for p in params]
-        if dispatch == "dense":
-            y_NC, dropped = dense_dispatch(x_NC, r, w), jnp.zeros((), f32)
-        elif self.opts.expert_mesh is not None and dispatch == "capacity":
+        if self.opts.expert_mesh is not None:  # train.py refuses another dispatch there
             y_NC, dropped = expert_parallel_dispatch(x_NC, r, w, c, self.opts.expert_mesh)
+        elif dispatch == "dense":
+            y_NC, dropped = dense_dispatch(x_NC, r, w), jnp.zeros((), f32)
         elif dispatch == "tokamax":  # shared and routed; the parameters whole: see expert_sum
             y_NC, dropped = tokamax_dispatch(x_NC, r, params, c.n_shared), jnp.zeros((), f32)
         else:

@@ -9,15 +9,11 @@ Nothing is reduced per micro-batch but what the splits need (the fsdp reduce-sca
 expert exchange); the copies are summed once after the micro-batch loop, in fp32, and the
 tied embedding's two uses add up on their device first.
 
-The slices run one of two ways (:func:`sharding.runs_per_device`):
-
-* **per device** (no expert axis): a ``shard_map`` over every axis. Each device traces the
-  one-device program on its own slice, so MoeGPT keeps the grouped-GEMM kernels (custom
-  calls XLA's partitioner cannot split) and fsdp weights are gathered by ``all_gather``
-  (whose transpose is the gradient's reduce-scatter, sharding.Placement).
-* **partitioned** (an expert axis): a ``vmap`` over the groups and their slices, which XLA's
-  partitioner places from sharding constraints, the expert exchange included
-  (expert_parallel.py: a ``shard_map`` under that vmap would see the slices replicated).
+Every device runs the one-device program on its own slice (a ``shard_map`` over every
+axis), with its own shards: fsdp weights are gathered by ``all_gather`` (whose transpose is
+the gradient's reduce-scatter, sharding.Placement), the experts of an expert axis are this
+device's E/X and the routed rows travel by all-to-all (expert_parallel.py), and MoeGPT keeps
+the grouped-GEMM kernels (custom calls XLA's partitioner could not split).
 """
 
 from __future__ import annotations
@@ -28,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .sharding import runs_per_device, spec_axes
+from .sharding import spec_axes
 
 INNER = ("fsdp", "expert")  # the axes of one group's slices
 F_g = P("data", INNER)  # (F, g, ...): each slice of each group on its own device
@@ -36,56 +32,46 @@ F_g = P("data", INNER)  # (F, g, ...): each slice of each group on its own devic
 
 class Copies:
     """The parameter copies of a mesh step with Y slices (``grad_sharding``: the parameters'
-    NamedShardings)."""
+    NamedShardings). A leaf's copy is split over ``data`` and over each axis of a group
+    (``fsdp``, ``expert``) that the leaf is not split on itself: (F, *free axes, ...). Every
+    mesh axis is then named in its spec, so nothing of its gradient is reduced per
+    micro-batch (a shard_map psums the cotangent over an axis a spec leaves out)."""
 
     def __init__(self, grad_sharding, Y: int):
         self.sharding = grad_sharding
         self.mesh = jax.tree.leaves(grad_sharding)[0].mesh
         self.F = self.mesh.shape["data"]
         self.g = Y // self.F  # slices of one group (lower case: derived, docs/dimensions.md)
-        self.per_device = runs_per_device(self.mesh)
-        self.per_slice = jax.tree.map(lambda s: not set(INNER) & spec_axes(s.spec),
-                                      grad_sharding)
+        self.free = jax.tree.map(lambda s: tuple(a for a in INNER if a not in spec_axes(s.spec)),
+                                 grad_sharding)
 
     def specs(self):
-        """Where each copy lives: (F, g, ...) per slice, (F, ...) per group. Per device every
-        axis is named (the unsplit ones are size 1): an axis a shard_map spec leaves out gets
-        its cotangent psum-ed in every micro-batch."""
-        group = ("data", "expert") if self.per_device else "data"
-        return jax.tree.map(lambda s, c: P("data", INNER, *s.spec) if c else P(group, *s.spec),
-                            self.sharding, self.per_slice)
+        """Where each copy lives: (F, *free, ...) over ("data", *free, *its own spec)."""
+        return jax.tree.map(lambda s, f: P("data", *f, *s.spec), self.sharding, self.free)
 
     def pin(self, tree):
         return jax.tree.map(lambda v, spec: jax.lax.with_sharding_constraint(
             v, NamedSharding(self.mesh, spec)), tree, self.specs())
 
     def make(self, params):
-        def one(p, c):
-            return jnp.broadcast_to(p, (self.F, self.g, *p.shape) if c else (self.F, *p.shape))
-        return self.pin(jax.tree.map(one, params, self.per_slice))
+        def one(p, f):
+            return jnp.broadcast_to(p, (self.F, *(self.mesh.shape[a] for a in f), *p.shape))
+        return self.pin(jax.tree.map(one, params, self.free))
 
     def reduce(self, grads):
         """The one reduction: the copies summed in fp32, onto the parameters' shardings."""
-        total = jax.tree.map(lambda g, c: jnp.sum(g, (0, 1) if c else 0), grads, self.per_slice)
+        total = jax.tree.map(lambda g, f: jnp.sum(g, tuple(range(1 + len(f)))), grads, self.free)
         return jax.lax.with_sharding_constraint(total, self.sharding)
 
-    def group_losses(self, slice_loss, slices_loss):
-        """``(copies, x_FgBT, y_FgBT) -> (sum over groups of their mean loss, mean metrics)``.
-        ``slice_loss(params, x_BT, y_BT)`` runs one slice on its device (per device);
-        ``slices_loss(params, x_gBT, y_gBT, param_axes)`` a group's g slices (partitioned)."""
-        if self.per_device:
-            return partial(self._per_device, slice_loss)
-        axes = jax.tree.map(lambda c: 0 if c else None, self.per_slice)
-
-        def losses(p_F, x_FgBT, y_FgBT):
-            one = partial(slices_loss, param_axes=axes)
-            loss_F, metrics_F = jax.vmap(one, spmd_axis_name="data")(p_F, x_FgBT, y_FgBT)
-            return jnp.sum(loss_F), jax.tree.map(jnp.mean, metrics_F)
-        return losses
+    def group_losses(self, slice_loss):
+        """``(copies, x_FgBT, y_FgBT) -> (sum over groups of their mean loss, mean metrics)``:
+        ``slice_loss(params, x_BT, y_BT)`` runs on every device, on its own slice with its
+        own shards."""
+        return partial(self._per_device, slice_loss)
 
     def _per_device(self, slice_loss, p_F, x_FgBT, y_FgBT):
         def one(p, x, y):
-            local = jax.tree.map(lambda v, c: v[0, 0] if c else v[0], p, self.per_slice)
+            local = jax.tree.map(lambda v, f: v[(0,) * (1 + len(f))], p, self.free)
             loss, metrics = slice_loss(local, x[0, 0], y[0, 0])
             return loss[None, None], jax.tree.map(lambda m: m[None, None], metrics)
 

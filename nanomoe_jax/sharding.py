@@ -10,9 +10,10 @@ axes and a ``NamedSharding`` for every array the train step touches.
   come back reduce-scattered.
 * ``expert``: expert parallel (MoeGPT). Also takes its own rows; the MoE weights are split along
   the expert dimension, so each device holds E/X experts (X: the axis size, which must divide
-  E). Only routed rows travel: each slice fills a routed-only buffer of a capacity per
-  destination device, which XLA exchanges with one all-to-all on the way in and one on the
-  way back (nanomoe_jax/expert_parallel.py); expert weights never move.
+  E). Only routed rows travel, to the devices holding their experts and back: on GPUs a
+  ``ragged_all_to_all`` of the rows each way, on CPU an ``all_to_all`` of a buffer of a
+  capacity per destination device (nanomoe_jax/expert_parallel.py); expert weights never
+  move.
 
 Every device is one data-parallel replica in the original's sense: the global batch is split
 into one slice of ``B`` rows per device (device d of the mesh reads the rows rank d of the
@@ -70,13 +71,6 @@ def make_mesh(shape: dict[str, int], devices=None) -> Mesh:
     # Auto axes: XLA's partitioner propagates the shardings given at the jit boundary
     return jax.make_mesh(tuple(shape[a] for a in AXES), AXES,
                          axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
-
-
-def runs_per_device(mesh: Mesh) -> bool:
-    """Whether each device runs the one-device program on its own slice (a shard_map; no
-    expert axis), rather than XLA's partitioner placing the step (an expert axis: the expert
-    exchange is written as sharding constraints). See replicas.py."""
-    return mesh.shape["expert"] == 1
 
 
 def spec_axes(spec: P) -> set[str]:
@@ -186,10 +180,9 @@ class Placement:
     dtype: the lookup reads fp32, and one fp32 gather replaces a bf16 gather per loss chunk
     plus an fp32 one for the lookup. Each gather's gradient is a reduce-scatter.
 
-    Where each device runs its own slice (:func:`runs_per_device`, inside the step's
-    shard_map) the gather is ``all_gather`` over ``fsdp`` and its gradient an fp32
-    ``psum_scatter``, as torch FSDP with ``reduce_dtype=float32``; under XLA's partitioner (an
-    expert axis) they are sharding constraints, and the layers' reduce-scatter is bf16."""
+    Each device runs its own slice (inside the step's shard_map, replicas.py): the gather is
+    ``all_gather`` over ``fsdp`` and its gradient an fp32 ``psum_scatter``, as torch FSDP
+    with ``reduce_dtype=float32``."""
 
     def __init__(self, param_sharding):
         self.layers, self.top, self.mesh = {}, {}, None
@@ -215,11 +208,7 @@ class Placement:
             param.set_value(self._whole(value, spec, dtype))  # per device: a new shape
 
     def _whole(self, value, spec, dtype):
-        if runs_per_device(self.mesh):
-            return _all_gather(value, dtype.name, list(spec).index("fsdp"))
-        whole = P(*[None if a == "fsdp" else a for a in spec])
-        return _gather(value, dtype.name, NamedSharding(self.mesh, whole),
-                       NamedSharding(self.mesh, spec))
+        return _all_gather(value, dtype.name, list(spec).index("fsdp"))
 
     def __call__(self, block, x):
         self._gather(block, self.layers, compute_dtypes(block, None))
@@ -228,11 +217,7 @@ class Placement:
     def remat_policy(self, base):
         """The layer's remat policy with fsdp: ``base`` (None: save everything) except the
         gathered weights, which the backward pass gathers again (as torch FSDP reshards after
-        forward) instead of keeping every layer's whole weights until then. Per device only:
-        under XLA's partitioner the gathers are sharding constraints it schedules itself."""
-        if not runs_per_device(self.mesh):
-            return base
-
+        forward) instead of keeping every layer's whole weights until then."""
         def policy(prim, *args, **params):
             if prim.name == "all_gather":
                 return False
@@ -254,26 +239,6 @@ def layer_placement(param_sharding) -> Placement | None:
     """The fsdp :class:`Placement` of these parameters; None when nothing is split on fsdp."""
     placement = Placement(param_sharding)
     return placement if placement.mesh is not None else None
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _gather(w, dtype, whole, split):
-    return jax.lax.with_sharding_constraint(w.astype(dtype), whole)
-
-
-def _gather_fwd(w, dtype, whole, split):
-    return _gather(w, dtype, whole, split), jnp.zeros((), w.dtype)  # w's dtype, as a value
-
-
-def _gather_bwd(dtype, whole, split, w_zero, g):
-    # back to the parameter's dtype, then onto its shards: a reduce-scatter. For the embedding
-    # (gathered in fp32) that reduction is fp32; for bf16-gathered layer weights XLA's
-    # partitioner reduces the matmul's partial products where they are made, in bf16 (as
-    # torch FSDP's mixed precision does by default): the plan shows it
-    return (jax.lax.with_sharding_constraint(g.astype(w_zero.dtype), split),)
-
-
-_gather.defvjp(_gather_fwd, _gather_bwd)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(1, 2))

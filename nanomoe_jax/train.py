@@ -73,16 +73,14 @@ def slice_loss(graphdef, params, x_BT, y_BT, place_layer=None):
     return losses["loss"], metrics
 
 
-def loss_and_metrics(graphdef, params, x, y, place_layer=None, param_axes=None):
+def loss_and_metrics(graphdef, params, x, y, place_layer=None):
     """``x``: (B, T), or (Y, B, T) for Y data-parallel slices (one per device). Each slice's
     loss is computed on its own, as on one DDP rank (token mean, MoE capacity and balance loss
-    per slice), and the Y losses are averaged, as DDP averages gradients. ``param_axes``: per
-    leaf, 0 where ``params`` holds one copy per slice (its gradient then stays per slice, see
-    replicas.py), None where the slices share the leaf."""
+    per slice), and the Y losses are averaged, as DDP averages gradients."""
     one = partial(slice_loss, graphdef, place_layer=place_layer)
-    if param_axes is None and (x.ndim == 2 or x.shape[0] == 1):
+    if x.ndim == 2 or x.shape[0] == 1:
         return one(params, x.reshape(x.shape[-2:]), y.reshape(y.shape[-2:]))
-    losses_Y, metrics = jax.vmap(one, in_axes=(param_axes, 0, 0))(params, x, y)
+    losses_Y, metrics = jax.vmap(one)(params, x, y)
     return jnp.mean(losses_Y), jax.tree.map(jnp.mean, metrics)
 
 
@@ -104,8 +102,7 @@ def accumulate_gradients(graphdef, params, x_WBT, y_WBT, grad_sharding=None, pla
         params_F, x, y, pin, reduce, n = params, x_WYBT, y_WYBT, (lambda g: g), (lambda g: g), W
     else:
         copies = Copies(grad_sharding, Y)
-        losses = copies.group_losses(partial(slice_loss, graphdef, place_layer=place_layer),
-                                     partial(loss_and_metrics, graphdef, place_layer=place_layer))
+        losses = copies.group_losses(partial(slice_loss, graphdef, place_layer=place_layer))
         grad_fn = jax.value_and_grad(losses, has_aux=True)
         params_F, pin, reduce, n = copies.make(params), copies.pin, copies.reduce, W * copies.F
         split = lambda v: v.reshape(W, copies.F, copies.g, *v.shape[2:])  # noqa: E731
@@ -168,10 +165,8 @@ def jit_train_step(graphdef, tx, state_sharding, batch_sharding, replicated, pos
 
 
 def mesh_loss_and_metrics(graphdef, param_sharding, params, x_YBT, y_YBT):
-    """Evaluation on a mesh: as the step runs, each device on its own slice where it runs per
-    device (fsdp weights gathered layer by layer), else under XLA's partitioner."""
-    if not shd.runs_per_device(jax.tree.leaves(param_sharding)[0].mesh):
-        return loss_and_metrics(graphdef, params, x_YBT, y_YBT)
+    """Evaluation on a mesh: as the step runs, each device on its own slice (fsdp weights
+    gathered layer by layer)."""
     one = partial(slice_loss, graphdef, place_layer=shd.layer_placement(param_sharding))
     return per_device_mean(one, param_sharding, params, x_YBT, y_YBT)
 

@@ -48,6 +48,8 @@ def check_mesh_flags(mesh: Mesh, config, args) -> None:
         return
     if not isinstance(config, MoeGPTConfig):
         raise ConfigError(f"--mesh {args.mesh}: an expert axis needs --model moegpt")
-    if getattr(args, "moe_dispatch", None) in ("ragged", "grouped"):
-        raise ConfigError("--mesh with an expert axis needs --moe_dispatch capacity or "
-                          "dense (ragged and grouped have no expert-parallel partitioning)")
+    dispatch = getattr(args, "moe_dispatch", None) or config.moe_dispatch
+    if dispatch != "capacity":
+        raise ConfigError(f"--mesh with an expert axis sends the routed rows to the devices "
+                          f"holding their experts (the capacity dispatch): drop "
+                          f"--moe_dispatch {dispatch} or use --moe_dispatch capacity")

@@ -50,10 +50,12 @@ f32 = jnp.float32
 # A device pools the loads of its r routed experts; their sum varies about sqrt(r) times less
 # (relatively) than one expert's, so its slack is capacity_factor x max(1/sqrt(r),
 # DEVICE_SHARE) over its mean load: one expert a device keeps the config's slack, 4 or more
-# get 0.525 of it (the default 2.0 -> 1.05). The floor is chosen for bytes: the all-to-alls
-# carry X x cap rows, 1.05 x (E/X) / (R/X) the N k routed rows, which keeps MoeGPT-64 on
-# expert=8 within 1.15x the ideal. It drops more than one device's capacity does
-# (benchmarks/NOTES.md, issue 23.4); --capacity_factor raises both.
+# get 0.525 of it (the default 2.0 -> 1.05). The floor was chosen for bytes when the padded
+# buffer travelled (X x cap rows, 1.05 x (E/X) / (R/X) the N k routed rows); the ragged
+# exchange sends only the rows, but each device still computes every slot it can receive
+# (X x cap rows: FLOPs and memory), which keeps MoeGPT-64's expert FLOPs near 1.06x analytic.
+# It drops more than one device's capacity does (benchmarks/NOTES.md, issue 23.4);
+# --capacity_factor raises both.
 DEVICE_SHARE = 0.525
 
 

@@ -119,7 +119,9 @@ def committed_plan(card: str, model: str, B: int, T: int) -> dict | None:
     row = next((r for r in data["rows"] if r.get("model") == model and "memory" in r), None)
     return None if row is None else {
         "file": path.name, "date": data["meta"]["date"], "jax": data["meta"]["jax"],
-        "peak_bytes": row["memory"]["peak"], "est_step_s": row["estimate"]["step_s"]}
+        # per micro-batch (the plan's step holds A of them and one update)
+        "peak_bytes": row["memory"]["peak"],
+        "est_step_s": row["estimate"].get("micro_batch_s", row["estimate"]["step_s"])}
 
 
 def timing_part(sz: dict, model: str, frameworks: str) -> dict:

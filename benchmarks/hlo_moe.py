@@ -129,7 +129,7 @@ def _glue_part(k, p, assignment_elems: int) -> str:
 
 def moe_bytes(stats: ProgramStats, config, tokens: int = 0, top: int = 12) -> dict:
     """MoE-layer bytes per step, total and by part (see the module docstring), the glue split
-    further (``glue_parts``; ``tokens``: B x T of the step), and the ``top`` MoE kernels by
+    further (``glue_parts``; ``tokens``: B x T of one micro-batch), and the ``top`` MoE kernels by
     bytes, so a change to the layer shows where it moved traffic."""
     C, H = config.n_embd, config.expert_hidden
     counts = {config.n_total_experts, config.n_routed_experts, config.n_shared, 1}

@@ -44,6 +44,13 @@ MODELS = {
     "ngpt": (nGPTConfig, {}),
 }
 BOUNDS = dict(flops_ratio=1.10)  # and peak <= the target's budget, flash attention present
+RECIPE_TOKENS = 262144  # the original's total_batch_size (train.py's default), one card
+
+
+def recipe_accumulation(B: int, T: int) -> int:
+    """Micro-batches per optimizer step of train.py's default run on one card: its
+    total_batch_size over B x T (16 at B=16, T=1024)."""
+    return max(1, RECIPE_TOKENS // (B * T))
 
 
 def model_config(name: str, overrides: dict | None = None):
@@ -85,11 +92,16 @@ def abstract_step_inputs(config, opts, mesh, B: int, T: int, A: int = 1):
 
 
 def plan(model: str | Any, target: str | Target = "rtx4090", B: int = 16, T: int = 1024,
-         overrides: dict | None = None, options: dict | None = None) -> dict:
+         overrides: dict | None = None, options: dict | None = None,
+         A: int | None = None) -> dict:
     """Compile one train step and return its plan: memory, kernels, FLOPs, roofline.
 
     ``model``: a name of :data:`MODELS` or a config; ``overrides``: config fields;
-    ``options``: execution-option overrides (e.g. ``{"attention_impl": "xla"}``)."""
+    ``options``: execution-option overrides (e.g. ``{"attention_impl": "xla"}``); ``A``:
+    micro-batches per optimizer step (default: the recipe's, :func:`recipe_accumulation`),
+    so the once-a-step AdamW pass and the gradient accumulation weigh what they weigh in
+    train.py's default run."""
+    A = A or recipe_accumulation(B, T)
     target = load_target(target) if isinstance(target, str) else target
     config = model_config(model, overrides) if isinstance(model, str) else model
     name = model if isinstance(model, str) else type(config).__name__
@@ -98,10 +110,10 @@ def plan(model: str | Any, target: str | Target = "rtx4090", B: int = 16, T: int
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "expert": 1}, devices=devices)
     t0 = time.perf_counter()
     with compiling_for(devices[0]):  # tokamax's kernels for the target, not this machine
-        step, args = abstract_step_inputs(config, opts, mesh, B, T)
+        step, args = abstract_step_inputs(config, opts, mesh, B, T, A)
         compiled = step.lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    return summarize(compiled, config, name, target, source, opts, B, T, compile_s)
+    return summarize(compiled, config, name, target, source, opts, B, T, compile_s, A)
 
 
 def peak_bytes(compiled) -> dict:
@@ -125,16 +137,20 @@ def xla_cost_flops(compiled) -> float | None:
         return None
 
 
-def summarize(compiled, config, name, target: Target, source, opts, B, T, compile_s) -> dict:
+def summarize(compiled, config, name, target: Target, source, opts, B, T, compile_s,
+              A: int = 1) -> dict:
+    """The plan of an optimizer step of A micro-batches: totals per step, the roofline
+    estimate per step and per micro-batch, MFU over the step."""
     stats = hlo.program_stats(compiled.as_text())
     flash = stats.custom_calls.get("__cudnn$fmhaSoftmax", 0) > 0 or any(
         "fmha" in k for k in stats.custom_calls)
-    analytic = analytic_flops(config, B, T, flash)
+    analytic = A * analytic_flops(config, B, T, flash)
     step_s = hlo.roofline_seconds(stats, target.peak_bf16, target.bandwidth)
     mem = peak_bytes(compiled)
     grouped = stats.flops_by_kind.get("grouped-gemm", 0) + stats.flops_by_kind.get("ragged-dot", 0)
     row = {
         "model": name, "config": {k: v for k, v in vars(config).items()}, "B": B, "T": T,
+        "A": A,
         "target": target.name, "device_kind": target.device_kind, "device": source,
         "options": describe(opts), "compile_s": round(compile_s, 1),
         "memory": mem, "budget_bytes": target.budget_bytes, "card_bytes": target.memory_bytes,
@@ -146,7 +162,8 @@ def summarize(compiled, config, name, target: Target, source, opts, B, T, compil
         "analytic_flops": analytic, "flops_ratio": stats.flops / analytic,
         "xla_cost_model_flops": xla_cost_flops(compiled),
         "bytes_accessed": hlo.bytes_accessed(stats),
-        "estimate": {"step_s": step_s, "tokens_per_s": B * T / step_s,
+        "estimate": {"step_s": step_s, "micro_batch_s": step_s / A,
+                     "tokens_per_s": A * B * T / step_s,
                      "mfu_bound": analytic / step_s / target.peak_bf16},
         "uncounted": dict(stats.uncounted),
         # slices of the stacks the forward layer scan fills and the backward scan reads
@@ -154,7 +171,7 @@ def summarize(compiled, config, name, target: Target, source, opts, B, T, compil
                                          for p in k.parts if p.residual)),
     }
     if isinstance(config, MoeGPTConfig):
-        row["moe_bytes"] = moe_summary(stats, config, B, T)
+        row["moe_bytes"] = moe_summary(stats, config, B, T, A)
         row["moe_dispatch"] = opts.moe_dispatch or config.moe_dispatch
         row["may_drop"] = may_drop(config, row["moe_dispatch"])
     return row
@@ -167,10 +184,11 @@ def may_drop(config, dispatch: str) -> bool:
         config.capacity_factor * config.n_activated_experts < config.n_routed_experts)
 
 
-def moe_summary(stats, config, B: int, T: int) -> dict:
-    """MoE-layer bytes by part against the floor (every MoE matmul operand read once)."""
-    parts = hlo_moe.moe_bytes(stats, config, tokens=B * T)
-    floor = hlo_moe.min_moe_bytes(config, B, T)
+def moe_summary(stats, config, B: int, T: int, A: int = 1) -> dict:
+    """MoE-layer bytes of the step by part against the floor (every MoE matmul operand read
+    once, per micro-batch)."""
+    parts = hlo_moe.moe_bytes(stats, config, tokens=B * T)  # one micro-batch's arrays
+    floor = A * hlo_moe.min_moe_bytes(config, B, T)
     return {**parts, "minimum": floor, "ratio": parts["total"] / floor}
 
 

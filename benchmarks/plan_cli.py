@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import jaxlib
 
-from .plan import MODELS, add_mfu_ratios, broken_bounds, plan
+from .plan import MODELS, RECIPE_TOKENS, add_mfu_ratios, broken_bounds, plan, recipe_accumulation
 from .results_dir import default_out, where_note
 from .targets import GiB, TARGETS, load_target
 
@@ -27,6 +27,9 @@ def parse_args(argv):
                    help=f"comma list among {', '.join(MODELS)} (default: all)")
     p.add_argument("--B", type=int, default=16, help="batch rows (default 16)")
     p.add_argument("--T", type=int, default=1024, help="sequence length (default 1024)")
+    p.add_argument("--A", type=int, default=None,
+                   help=f"micro-batches per optimizer step (default: train.py's on one card, "
+                        f"{RECIPE_TOKENS} tokens / (B x T): 16 at the defaults)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
                    help="config field (n_layer=24) or execution option (attention_impl=xla, "
                         "remat=dots, loss_chunk_tokens=4096, scan_layers=false, "
@@ -45,8 +48,9 @@ def parse_args(argv):
     if bad:
         p.error(f"--model: {', '.join(bad)} unknown; choose among {', '.join(MODELS)} or all")
     args.models = names
-    if args.B < 1 or args.T < 1:
-        p.error("--B and --T must be positive")
+    if args.B < 1 or args.T < 1 or (args.A is not None and args.A < 1):
+        p.error("--B, --T and --A must be positive")
+    args.A = args.A or recipe_accumulation(args.B, args.T)
     args.overrides, args.options = split_sets(p, args.sets)
     return args
 
@@ -80,19 +84,21 @@ def split_sets(p, sets):
 
 def _moe_cell(r: dict) -> str:
     m = r.get("moe_bytes")
-    return f"{m['total'] / 1e9:.1f} ({m['ratio']:.1f}x)" if m else "-"
+    return f"{m['total'] / r.get('A', 1) / 1e9:.1f} ({m['ratio']:.1f}x)" if m else "-"
 
 
 def _row(r: dict) -> str:
     e = r["estimate"]
-    gemm = ", ".join(f"{k} {v}" for k, v in sorted(r["gemm_backends"].items())) or "-"
+    A = r.get("A", 1)  # the per-step totals shown per micro-batch
+    gemm = ", ".join(f"{k} {round(v / A)}" for k, v in sorted(r["gemm_backends"].items())) or "-"
     uncounted = ", ".join(sorted(r.get("uncounted", {}))) or "none"
     vs_gpt = f"{e['mfu_vs_gpt']:.2f}" if "mfu_vs_gpt" in e else "-"
     return (f"| {r['model']} | {r['options']} | {r['memory']['peak'] / GiB:.1f} "
             f"({r['budget_bytes'] / GiB:.0f}) | {'yes' if r['flash_attention'] else 'no'} | "
             f"{gemm} | {'yes' if r['grouped_gemm'] else 'no'} | {r['fusions']} | "
-            f"{r['flops_ratio']:.3f} | {uncounted} | {r['compiled_flops'] / 1e12:.2f} | "
-            f"{r['bytes_accessed'] / 1e9:.1f} | {_moe_cell(r)} | {1e3 * e['step_s']:.0f} | "
+            f"{r['flops_ratio']:.3f} | {uncounted} | {r['compiled_flops'] / A / 1e12:.2f} | "
+            f"{r['bytes_accessed'] / A / 1e9:.1f} | {_moe_cell(r)} | "
+            f"{1e3 * e['step_s'] / A:.1f} | "
             f"{e['tokens_per_s']:,.0f} | {100 * e['mfu_bound']:.0f}% | {vs_gpt} |")
 
 
@@ -101,26 +107,28 @@ def render_moe(rows: list[dict]) -> list[str]:
     moe = [r for r in rows if r.get("moe_bytes")]
     if not moe:
         return []
-    lines = ["## MoE-layer bytes per step (GB)", "",
+    lines = ["## MoE-layer bytes per micro-batch (GB)", "",
              "| model | MoE layers | minimum | x minimum | per-tile weights | scan residuals "
              "| dispatch glue | matmul operands |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in moe:
-        m = r["moe_bytes"]
-        lines.append(f"| {r['model']} | {m['total'] / 1e9:.1f} | {m['minimum'] / 1e9:.1f} | "
-                     f"{m['ratio']:.2f} | {m['tile_weights'] / 1e9:.1f} | "
-                     f"{m['residuals'] / 1e9:.1f} | {m['glue'] / 1e9:.1f} | "
-                     f"{m['matmul'] / 1e9:.1f} |")
+        m, gb = r["moe_bytes"], 1e9 * r.get("A", 1)
+        lines.append(f"| {r['model']} | {m['total'] / gb:.1f} | {m['minimum'] / gb:.1f} | "
+                     f"{m['ratio']:.2f} | {m['tile_weights'] / gb:.1f} | "
+                     f"{m['residuals'] / gb:.1f} | {m['glue'] / gb:.1f} | "
+                     f"{m['matmul'] / gb:.1f} |")
     lines.append("")
     for r in moe:
         glue = sorted(r["moe_bytes"].get("glue_parts", {}).items(), key=lambda x: -x[1])
-        lines.append(f"- {r['model']} glue: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in glue))
+        gb = 1e9 * r.get("A", 1)
+        lines.append(f"- {r['model']} glue: " + ", ".join(f"{k} {v / gb:.1f}" for k, v in glue))
     lines += ["", "Issue 22's targets (reported, not in `--check`): MoE-layer bytes <= 2.5x "
               "the minimum, est. MFU >= 0.8x GPT's: " + "; ".join(
                   f"{r['model']} {r['moe_bytes']['ratio']:.1f}x, "
                   f"{r['estimate'].get('mfu_vs_gpt', float('nan')):.2f}x" for r in moe)]
     lines += ["", "Minimum: every MoE matmul operand read once and every result written once, "
               "no padding (benchmarks/NOTES.md, `hlo_moe.min_moe_bytes`). Parts: "
-              "`benchmarks/hlo_moe.py`. Largest MoE kernels (GB per step, runs):", ""]
+              "`benchmarks/hlo_moe.py`. Largest MoE kernels (GB per optimizer step, runs):",
+              ""]
     for r in moe:
         top = r["moe_bytes"].get("top_kernels", [])[:5]
         lines.append(f"- {r['model']}: " + "; ".join(
@@ -131,12 +139,15 @@ def render_moe(rows: list[dict]) -> list[str]:
 
 def render(report: dict) -> str:
     m = report["meta"]
-    lines = [f"# GPU plan: {m['target']} ({m['device_kind']}), B={m['B']} T={m['T']}", "",
+    A = m.get("A", 1)
+    lines = [f"# GPU plan: {m['target']} ({m['device_kind']}), B={m['B']} T={m['T']}, "
+             f"A={A} micro-batches per optimizer step", "",
              f"`{m['command']}`  ", f"{m['date']}, jax {m['jax']}, jaxlib {m['jaxlib']}, "
              f"compiled on a {m['device']} device", "",
              "| model | options | planned peak GiB (budget) | flash attention | GEMM back end "
-             "| grouped GEMM | fusions | compiled / analytic FLOPs | uncounted kernels "
-             "| TFLOP/step | GB accessed | MoE-layer GB (x minimum) | est. step ms "
+             "(per micro-batch) | grouped GEMM | fusions per step | compiled / analytic FLOPs | uncounted kernels "
+             "| TFLOP per micro-batch | GB accessed per micro-batch | MoE-layer GB per "
+             "micro-batch (x minimum) | est. ms per micro-batch "
              "| est. tokens/s | est. MFU bound | est. MFU vs gpt |",
              "|---|---|---:|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
@@ -152,7 +163,10 @@ def render(report: dict) -> str:
               "flash). Bytes: each kernel's operands read once and results written once, "
               "slices and in-place updates as their size. **est.** columns are a roofline "
               "estimate (per kernel max(FLOPs / datasheet bf16 peak, bytes / bandwidth)), not "
-              "a measurement.", ""]
+              "a measurement. The step compiled is train.py's: A micro-batches (a `lax.scan`) "
+              "and one AdamW update, so per micro-batch = the step's total / A, the update "
+              "included, and MFU is the step's; `--A 1` plans one micro-batch and its update "
+              "(the update then weighs A times more).", ""]
     broken = report.get("broken") or []
     lines += ["Bounds (peak <= budget, flash attention, every kernel counted, nothing dropped, "
               "FLOPs ratio <= 1.10): " + ("all hold" if not broken else "; ".join(broken)), ""]
@@ -167,7 +181,7 @@ def main(argv=None) -> int:
     for name in args.models:
         print(f"planning {name} for {target.device_kind} ...", file=sys.stderr, flush=True)
         try:
-            row = plan(name, target, args.B, args.T, args.overrides, args.options)
+            row = plan(name, target, args.B, args.T, args.overrides, args.options, args.A)
         except RuntimeError as e:  # no plugin: one sentence, exit 2
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -180,7 +194,7 @@ def main(argv=None) -> int:
     report = {"meta": {"command": "python -m benchmarks.plan " + shlex.join(argv),
                        "date": datetime.datetime.now().isoformat(timespec="seconds"),
                        "target": target.name, "device_kind": target.device_kind,
-                       "device": rows[0]["device"], "B": args.B, "T": args.T,
+                       "device": rows[0]["device"], "B": args.B, "T": args.T, "A": args.A,
                        "jax": jax.__version__, "jaxlib": jaxlib.__version__},
               "rows": rows, "broken": broken}
     out = Path(args.out) if args.out else default_out()

@@ -91,13 +91,30 @@ def test_compile_only_plan():
 
     dev = compile_devices(load_target("rtx4090"))[0][0]
     assert execution_options(dev, GPT).attention_impl == "cudnn"
-    row = plan.plan("gpt", "rtx4090", B=2, T=64, overrides=TINY)
+    row = plan.plan("gpt", "rtx4090", B=2, T=64, overrides=TINY, A=1)
     assert row["flash_attention"] and row["custom_calls"]["__cudnn$fmhaSoftmaxBackward"] == 2
     assert 0 < row["memory"]["peak"] < GiB
     assert 0.95 < row["flops_ratio"] < 1.5
     xla = plan.plan("gpt", "rtx4090", B=2, T=64, overrides=TINY,
-                    options={"attention_impl": "xla"})
+                    options={"attention_impl": "xla"}, A=1)
     assert not xla["flash_attention"] and not plan.broken_bounds(row)
+
+
+@pytest.mark.skipif(not _has_cuda_plugin(), reason="needs the plan extra (CUDA plugin)")
+def test_plan_compiles_the_recipes_accumulation():
+    """By default the plan's step is train.py's on one card: total_batch_size / (B T)
+    micro-batches in a loop, then one update; the FLOPs count them all, the MFU is the
+    step's, and the per-micro-batch time is the step's over A."""
+    assert plan.recipe_accumulation(16, 1024) == 16 and plan.recipe_accumulation(2, 64) == 2048
+    one = plan.plan("gpt", "rtx4090", B=2, T=64, overrides=TINY, A=1)
+    four = plan.plan("gpt", "rtx4090", B=2, T=64, overrides=TINY, A=4)
+    assert four["A"] == 4 and four["compiled_flops"] == pytest.approx(4 * one["compiled_flops"])
+    assert four["flops_ratio"] == pytest.approx(one["flops_ratio"])
+    e1, e4 = one["estimate"], four["estimate"]
+    assert e4["micro_batch_s"] == pytest.approx(e4["step_s"] / 4)
+    # the update is paid once: four micro-batches cost less than four one-micro-batch steps
+    assert e1["step_s"] < e4["step_s"] < 4 * e1["step_s"]
+    assert e4["mfu_bound"] > e1["mfu_bound"]
 
 
 def test_mfu_ratio_against_gpt():

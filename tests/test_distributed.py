@@ -49,6 +49,10 @@ def run_worker(n_devices: int, scenarios: list[dict], tmp) -> dict:
 
 
 MESHES = [("gpt", "data=8"), ("moderngpt", "data=4,fsdp=2"), ("moegpt", "data=4,fsdp=2"),
+          # nGPT on data only: under fsdp its losses agree to 1.5e-5, not 1e-5, after 5 steps
+          # (benchmarks/NOTES.md: after two steps only some entries of the last layer's alpha
+          # vectors differ, by fractions of an lr-sized AdamW step; cause not established)
+          ("ngpt", "data=8"),
           ("moegpt", "data=2,expert=4"),
           # one expert a device: the first holds only the shared one, no routed rows go there
           ("moegpt", "expert=8")]
@@ -65,7 +69,7 @@ def results(tmp_path_factory):
     data = str(data)
     one = run_worker(1, [
         *[{"name": f"ref-{m}", "argv": base_flags(m, data, tmp / f"ref-{m}")}
-          for m in ("gpt", "moderngpt", "moegpt")],
+          for m in ("gpt", "moderngpt", "moegpt", "ngpt")],
         {"name": "stop-1", "argv": base_flags("moegpt", data, tmp / "from-1", "--stop_at", "3")},
     ], tmp)
     eight = run_worker(8, [

@@ -49,9 +49,10 @@ def run_worker(n_devices: int, scenarios: list[dict], tmp) -> dict:
 
 
 MESHES = [("gpt", "data=8"), ("moderngpt", "data=4,fsdp=2"), ("moegpt", "data=4,fsdp=2"),
-          # nGPT on data only: under fsdp its losses agree to 1.5e-5, not 1e-5, after 5 steps
-          # (benchmarks/NOTES.md: after two steps only some entries of the last layer's alpha
-          # vectors differ, by fractions of an lr-sized AdamW step; cause not established)
+          # nGPT on data only: under fsdp its losses agree to 1.5e-5, not 1e-5, after 5 steps.
+          # Its scale vectors enter as p / max|p|; after AdamW's first step several entries
+          # tie at the max and share its gradient, and fsdp's summation order (1 ulp) changes
+          # which entries tie, so their gradients differ (benchmarks/NOTES.md)
           ("ngpt", "data=8"),
           ("moegpt", "data=2,expert=4"),
           # one expert a device: the first holds only the shared one, no routed rows go there

@@ -108,12 +108,18 @@ def plan_layout(model: str, target, topology: str, devices, mesh_spec: str, A: i
                                  B, T)
     total = mesh_hlo.summarize(colls)
     analytic = analytic_flops(config, A * B, T, flash)
+    # the per-device kernels' roofline, collectives left out (their time depends on links
+    # and overlap this plan does not model): an estimate, as benchmarks/plan.py's
+    compute = [k for k in stats.kernels if not k.op.startswith(mesh_hlo.KINDS)]
+    compute_s = sum(k.mult * max(k.flops / target.peak_bf16, k.bytes / target.bandwidth)
+                    for k in compute)
     row.update(
         options=describe(parts["opts"]), memory=peak_bytes(compiled),
         state_bytes=state_bytes_per_device(parts["state"]), collectives=_grouped(colls),
         collective_bytes=total["total_bytes"], by_kind=total["by_kind"], ideal=ideal,
         collective_ratio=total["total_bytes"] / ideal["total"] if ideal["total"] else None,
-        compiled_flops=stats.flops, analytic_flops=analytic, flops_ratio=stats.flops / analytic)
+        compiled_flops=stats.flops, analytic_flops=analytic, flops_ratio=stats.flops / analytic,
+        estimate={"compute_s": compute_s, "mfu_bound": analytic / compute_s / target.peak_bf16})
     return row
 
 

@@ -13,19 +13,20 @@ def render(report: dict) -> str:
              "", "; ".join(f"`{c}`" for c in m["command"].split("; ")) + "  ",
              f"{m['date']}, jax {m['jax']}, compiled deviceless", "",
              "| model | mesh | A | peak GiB/device | state GiB/device | collectives GiB/step "
-             "| ideal GiB | ratio | FLOPs compiled/analytic | compile s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| ideal GiB | ratio | FLOPs compiled/analytic | est. compute ms/step "
+             "| est. MFU bound | compile s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['mesh']} | {r['A']} | does not compile: "
-                         f"{r['error'][:90]} | | | | | | |")
+                         f"{r['error'][:90]} | | | | | | | | |")
             continue
         ratio = f"{r['collective_ratio']:.2f}" if r["collective_ratio"] else "-"
         lines.append(
             f"| {r['model']} | {r['mesh']} | {r['A']} | {r['memory']['peak'] / GiB:.2f} | "
             f"{r['state_bytes'] / GiB:.2f} | {r['collective_bytes'] / GiB:.3f} | "
             f"{r['ideal']['total'] / GiB:.3f} | {ratio} | {r['flops_ratio']:.3f} | "
-            f"{r['compile_s']} |")
+            f"{_estimate(r)} | {r['compile_s']} |")
     lines += ["", "Per device and optimizer step. Collective bytes: the buffer each device hands "
               "to a collective (all-reduce operand, gathered all-gather result, full "
               "reduce-scatter input, all-to-all operand; a ragged all-to-all, which sends only the "
@@ -36,7 +37,9 @@ def render(report: dict) -> str:
               "backward in bf16 and the fp32 gradient reduce-scattered (so it stays sharded); "
               "expert = 4 all-to-alls of the "
               "N k routed rows per MoE layer and micro-batch. State: parameters, AdamW moments "
-              "and an fp32 gradient of the device's shard.", ""]
+              "and an fp32 gradient of the device's shard. **est.**: a roofline estimate of one "
+              "device's kernels (per kernel max(FLOPs / datasheet peak, bytes / bandwidth)), "
+              "collectives left out, not a measurement.", ""]
     lines += _expert_buffers(report["rows"])
     for r in report["rows"]:
         if "error" in r:
@@ -55,6 +58,11 @@ def render(report: dict) -> str:
     lines += ["Bounds (compiles, collectives <= 1.15x ideal): "
               + ("all hold" if not broken else "; ".join(broken)), ""]
     return "\n".join(lines)
+
+
+def _estimate(r: dict) -> str:
+    e = r.get("estimate")
+    return f"{1e3 * e['compute_s']:.1f} | {100 * e['mfu_bound']:.0f}%" if e else "- | -"
 
 
 def _expert_buffers(rows) -> list[str]:

@@ -129,14 +129,15 @@ def _moe_choice(device: Any, config: Any, given: dict,
     GEMM (each expert's weights read once per GEMM, the useful FLOPs plus 2 x 128 pad rows)
     when it takes the config, else as the ``grouped`` padded tiles (about 1.02x the useful
     FLOPs, each expert's weights read once per tile), instead of the config's ``capacity``
-    buffer (1.14x-1.27x on the 4090 plan). An expert-parallel mesh takes ``capacity`` (its
-    rows travel to the devices holding their experts, expert_parallel.py), and on CPU the
-    config's choice stays (the tested paths; no FLOP budget to meet there). A ``tokamax``
+    buffer (1.14x-1.27x on the 4090 plan). On an expert-parallel mesh the rows travel to the
+    devices holding their experts (expert_parallel.py, the capacity semantics either way);
+    ``tokamax`` there runs each device's experts through the grouped GEMM, ``capacity`` as
+    tiles. On CPU the config's choice stays (the tested paths; no FLOP budget to meet there). A ``tokamax``
     asked for where it refuses becomes ``grouped``, with the reason as the note. On a mesh
     each device runs the one-device program on its own slice (nanomoe_jax/replicas.py).
     None: the config decides."""
     asked = given.get("moe_dispatch")
-    if getattr(config, "moe_dispatch", None) is None or given.get("expert_mesh") is not None:
+    if getattr(config, "moe_dispatch", None) is None:
         return asked, None
     on_gpu = getattr(device, "platform", "cpu") in ("gpu", "cuda")
     want = asked or (config.moe_dispatch if not on_gpu else "tokamax")
@@ -145,6 +146,9 @@ def _moe_choice(device: Any, config: Any, given: dict,
     refusal = tokamax_refusal(device, config, dtype)
     if refusal is None:
         return "tokamax", None
+    if given.get("expert_mesh") is not None:  # the exchange, its experts as tiles
+        return "capacity", (f"each device's experts as padded tiles (their weights read per "
+                            f"tile) instead of tokamax's grouped GEMM: {refusal}")
     return "grouped", (f"moe_dispatch=grouped (padded tiles, each expert's weights read per "
                        f"tile) instead of tokamax's grouped GEMM: {refusal}")
 

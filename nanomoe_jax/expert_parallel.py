@@ -219,17 +219,43 @@ def routed_dispatch(x_NC, top_idx_NK, top_gates_NK, w, S: int, X: int, cap: int)
     return gated_sum(y_AC, lay, top_gates_NK), jnp.sum(~lay.kept_A).astype(f32)
 
 
+def received_experts(recv_XMC, counts_Xe, w_local):
+    """A device's e experts on every row it received, through the grouped GEMM (tokamax's
+    and ours, ragged_gemm.py: each expert's weights read once a GEMM, not once a tile): each
+    row one assignment of gate 1, the empty slots given expert 0 and gate 0 (computed, as
+    the tiles compute them, and unread)."""
+    from .moe import sort_assignments
+    from .ragged_gemm import experts
+
+    X, M, C = recv_XMC.shape
+    e = counts_Xe.shape[1]
+    ends_Xe = jnp.cumsum(counts_Xe, axis=1)
+    slot_XM = jnp.arange(M)[None, :, None]
+    lid_XM = jnp.sum(slot_XM >= ends_Xe[:, None, :], axis=-1)      # e: an empty slot
+    filled_R = (lid_XM < e).reshape(-1)
+    expert_R1 = jnp.where(filled_R, lid_XM.reshape(-1), 0)[:, None].astype(jnp.int32)
+    gates_R1 = filled_R[:, None].astype(f32)
+    gates_Re = jax.nn.one_hot(expert_R1[:, 0], e, dtype=f32) * gates_R1
+    s = sort_assignments(expert_R1, e)
+    y_RC = experts(recv_XMC.reshape(X * M, C), gates_R1, expert_R1, gates_Re, s, w_local)
+    return y_RC.astype(recv_XMC.dtype).reshape(X, M, C)
+
+
 def exchanged_dispatch(x_NC, top_idx_NK, top_gates_NK, w_local, S: int, cap: int,
-                       ragged: bool):
+                       ragged: bool, grouped: bool = False):
     """The routed experts of this device's slice, inside the step's shard_map: rows out to
     the devices holding their experts, each device's e experts on what it received from every
-    slice (per slice: the same tiles as the reference), rows back."""
+    slice (``grouped``: the grouped GEMM; else per slice the same tiles as the reference),
+    rows back."""
     X, e = jax.lax.axis_size(AXIS), w_local[0].shape[0]
     lay = send_layout(top_idx_NK, S, e, X, cap)
     recv_XMC = send_rows(x_NC, lay, cap, ragged)
     counts_Xe = _all_to_all(lay.counts_Xe)          # per source slice, per local expert
-    y_XMC = jax.vmap(local_experts, in_axes=(0, 0) + (None,) * 4)(recv_XMC, counts_Xe,
-                                                                   *w_local)
+    if grouped:
+        y_XMC = received_experts(recv_XMC, counts_Xe, w_local)
+    else:
+        y_XMC = jax.vmap(local_experts, in_axes=(0, 0) + (None,) * 4)(recv_XMC, counts_Xe,
+                                                                       *w_local)
     y_AC = return_rows(y_XMC, lay, cap, ragged)
     return gated_sum(y_AC, lay, top_gates_NK), jnp.sum(~lay.kept_A).astype(f32)
 
@@ -239,12 +265,14 @@ def ragged_exchange(mesh) -> bool:
     return mesh.devices.flat[0].platform != "cpu"
 
 
-def expert_parallel_dispatch(x_NC, r, w, c, mesh=None, groups: int | None = None):
+def expert_parallel_dispatch(x_NC, r, w, c, mesh=None, groups: int | None = None,
+                             grouped: bool = False):
     """Shared and routed experts of one slice: (y_NC fp32, dropped assignments).
     Inside the step's shard_map ``w`` holds this device's E/X experts and the rows travel.
     With all E experts' weights (``mesh=None, groups=X``, or a model replicated to sample
     from) the same numbers on one device, no exchange: the reference the tests compare the
-    mesh with."""
+    mesh with. ``grouped``: each device's experts through the grouped GEMM (the tokamax
+    dispatch's kernels) rather than tiles: the same numbers up to the order of fp32 sums."""
     S, N = c.n_shared, x_NC.shape[0]
     X = groups or mesh.shape[AXIS]
     cap = device_capacity(N, c, X)
@@ -254,5 +282,5 @@ def expert_parallel_dispatch(x_NC, r, w, c, mesh=None, groups: int | None = None
     else:
         y_NC = shared_experts(x_NC, r.gates_NE[:, :S], local_shared_weights(w, S))
         y_r, dropped = exchanged_dispatch(x_NC, r.top_idx_NK, r.top_gates_NK, w, S, cap,
-                                          ragged_exchange(mesh))
+                                          ragged_exchange(mesh), grouped)
     return y_NC + y_r, dropped

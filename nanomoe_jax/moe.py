@@ -143,8 +143,9 @@ class MoE(nnx.Module):
         x_NC = x_NC.astype(dtype)
         params = [p[...] for p in (self.fc_weight, self.fc_bias, self.proj_weight, self.proj_bias)]
         w = [p.astype(dtype) for p in params]
-        if self.opts.expert_mesh is not None:  # train.py refuses another dispatch there
-            y_NC, dropped = expert_parallel_dispatch(x_NC, r, w, c, self.opts.expert_mesh)
+        if self.opts.expert_mesh is not None:  # capacity or tokamax (train.py refuses others)
+            y_NC, dropped = expert_parallel_dispatch(x_NC, r, w, c, self.opts.expert_mesh,
+                                                     grouped=dispatch == "tokamax")
         elif dispatch == "dense":
             y_NC, dropped = dense_dispatch(x_NC, r, w), jnp.zeros((), f32)
         elif dispatch == "tokamax":  # shared and routed; the parameters whole: see expert_sum

@@ -49,7 +49,8 @@ def check_mesh_flags(mesh: Mesh, config, args) -> None:
     if not isinstance(config, MoeGPTConfig):
         raise ConfigError(f"--mesh {args.mesh}: an expert axis needs --model moegpt")
     dispatch = getattr(args, "moe_dispatch", None) or config.moe_dispatch
-    if dispatch != "capacity":
+    if dispatch not in ("capacity", "tokamax"):
         raise ConfigError(f"--mesh with an expert axis sends the routed rows to the devices "
-                          f"holding their experts (the capacity dispatch): drop "
-                          f"--moe_dispatch {dispatch} or use --moe_dispatch capacity")
+                          f"holding their experts (capacity semantics; each device's experts "
+                          f"as tiles or tokamax's grouped GEMM): drop --moe_dispatch "
+                          f"{dispatch} or use --moe_dispatch capacity or tokamax")

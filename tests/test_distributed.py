@@ -81,6 +81,10 @@ def results(tmp_path_factory):
         {"name": "tokamax-data=4,fsdp=2", "argv": base_flags(
             "moegpt", data, tmp / "tokamax", "--mesh", "data=4,fsdp=2", "--moe_dispatch",
             "tokamax")},
+        # an expert mesh with each device's experts through the grouped GEMM
+        {"name": "tokamax-data=2,expert=4", "argv": base_flags(
+            "moegpt", data, tmp / "tokamax-ep", "--mesh", "data=2,expert=4", "--moe_dispatch",
+            "tokamax")},
         {"name": "resume-on-8", "argv": base_flags("moegpt", data, tmp / "from-1", "--resume",
                                                    "--mesh", "data=2,expert=4")},
         {"name": "stop-8", "argv": base_flags("moegpt", data, tmp / "from-8", "--stop_at", "3",
@@ -124,6 +128,12 @@ def test_grouped_gemm_under_fsdp_matches_one_device(results):
     the one-device capacity run's losses and weights: each device runs the one-device
     program on its slice, the fsdp weights gathered and reduce-scattered around it."""
     assert_same_run(results["tokamax-data=4,fsdp=2"], results["ref-moegpt"])
+
+
+def test_grouped_gemm_on_an_expert_mesh_matches_one_device(results):
+    """The same with an expert axis: rows exchanged, each device's 2 experts through the
+    grouped GEMM (tokamax's XLA reference on CPU) instead of tiles."""
+    assert_same_run(results["tokamax-data=2,expert=4"], results["ref-moegpt"])
 
 
 def test_fsdp_shards_params_and_optimizer_state(results):

@@ -180,13 +180,18 @@ def test_execution_options_pick_tokamax_where_it_runs(monkeypatch):
     assert execution_notes(gpu, moe) == []
     assert execution_options(cpu, moe).moe_dispatch is None  # the config's capacity
     assert execution_options(gpu, moe, moe_dispatch="capacity").moe_dispatch == "capacity"
-    assert execution_options(gpu, moe, expert_mesh=object()).moe_dispatch is None
+    assert execution_options(gpu, moe, expert_mesh=object()).moe_dispatch == "tokamax"
+    assert execution_options(cpu, moe, expert_mesh=object()).moe_dispatch is None
     # refused: an old card, odd sizes; each says why, once
     assert execution_options(old, moe).moe_dispatch == "grouped"
     assert "V100" in execution_notes(old, moe)[0]
     for odd in (MoeGPTConfig(n_embd=72, n_head=4), MoeGPTConfig(expert_dim=96)):
         assert execution_options(gpu, odd).moe_dispatch == "grouped"
         assert "not multiples of 64 x 128" in execution_notes(gpu, odd)[0]
+        # on an expert mesh the exchange stays; its experts run as tiles, and the note says so
+        assert execution_options(gpu, odd, expert_mesh=object()).moe_dispatch == "capacity"
+        assert "each device's experts as padded tiles" in execution_notes(
+            gpu, odd, expert_mesh=object())[0]
     # missing: the padded tiles, also when asked for by name
     monkeypatch.setattr(ragged_gemm, "unavailable_reason", lambda: "tokamax does not import")
     for given in ({}, {"moe_dispatch": "tokamax"}):

@@ -43,8 +43,9 @@ import jax
 import jax.numpy as jnp
 
 from .activations import relu_squared
-from .grouped import pick_tile, tile_layout, tiled_matmul
+from .grouped import pick_tile, sort_assignments, tile_layout, tiled_matmul
 from .expert_mlps import shared_experts
+from .ragged_gemm import experts
 
 f32 = jnp.float32
 # A device pools the loads of its r routed experts; their sum varies about sqrt(r) times less
@@ -224,9 +225,6 @@ def received_experts(recv_XMC, counts_Xe, w_local):
     and ours, ragged_gemm.py: each expert's weights read once a GEMM, not once a tile): each
     row one assignment of gate 1, the empty slots given expert 0 and gate 0 (computed, as
     the tiles compute them, and unread)."""
-    from .moe import sort_assignments
-    from .ragged_gemm import experts
-
     X, M, C = recv_XMC.shape
     e = counts_Xe.shape[1]
     ends_Xe = jnp.cumsum(counts_Xe, axis=1)

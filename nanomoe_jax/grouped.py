@@ -6,6 +6,9 @@ every row with every expert); here the work is the padded groups only: at most
 ``rows + groups * (tile - 1)`` rows, each times one expert. The price is bandwidth: each tile
 reads its expert's weights (a gather of (tiles, out, in)), which the backward pass gathers
 again instead of keeping (a ``custom_vjp`` saves only the inputs).
+
+Also here, for every sparse back end (moe.py, expert_parallel.py, ragged_gemm.py): the
+stable sort of the (token, expert) assignments by expert they all start from.
 """
 
 from __future__ import annotations
@@ -84,3 +87,26 @@ def _grads(x_nMI, w_GOI, group_n, dy_nMO):
 
 
 tiled_matmul.defvjp(_fwd, _bwd)
+
+
+class SortedAssignments(NamedTuple):
+    """The N*k (token, expert) assignments stably sorted by expert."""
+
+    expert_A: jax.Array      # expert of each assignment, in token-major order (A = N*k)
+    token_sorted_A: jax.Array
+    expert_sorted_A: jax.Array
+    rank_A: jax.Array        # where each assignment landed in the sorted order
+    counts_R: jax.Array      # assignments per routed expert
+    starts_R: jax.Array      # first sorted position of each expert
+    order_A: jax.Array       # assignment (token-major index) at each sorted position
+
+
+def sort_assignments(top_idx_NK: jax.Array, n_routed: int) -> SortedAssignments:
+    N, K = top_idx_NK.shape
+    expert_A = top_idx_NK.reshape(-1)
+    order_A = jnp.argsort(expert_A, stable=True)  # ties keep token order: earlier tokens first
+    rank_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(N * K, dtype=order_A.dtype))
+    counts_R = jnp.zeros(n_routed, jnp.int32).at[expert_A].add(1)
+    starts_R = jnp.cumsum(counts_R) - counts_R
+    return SortedAssignments(expert_A, order_A // K, expert_A[order_A], rank_A, counts_R, starts_R,
+                             order_A)

@@ -32,7 +32,7 @@ from nanomoe.config import MoeGPTConfig
 from .activations import relu_squared
 from .expert_mlps import expert_ffn, shared_experts
 from .expert_parallel import expert_parallel_dispatch
-from .grouped import pick_tile, tile_layout, tiled_matmul
+from .grouped import pick_tile, sort_assignments, tile_layout, tiled_matmul
 from .layers import Options, linear, normal, param
 from .ragged_gemm import experts
 
@@ -84,29 +84,6 @@ def route(logits_NE: jax.Array, c: MoeGPTConfig) -> Routing:
     gates_NE = jnp.concatenate([shared_NS, routed_NR], axis=-1)
     return Routing(gates_NE, top_idx_NK, top_gates_NK, usage_E, score_sum_E,
                    balance_loss(usage_E, score_sum_E, N, c))
-
-
-class SortedAssignments(NamedTuple):
-    """The N*k (token, expert) assignments stably sorted by expert."""
-
-    expert_A: jax.Array      # expert of each assignment, in token-major order (A = N*k)
-    token_sorted_A: jax.Array
-    expert_sorted_A: jax.Array
-    rank_A: jax.Array        # where each assignment landed in the sorted order
-    counts_R: jax.Array      # assignments per routed expert
-    starts_R: jax.Array      # first sorted position of each expert
-    order_A: jax.Array       # assignment (token-major index) at each sorted position
-
-
-def sort_assignments(top_idx_NK: jax.Array, n_routed: int) -> SortedAssignments:
-    N, K = top_idx_NK.shape
-    expert_A = top_idx_NK.reshape(-1)
-    order_A = jnp.argsort(expert_A, stable=True)  # ties keep token order: earlier tokens first
-    rank_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(N * K, dtype=order_A.dtype))
-    counts_R = jnp.zeros(n_routed, jnp.int32).at[expert_A].add(1)
-    starts_R = jnp.cumsum(counts_R) - counts_R
-    return SortedAssignments(expert_A, order_A // K, expert_A[order_A], rank_A, counts_R, starts_R,
-                             order_A)
 
 
 class MoE(nnx.Module):

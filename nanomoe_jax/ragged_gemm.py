@@ -6,7 +6,7 @@ The four GEMMs whose rows are rows of x or of the output gradient gather them in
 (``gather_gemm.py``, Pallas Triton kernels of our own); the two whose rows are h or dv (dense,
 in the sorted order) are tokamax's ``ragged_dot`` (a maintained Pallas kernel library).
 
-Rows are the (token, expert) assignments stably sorted by expert (``moe.sort_assignments``),
+Rows are the (token, expert) assignments stably sorted by expert (``grouped.sort_assignments``),
 then ``PAD`` rows in no group at all: tokamax 0.0.12's Triton forward kernel reads up to a
 block past a group's end with no bounds check on rows, and the pad keeps that read inside the
 buffer (a row only ever affects its own output row; the pad rows are never computed nor read
@@ -191,7 +191,7 @@ expert_sum.defvjp(_fwd, _bwd)
 def experts(x_NC, gates_Nj, expert_Nj, gates_NE, s, params) -> jax.Array:
     """The experts' gated sum per token (fp32), nothing dropped, for the (N, j) assignments
     ``expert_Nj`` with gates ``gates_Nj`` (``gates_NE``: the same as a (token, expert)
-    matrix); ``s``: the assignments sorted by expert (``moe.sort_assignments``); ``params``:
+    matrix); ``s``: the assignments sorted by expert (``grouped.sort_assignments``); ``params``:
     the stacked (fc_weight, fc_bias, proj_weight, proj_bias) of the E experts."""
     N, j = expert_Nj.shape
     i32 = jnp.int32

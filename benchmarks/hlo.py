@@ -145,11 +145,13 @@ def program_stats(hlo_text: str) -> ProgramStats:
     return stats
 
 
-def roofline_seconds(stats: ProgramStats, peak_flops: float, bandwidth: float) -> float:
+def roofline_seconds(stats: ProgramStats, peak_flops: float, bandwidth: float,
+                     skip_ops: tuple[str, ...] = ()) -> float:
     """Sum over kernels of max(compute time, memory time): an estimate, never a measurement
-    (no launch overheads, no overlap, every operand read from and result written to HBM)."""
+    (no launch overheads, no overlap, every operand read from and result written to HBM).
+    ``skip_ops``: kernels whose op starts with one of these are left out (collectives)."""
     return float(sum(k.mult * max(k.flops / peak_flops, k.bytes / bandwidth)
-                     for k in stats.kernels))
+                     for k in stats.kernels if not (skip_ops and k.op.startswith(skip_ops))))
 
 
 def bytes_accessed(stats: ProgramStats) -> float:

@@ -110,9 +110,8 @@ def plan_layout(model: str, target, topology: str, devices, mesh_spec: str, A: i
     analytic = analytic_flops(config, A * B, T, flash)
     # the per-device kernels' roofline, collectives left out (their time depends on links
     # and overlap this plan does not model): an estimate, as benchmarks/plan.py's
-    compute = [k for k in stats.kernels if not k.op.startswith(mesh_hlo.KINDS)]
-    compute_s = sum(k.mult * max(k.flops / target.peak_bf16, k.bytes / target.bandwidth)
-                    for k in compute)
+    compute_s = hlo.roofline_seconds(stats, target.peak_bf16, target.bandwidth,
+                                     skip_ops=mesh_hlo.KINDS)
     row.update(
         options=describe(parts["opts"]), memory=peak_bytes(compiled),
         state_bytes=state_bytes_per_device(parts["state"]), collectives=_grouped(colls),

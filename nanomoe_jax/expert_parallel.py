@@ -16,8 +16,8 @@ its own N tokens, then:
    ``cap``); XLA:CPU has no ragged kind, so there an ``all_to_all`` moves a padded
    (X, cap, C) buffer. Both land in the same (X, cap, C) buffer on the receiver, chunk j
    from slice j. Nothing of the shared experts' rows travels.
-3. **Compute.** Each device runs its e experts on the rows it received, per source slice, as a
-   grouped matmul of tiles (nanomoe_jax/grouped.py): the rows plus at most a tile per expert.
+3. **Compute.** Each device runs its e experts on every slot it received: through the grouped
+   GEMM (ragged_gemm.py, ``grouped``) or, per source slice, as tiles (grouped.py).
 4. **Return** the same way back; gates applied where the tokens are.
 
 The shared experts run on every device on its own tokens; their weights are picked from the
@@ -54,7 +54,7 @@ f32 = jnp.float32
 # get 0.525 of it (the default 2.0 -> 1.05). The floor was chosen for bytes when the padded
 # buffer travelled (X x cap rows, 1.05 x (E/X) / (R/X) the N k routed rows); the ragged
 # exchange sends only the rows, but each device still computes every slot it can receive
-# (X x cap rows: FLOPs and memory), which keeps MoeGPT-64's expert FLOPs near 1.06x analytic.
+# (X x cap rows: FLOPs and memory), which keeps MoeGPT-64's expert FLOPs near 1.04x analytic.
 # It drops more than one device's capacity does (benchmarks/NOTES.md, issue 23.4);
 # --capacity_factor raises both.
 DEVICE_SHARE = 0.525
@@ -170,6 +170,16 @@ def _all_to_all(a):
     return jax.lax.all_to_all(a, AXIS, 0, 0, tiled=True)
 
 
+def padded_rows(x_NC, lay: SendLayout):
+    """The slice's kept rows as an (X, cap, C) buffer, chunk x for device x, zeros after."""
+    return jnp.where(lay.filled_XM[..., None], x_NC[lay.token_XM], 0).astype(x_NC.dtype)
+
+
+def rows_back(y_XMC, lay: SendLayout):
+    """Each assignment's row out of an (X, cap, C) buffer laid out as :func:`padded_rows`."""
+    return y_XMC[lay.dev_A, jnp.minimum(lay.slot_A, y_XMC.shape[1] - 1)]
+
+
 def send_rows(x_NC, lay: SendLayout, cap: int, ragged: bool):
     """Each device's rows to it: (X, cap, C) on the receiver, chunk j from slice j (its
     first ``sizes`` rows filled, zeros after). ``ragged``: only those rows travel
@@ -177,7 +187,7 @@ def send_rows(x_NC, lay: SendLayout, cap: int, ragged: bool):
     (``all_to_all``; XLA:CPU has no ragged kind). Both give the same buffer."""
     X, C = lay.sizes_X.shape[0], x_NC.shape[1]
     if not ragged:
-        return _all_to_all(jnp.where(lay.filled_XM[..., None], x_NC[lay.token_XM], 0))
+        return _all_to_all(padded_rows(x_NC, lay))
     K = lay.order_A.shape[0] // x_NC.shape[0]
     me = jax.lax.axis_index(AXIS)
     out = jax.lax.ragged_all_to_all(
@@ -191,8 +201,7 @@ def return_rows(y_XMC, lay: SendLayout, cap: int, ragged: bool):
     assignment order (a dropped assignment's row is zero or garbage: the caller masks it)."""
     X, _, C = y_XMC.shape
     if not ragged:
-        back_XMC = _all_to_all(y_XMC)
-        return back_XMC[lay.dev_A, jnp.minimum(lay.slot_A, cap - 1)]
+        return rows_back(_all_to_all(y_XMC), lay)
     A = lay.order_A.shape[0]
     back_AC = jax.lax.ragged_all_to_all(
         y_XMC.reshape(X * cap, C), jnp.zeros((A, C), y_XMC.dtype),
@@ -213,11 +222,9 @@ def routed_dispatch(x_NC, top_idx_NK, top_gates_NK, w, S: int, X: int, cap: int)
     experts' weights): (y_NC fp32, dropped assignments). The reference of the exchange."""
     e = w[0].shape[0] // X
     lay = send_layout(top_idx_NK, S, e, X, cap)
-    x_XMC = jnp.where(lay.filled_XM[..., None], x_NC[lay.token_XM], 0).astype(x_NC.dtype)
     w_X = [a.reshape(X, e, *a.shape[1:]) for a in w]  # device x's experts (E split in X)
-    y_XMC = jax.vmap(local_experts)(x_XMC, lay.counts_Xe, *w_X)
-    y_AC = y_XMC[lay.dev_A, jnp.minimum(lay.slot_A, cap - 1)]
-    return gated_sum(y_AC, lay, top_gates_NK), jnp.sum(~lay.kept_A).astype(f32)
+    y_XMC = jax.vmap(local_experts)(padded_rows(x_NC, lay), lay.counts_Xe, *w_X)
+    return gated_sum(rows_back(y_XMC, lay), lay, top_gates_NK), jnp.sum(~lay.kept_A).astype(f32)
 
 
 def received_experts(recv_XMC, counts_Xe, w_local):

@@ -18,8 +18,6 @@ the grouped-GEMM kernels (custom calls XLA's partitioner could not split).
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -67,18 +65,20 @@ class Copies:
         """``(copies, x_FgBT, y_FgBT) -> (sum over groups of their mean loss, mean metrics)``:
         ``slice_loss(params, x_BT, y_BT)`` runs on every device, on its own slice with its
         own shards."""
-        return partial(self._per_device, slice_loss)
-
-    def _per_device(self, slice_loss, p_F, x_FgBT, y_FgBT):
         def one(p, x, y):
             local = jax.tree.map(lambda v, f: v[(0,) * (1 + len(f))], p, self.free)
             loss, metrics = slice_loss(local, x[0, 0], y[0, 0])
             return loss[None, None], jax.tree.map(lambda m: m[None, None], metrics)
 
-        # check_vma off: Pallas kernels declare outputs without the per-device typing it checks
-        loss_Fg, metrics_Fg = jax.shard_map(one, mesh=self.mesh, in_specs=(self.specs(), F_g, F_g),
-                                            out_specs=F_g, check_vma=False)(p_F, x_FgBT, y_FgBT)
-        return jnp.sum(jnp.mean(loss_Fg, 1)), jax.tree.map(jnp.mean, metrics_Fg)
+        def losses(p_F, x_FgBT, y_FgBT):
+            # check_vma off: Pallas kernels declare outputs without the per-device typing it
+            # checks
+            loss_Fg, metrics_Fg = jax.shard_map(
+                one, mesh=self.mesh, in_specs=(self.specs(), F_g, F_g), out_specs=F_g,
+                check_vma=False)(p_F, x_FgBT, y_FgBT)
+            return jnp.sum(jnp.mean(loss_Fg, 1)), jax.tree.map(jnp.mean, metrics_Fg)
+
+        return losses
 
 
 def per_device_mean(slice_loss, param_sharding, params, x_YBT, y_YBT):

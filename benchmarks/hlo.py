@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from . import hlo_bytes, hlo_flops
-from .hlo_text import (FREE, Computation, Instr, attr, backend_config, callees, parse_module,
-                       stack_frames, target, trip_count)
+from .hlo_text import (FREE, Computation, Instr, attr, backend_config, callees, nbytes,
+                       parse_module, stack_frames, target, trip_count)
 
 class Kernel(NamedTuple):
     name: str
@@ -152,6 +152,33 @@ def roofline_seconds(stats: ProgramStats, peak_flops: float, bandwidth: float,
     ``skip_ops``: kernels whose op starts with one of these are left out (collectives)."""
     return float(sum(k.mult * max(k.flops / peak_flops, k.bytes / bandwidth)
                      for k in stats.kernels if not (skip_ops and k.op.startswith(skip_ops))))
+
+
+def charge_rows(stats: ProgramStats, scope: str, slots: int, rows: float) -> ProgramStats:
+    """The GEMM kernels under JAX name scope ``scope`` charged for ``rows`` of their ``slots``
+    rows: a grouped GEMM whose groups cover only some rows (an expert mesh's receive buffer) skips
+    the rest, which its static shapes cannot show. Its FLOPs and the bytes of every operand
+    or result with a dimension of ``slots`` to ``slots + 2 * 128`` (the rows, and the pad
+    ragged_gemm.py adds) scale by rows / that dimension; the weights' do not."""
+    def scale(shape) -> float:
+        d = next((d for d in shape if slots <= d <= slots + 256), None)
+        return min(1.0, rows / d) if d else 1.0
+
+    def charged(k: Kernel) -> Kernel:
+        if k.op != "custom-call" or not k.flops or not any(scope in n for n in k.op_names):
+            return k  # XLA's own kernels run every row of their static shapes
+        row_scale = min((scale(s) for p in k.parts for _, s in p.shapes), default=1.0)
+        moved = 0.0
+        for p in k.parts:  # a part's bytes shared among its leaves by their sizes
+            sizes = [nbytes([leaf]) for leaf in p.shapes]
+            total = sum(sizes) or 1.0
+            moved += sum(p.bytes * n / total * scale(s) for n, (_, s) in zip(sizes, p.shapes))
+        return k._replace(flops=k.flops * row_scale, bytes=moved)
+
+    kernels = [charged(k) for k in stats.kernels]
+    flops = stats.flops + sum(k.mult * (a.flops - k.flops) for a, k in zip(kernels,
+                                                                          stats.kernels))
+    return replace(stats, kernels=kernels, flops=flops)
 
 
 def bytes_accessed(stats: ProgramStats) -> float:

@@ -16,8 +16,9 @@ its own N tokens, then:
    ``cap``); XLA:CPU has no ragged kind, so there an ``all_to_all`` moves a padded
    (X, cap, C) buffer. Both land in the same (X, cap, C) buffer on the receiver, chunk j
    from slice j. Nothing of the shared experts' rows travels.
-3. **Compute.** Each device runs its e experts on every slot it received: through the grouped
-   GEMM (ragged_gemm.py, ``grouped``) or, per source slice, as tiles (grouped.py).
+3. **Compute.** Each device runs its e experts on the rows it received: through the grouped
+   GEMM (ragged_gemm.py, ``grouped``: the empty slots in no group, skipped) or, per source
+   slice, as tiles (grouped.py: every slot).
 4. **Return** the same way back; gates applied where the tokens are.
 
 The shared experts run on every device on its own tokens; their weights are picked from the
@@ -53,8 +54,8 @@ f32 = jnp.float32
 # DEVICE_SHARE) over its mean load: one expert a device keeps the config's slack, 4 or more
 # get 0.525 of it (the default 2.0 -> 1.05). The floor was chosen for bytes when the padded
 # buffer travelled (X x cap rows, 1.05 x (E/X) / (R/X) the N k routed rows); the ragged
-# exchange sends only the rows, but each device still computes every slot it can receive
-# (X x cap rows: FLOPs and memory), which keeps MoeGPT-64's expert FLOPs near 1.04x analytic.
+# exchange sends only the rows and the grouped GEMM computes only those, but the receive
+# buffers still hold X x cap rows (memory; the tiles compute every slot).
 # It drops more than one device's capacity does (benchmarks/NOTES.md, issue 23.4);
 # --capacity_factor raises both.
 DEVICE_SHARE = 0.525
@@ -74,6 +75,14 @@ def device_capacity(n_tokens: int, c, X: int) -> int:
         return most
     factor = c.capacity_factor * max(DEVICE_SHARE, 1 / math.sqrt(r))
     return max(1, min(most, math.ceil(factor * n_tokens * k * r / (E - S))))
+
+
+def received_rows(n_tokens: int, c, X: int) -> float:
+    """Rows the busiest device receives from X slices of ``n_tokens`` tokens each when routing
+    is uniform over the routed experts: what its grouped GEMM computes (of its X cap slots)."""
+    R = c.n_total_experts - c.n_shared
+    return X * n_tokens * c.n_activated_experts * routed_per_device(c.n_total_experts,
+                                                                   c.n_shared, X) / R
 
 
 def shared_weights(w, S: int):
@@ -227,22 +236,29 @@ def routed_dispatch(x_NC, top_idx_NK, top_gates_NK, w, S: int, X: int, cap: int)
     return gated_sum(rows_back(y_XMC, lay), lay, top_gates_NK), jnp.sum(~lay.kept_A).astype(f32)
 
 
+RECEIVED_SCOPE = "received_rows"
+
+
 def received_experts(recv_XMC, counts_Xe, w_local):
     """A device's e experts on every row it received, through the grouped GEMM (tokamax's
     and ours, ragged_gemm.py: each expert's weights read once a GEMM, not once a tile): each
-    row one assignment of gate 1, the empty slots given expert 0 and gate 0 (computed, as
-    the tiles compute them, and unread)."""
+    row one assignment of gate 1. The empty slots sort after every expert's rows, in no
+    group, so the kernels skip them: a device computes the rows it received, not its X cap
+    slots (their outputs are zeros, and never read)."""
     X, M, C = recv_XMC.shape
     e = counts_Xe.shape[1]
     ends_Xe = jnp.cumsum(counts_Xe, axis=1)
     slot_XM = jnp.arange(M)[None, :, None]
-    lid_XM = jnp.sum(slot_XM >= ends_Xe[:, None, :], axis=-1)      # e: an empty slot
-    filled_R = (lid_XM < e).reshape(-1)
-    expert_R1 = jnp.where(filled_R, lid_XM.reshape(-1), 0)[:, None].astype(jnp.int32)
+    lid_R = jnp.sum(slot_XM >= ends_Xe[:, None, :], axis=-1).reshape(-1)   # e: an empty slot
+    filled_R = lid_R < e
+    expert_R1 = jnp.where(filled_R, lid_R, 0)[:, None].astype(jnp.int32)
     gates_R1 = filled_R[:, None].astype(f32)
-    gates_Re = jax.nn.one_hot(expert_R1[:, 0], e, dtype=f32) * gates_R1
-    s = sort_assignments(expert_R1, e)
-    y_RC = experts(recv_XMC.reshape(X * M, C), gates_R1, expert_R1, gates_Re, s, w_local)
+    gates_Re = jax.nn.one_hot(lid_R, e, dtype=f32)                         # 0 on empty slots
+    s = sort_assignments(lid_R[:, None], e + 1)                            # empty slots last
+    s = s._replace(counts_R=s.counts_R[:e])
+    with jax.named_scope(RECEIVED_SCOPE):  # the plan charges these kernels their rows
+        y_RC = experts(recv_XMC.reshape(X * M, C), gates_R1, expert_R1, gates_Re, s, w_local,
+                       past_groups=True)
     return y_RC.astype(recv_XMC.dtype).reshape(X, M, C)
 
 

@@ -10,7 +10,9 @@ Rows are the (token, expert) assignments stably sorted by expert (``grouped.sort
 then ``PAD`` rows in no group at all: tokamax 0.0.12's Triton forward kernel reads up to a
 block past a group's end with no bounds check on rows, and the pad keeps that read inside the
 buffer (a row only ever affects its own output row; the pad rows are never computed nor read
-back). The gather kernels check their bounds and give an expert with no rows a gradient of 0.
+back). Assignments may also sort past every group (an expert mesh's empty receive slots):
+no kernel computes them and they read 0. The gather kernels check their bounds and give an
+expert with no rows a gradient of 0.
 
 Elsewhere than on a GPU the same code runs tokamax's ``xla`` implementation and the gathers
 as XLA gathers (``jax.lax.ragged_dot``), which is how the CPU tests check this module's
@@ -20,6 +22,7 @@ gradients; tests/test_ragged_gemm.py also runs every Triton kernel in interpret 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import jax
@@ -105,6 +108,17 @@ def _dot(lhs_PI, rhs_GIO, counts_G, out_dtype, activation=None):
 
 # --- the experts on the sorted rows, and their gated sum per token --------------------------
 
+def _rows(a_P, pos_Nj, counts_E, past_groups: bool):
+    """Each assignment's row of a kernel's output. ``past_groups``: some sort past every group
+    (an expert mesh's empty slots); the kernels never write those rows (garbage), so they
+    read 0 (a select the one-device path, where every row is in a group, does without)."""
+    if not past_groups:
+        return a_P[pos_Nj]
+    inside_Nj = pos_Nj < jnp.sum(counts_E)
+    return jnp.where(inside_Nj.reshape(inside_Nj.shape + (1,) * (a_P.ndim - 1)), a_P[pos_Nj],
+                     0)
+
+
 def _relu2(a):
     """relu^2 inside a kernel's epilogue (forward only: activations.relu_squared is a
     custom_vjp, which the Pallas lowering does not take)."""
@@ -116,8 +130,8 @@ def _kernels() -> bool:
     return implementation() == "triton"
 
 
-@jax.custom_vjp
-def expert_sum(x_NC, gates_Nj, expert_Nj, gates_NE, src_P, pos_Nj, counts_E, w1_EHC, b1_EH,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def expert_sum(past_groups, x_NC, gates_Nj, expert_Nj, gates_NE, src_P, pos_Nj, counts_E, w1_EHC, b1_EH,
                w2_ECH, b2_EC):
     """``out[n] = sum_j gates[n, j] (relu(x[n] W1_e^T + b1_e)^2 W2_e^T + b2_e)``, e =
     ``expert[n, j]``, in fp32 (the original weights the experts' outputs in fp32), on the
@@ -126,11 +140,11 @@ def expert_sum(x_NC, gates_Nj, expert_Nj, gates_NE, src_P, pos_Nj, counts_E, w1_
     gates as a (token, expert) matrix, for b2's gradient. Weights are the layer's own
     parameters, cast here: the backward keeps them (a layer scan does not stack them), not a
     bf16 copy."""
-    return _forward(x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, w1_EHC, b1_EH,
-                    w2_ECH, b2_EC)[0]
+    return _forward(past_groups, x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, w1_EHC,
+                    b1_EH, w2_ECH, b2_EC)[0]
 
 
-def _forward(x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, w1_EHC, b1_EH, w2_ECH, b2_EC):
+def _forward(past_groups, x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, w1_EHC, b1_EH, w2_ECH, b2_EC):
     """h = relu(x[token] W1^T + b1)^2 with the rows gathered, the bias added and the
     activation applied in the kernel (on its fp32 accumulator): no pass of their own."""
     dt = x_NC.dtype
@@ -139,18 +153,18 @@ def _forward(x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, w1_EHC, b1_EH, 
                       use_kernel=_kernels())
     y_PC = _dot(h_PH, w2_ECH.astype(dt).mT, counts_E, dt)
     # the output bias where the rows are read anyway (b2 is a small, cached table)
-    y_NjC = y_PC[pos_Nj].astype(f32) + b2_EC[expert_Nj].astype(f32)
+    y_NjC = _rows(y_PC, pos_Nj, counts_E, past_groups).astype(f32) + b2_EC[expert_Nj].astype(f32)
     return jnp.einsum("nj,njc->nc", gates_Nj, y_NjC), h_PH
 
 
-def _fwd(x_NC, gates_Nj, expert_Nj, gates_NE, src_P, pos_Nj, counts_E, *w):
-    out, h_PH = _forward(x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, *w)
+def _fwd(past_groups, x_NC, gates_Nj, expert_Nj, gates_NE, src_P, pos_Nj, counts_E, *w):
+    out, h_PH = _forward(past_groups, x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, *w)
     # h only: not relu's input (relu(v) = sqrt(h), so relu^2' = 2 sqrt(h)), nor the experts'
     # outputs (the gates' gradient is <dout W2, h> + <dout, b2>, see _bwd)
     return out, (x_NC, gates_Nj, expert_Nj, gates_NE, src_P, pos_Nj, counts_E, h_PH, *w)
 
 
-def _bwd(res, dout_NC):
+def _bwd(past_groups, res, dout_NC):
     x_NC, gates_Nj, expert_Nj, gates_NE, src_P, pos_Nj, counts_E, h_PH, *w = res
     w1_EHC, b1_EH, w2_ECH, b2_EC = w
     dt, j = x_NC.dtype, pos_Nj.shape[1]
@@ -171,9 +185,10 @@ def _bwd(res, dout_NC):
     # other weight gradient here does (fp32 runs: fp32)
     hi = matmul_precision(dt)
     db2_NE = jnp.dot(dout_lo, b2_EC.astype(dt).T, precision=hi, preferred_element_type=f32)
-    dgates_Nj = dg_P[pos_Nj] + jnp.take_along_axis(db2_NE, expert_Nj, axis=1)
+    dgates_Nj = _rows(dg_P, pos_Nj, counts_E, past_groups) + jnp.take_along_axis(db2_NE, expert_Nj, axis=1)
     drows_PC = _dot(dv_PH, w1_EHC.astype(dt), counts_E, dt)         # W1 is (E, H, C) already
-    dx_NC = drows_PC[pos_Nj].astype(f32).sum(1).astype(dt)          # a gather, no scatter-add
+    # a gather, no scatter-add
+    dx_NC = _rows(drows_PC, pos_Nj, counts_E, past_groups).astype(f32).sum(1).astype(dt)
     # the parameters' layouts; b1's gradient as the column sums of dv, in the same kernel
     dw1_EHC, db1_EH = gather_wgrad(dv_PH, x_NC, tok_P, counts_E, "b", colsum=True,
                                    use_kernel=kernels)
@@ -188,14 +203,17 @@ def _bwd(res, dout_NC):
 expert_sum.defvjp(_fwd, _bwd)
 
 
-def experts(x_NC, gates_Nj, expert_Nj, gates_NE, s, params) -> jax.Array:
+def experts(x_NC, gates_Nj, expert_Nj, gates_NE, s, params, past_groups: bool = False
+            ) -> jax.Array:
     """The experts' gated sum per token (fp32), nothing dropped, for the (N, j) assignments
     ``expert_Nj`` with gates ``gates_Nj`` (``gates_NE``: the same as a (token, expert)
     matrix); ``s``: the assignments sorted by expert (``grouped.sort_assignments``); ``params``:
-    the stacked (fc_weight, fc_bias, proj_weight, proj_bias) of the E experts."""
+    the stacked (fc_weight, fc_bias, proj_weight, proj_bias) of the E experts;
+    ``past_groups``: ``s.counts_R`` leaves some assignments in no group (skipped, read 0)."""
     N, j = expert_Nj.shape
     i32 = jnp.int32
     src_P = jnp.concatenate([s.order_A.astype(i32), jnp.full((PAD,), -1, i32)])
     counts_E = s.counts_R
     pos_Nj = s.rank_A.reshape(N, j)
-    return expert_sum(x_NC, gates_Nj, expert_Nj, gates_NE, src_P, pos_Nj, counts_E, *params)
+    return expert_sum(past_groups, x_NC, gates_Nj, expert_Nj, gates_NE, src_P, pos_Nj,
+                      counts_E, *params)

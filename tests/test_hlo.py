@@ -4,6 +4,8 @@ counted or named, slices of a scanned stack charged as slices, op names read who
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks import hlo, hlo_text, plan
 from benchmarks.targets import GiB
 
@@ -211,3 +213,29 @@ def test_a_gather_through_a_convert_is_charged_its_elements_not_the_table():
 
     assert x_read(module("%g")) == 64 * 4  # the gathered elements (as the fp32 they become)
     assert x_read(module("%f")) == 64 * 1000 * 2  # the whole bf16 table
+
+
+def test_charge_rows_scales_grouped_gemms_rows_not_weights():
+    """An expert mesh's grouped GEMMs charged for the rows received, not every slot: FLOPs and
+    the row operands scale, the weights and XLA's own kernels (which run every slot) do not."""
+    from benchmarks.hlo import Kernel, ProgramStats, charge_rows
+    from benchmarks.hlo_bytes import Part
+
+    slots, rows = 1000, 250.0
+    rows_in = Part(2.0 * (slots + 128) * 64, [("bf16", (slots + 128, 64))])
+    weight = Part(2.0 * 64 * 32 * 4, [("bf16", (4, 64, 32))])
+    rows_out = Part(2.0 * (slots + 128) * 32 + 4 * 8 * (slots + 128),
+                    [("bf16", (slots + 128, 32)), ("f32", (8, slots + 128))])
+    gemm = Kernel("g", "custom-call", 2.0 * (slots + 128) * 64 * 32, 0.0, 3,
+                  parts=(rows_in, weight, rows_out), op_names=("jit(step)/received_rows/x",))
+    gemm = gemm._replace(bytes=sum(p.bytes for p in gemm.parts))
+    fusion = gemm._replace(name="f", op="fusion")
+    elsewhere = gemm._replace(name="o", op_names=("jit(step)/moe/x",))
+    stats = ProgramStats(flops=3 * 3 * gemm.flops, kernels=[gemm, fusion, elsewhere])
+    out = charge_rows(stats, "received_rows", slots, rows)
+    share = rows / (slots + 128)
+    g, f, o = out.kernels
+    assert g.flops == pytest.approx(gemm.flops * share)
+    assert g.bytes == pytest.approx((rows_in.bytes + rows_out.bytes) * share + weight.bytes)
+    assert (f, o) == (fusion, elsewhere)
+    assert out.flops == pytest.approx(stats.flops - 3 * gemm.flops * (1 - share))

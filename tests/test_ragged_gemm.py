@@ -124,3 +124,64 @@ def test_triton_kernels_interpreted_match_autodiff(triton_interpreted, monkeypat
     assert_close(g, g_ref, 1e-5)
     for p in g[2]:
         assert float(jnp.abs(p[S + 2]).max()) == 0.0
+
+
+def _poison_past_groups(monkeypatch):
+    """Every kernel output row past the groups (pads, an expert mesh's empty slots) NaN, as
+    uninitialised memory may be on a GPU: nothing downstream may read them."""
+    def past(out_P, counts):
+        rows = jnp.arange(out_P.shape[0]).reshape((-1,) + (1,) * (out_P.ndim - 1))
+        return jnp.where(rows < jnp.sum(counts), out_P, jnp.nan).astype(out_P.dtype)
+
+    dot, gdot = ragged_gemm._dot, ragged_gemm.gather_dot
+    grad, rows2 = ragged_gemm.gather_dot_relu2_grad, ragged_gemm.relu2_grad_rows
+    seen = {}
+
+    def relu2_grad(dout, tok, w, counts, *a, **k):
+        dv, parts = grad(dout, tok, w, counts, *a, **k)
+        seen["counts"] = counts
+        return past(dv, counts), parts
+
+    monkeypatch.setattr(ragged_gemm, "_dot", lambda lhs, rhs, counts, *a, **k:
+                        past(dot(lhs, rhs, counts, *a, **k), counts))
+    monkeypatch.setattr(ragged_gemm, "gather_dot", lambda x, tok, w, counts, *a, **k:
+                        past(gdot(x, tok, w, counts, *a, **k), counts))
+    monkeypatch.setattr(ragged_gemm, "gather_dot_relu2_grad", relu2_grad)
+    monkeypatch.setattr(ragged_gemm, "relu2_grad_rows",
+                        lambda parts: past(rows2(parts), seen["counts"]))
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["xla", "triton_interpreted"])
+def test_assignments_past_every_group_are_skipped_and_read_zero(kernels, monkeypatch, request):
+    """An expert mesh's empty receive slots sort after every group: no kernel computes them
+    and they must read 0 even where the kernels leave those rows uninitialised (NaN here). The
+    rest equals the reference with those assignments gated 0; their own gate gradient is
+    unused (the mesh's gates there are constants) but finite."""
+    if kernels:
+        request.getfixturevalue("triton_interpreted")
+    _poison_past_groups(monkeypatch)
+    # sizes the kernels' blocks divide (see the test above)
+    x, gates, top_idx, params, S = case(seed=2, N=16, R=4, C=128, H=128, empty=(2,))
+    N, K = top_idx.shape
+    R = params[0].shape[0] - S
+    empty_NK = jax.random.bernoulli(jax.random.key(9), 0.3, (N, K))
+    assert 0 < int(empty_NK.sum()) < N * K
+    key_NK = jnp.where(empty_NK, R, top_idx)               # R: no expert, sorted last
+    expert_NK = jnp.where(empty_NK, 0, top_idx)
+    gates_NK = jnp.where(empty_NK, 0.0, gates)
+
+    def past_groups(x, g, idx, params, S):
+        s = sort_assignments(key_NK, R + 1)
+        s = s._replace(counts_R=s.counts_R[:R])
+        g_NR = jnp.zeros((N, R)).at[jnp.arange(N)[:, None], idx].add(jnp.where(empty_NK, 0, g))
+        return ragged_gemm.experts(x, g, idx, g_NR, s, [p[S:] for p in params],
+                                   past_groups=True)
+
+    v, g = value_and_grads(past_groups, x, gates_NK, expert_NK, params, S)
+    v_ref, g_ref = value_and_grads(reference, x, gates_NK, expert_NK, params, S)
+    # the loss sums N C sines of either sign: each term's fp32 rounding, not the sum's size,
+    # sets its error
+    np.testing.assert_allclose(v, v_ref, rtol=1e-5, atol=1e-5 * x.size ** 0.5)
+    assert_close((g[0], g[2]), (g_ref[0], g_ref[2]), 1e-5)
+    assert bool(jnp.isfinite(g[1]).all())
+    assert_close(jnp.where(empty_NK, 0, g[1]), jnp.where(empty_NK, 0, g_ref[1]), 1e-5)

@@ -131,8 +131,8 @@ def _kernels() -> bool:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def expert_sum(past_groups, x_NC, gates_Nj, expert_Nj, gates_NE, src_P, pos_Nj, counts_E, w1_EHC, b1_EH,
-               w2_ECH, b2_EC):
+def expert_sum(past_groups, x_NC, gates_Nj, expert_Nj, gates_NE, src_P, pos_Nj, counts_E,
+               w1_EHC, b1_EH, w2_ECH, b2_EC):
     """``out[n] = sum_j gates[n, j] (relu(x[n] W1_e^T + b1_e)^2 W2_e^T + b2_e)``, e =
     ``expert[n, j]``, in fp32 (the original weights the experts' outputs in fp32), on the
     padded sorted rows (``src_P``: each row's assignment, token-major, -1 on pads;
@@ -144,7 +144,8 @@ def expert_sum(past_groups, x_NC, gates_Nj, expert_Nj, gates_NE, src_P, pos_Nj, 
                     b1_EH, w2_ECH, b2_EC)[0]
 
 
-def _forward(past_groups, x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, w1_EHC, b1_EH, w2_ECH, b2_EC):
+def _forward(past_groups, x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, w1_EHC, b1_EH,
+             w2_ECH, b2_EC):
     """h = relu(x[token] W1^T + b1)^2 with the rows gathered, the bias added and the
     activation applied in the kernel (on its fp32 accumulator): no pass of their own."""
     dt = x_NC.dtype
@@ -185,7 +186,8 @@ def _bwd(past_groups, res, dout_NC):
     # other weight gradient here does (fp32 runs: fp32)
     hi = matmul_precision(dt)
     db2_NE = jnp.dot(dout_lo, b2_EC.astype(dt).T, precision=hi, preferred_element_type=f32)
-    dgates_Nj = _rows(dg_P, pos_Nj, counts_E, past_groups) + jnp.take_along_axis(db2_NE, expert_Nj, axis=1)
+    dgates_Nj = (_rows(dg_P, pos_Nj, counts_E, past_groups)
+                 + jnp.take_along_axis(db2_NE, expert_Nj, axis=1))
     drows_PC = _dot(dv_PH, w1_EHC.astype(dt), counts_E, dt)         # W1 is (E, H, C) already
     # a gather, no scatter-add
     dx_NC = _rows(drows_PC, pos_Nj, counts_E, past_groups).astype(f32).sum(1).astype(dt)

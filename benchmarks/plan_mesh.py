@@ -25,6 +25,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from . import hlo
 from .plan_mesh_report import render
 from .results_dir import default_out
 from .targets import TARGETS, load_target
@@ -86,7 +87,7 @@ def plan_layout(model: str, target, topology: str, devices, mesh_spec: str, A: i
     from nanomoe_jax.execution import describe
     from nanomoe_jax.ragged_gemm import compiling_for
 
-    from . import hlo, mesh_hlo
+    from . import mesh_hlo
     from .plan import analytic_flops, model_config, peak_bytes
 
     row = {"model": model, "mesh": mesh_spec, "A": A, "topology": topology, "B": B, "T": T}
@@ -134,8 +135,6 @@ def _received_rows(stats, config, mesh, n_tokens: int):
     if X == 1:
         return stats
     from nanomoe_jax.expert_parallel import RECEIVED_SCOPE, device_capacity, received_rows
-
-    from . import hlo
 
     slots = X * device_capacity(n_tokens, config, X)
     return hlo.charge_rows(stats, RECEIVED_SCOPE, slots, received_rows(n_tokens, config, X))

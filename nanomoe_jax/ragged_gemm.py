@@ -111,12 +111,13 @@ def _dot(lhs_PI, rhs_GIO, counts_G, out_dtype, activation=None):
 def _rows(a_P, pos_Nj, counts_E, past_groups: bool):
     """Each assignment's row of a kernel's output. ``past_groups``: some sort past every group
     (an expert mesh's empty slots); the kernels never write those rows (garbage), so they
-    read 0 (a select the one-device path, where every row is in a group, does without)."""
+    read 0 (the one-device path, where every row is in a group, needs no mask)."""
     if not past_groups:
         return a_P[pos_Nj]
-    inside_Nj = pos_Nj < jnp.sum(counts_E)
-    return jnp.where(inside_Nj.reshape(inside_Nj.shape + (1,) * (a_P.ndim - 1)), a_P[pos_Nj],
-                     0)
+    # the index, not the rows, is masked: out of range reads the fill (XLA keeps the gather one
+    # fusion with its consumers; a select on the gathered rows split it, +0.4 ms a step)
+    past_Nj = jnp.where(pos_Nj < jnp.sum(counts_E), pos_Nj, a_P.shape[0])
+    return jnp.take(a_P, past_Nj, axis=0, mode="fill", fill_value=0)
 
 
 def _relu2(a):

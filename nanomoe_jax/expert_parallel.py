@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from .activations import relu_squared
 from .grouped import pick_tile, sort_assignments, tile_layout, tiled_matmul
-from .expert_mlps import shared_experts
+from .expert_mlps import gated_sum, shared_experts
 from .ragged_gemm import experts
 
 f32 = jnp.float32
@@ -219,13 +219,6 @@ def return_rows(y_XMC, lay: SendLayout, cap: int, ragged: bool):
     return back_AC[lay.starts_X[lay.dev_A] + lay.slot_A]
 
 
-def gated_sum(y_AC, lay: SendLayout, top_gates_NK):
-    """The routed experts' outputs of each token, gated (fp32)."""
-    N, K = top_gates_NK.shape
-    y_AC = jnp.where(lay.kept_A[:, None], y_AC.astype(f32), 0.0)
-    return jnp.einsum("nk,nkc->nc", top_gates_NK, y_AC.reshape(N, K, -1))
-
-
 def routed_dispatch(x_NC, top_idx_NK, top_gates_NK, w, S: int, X: int, cap: int):
     """The routed experts of one slice as X devices would run them, on one device (all E
     experts' weights): (y_NC fp32, dropped assignments). The reference of the exchange."""
@@ -233,7 +226,8 @@ def routed_dispatch(x_NC, top_idx_NK, top_gates_NK, w, S: int, X: int, cap: int)
     lay = send_layout(top_idx_NK, S, e, X, cap)
     w_X = [a.reshape(X, e, *a.shape[1:]) for a in w]  # device x's experts (E split in X)
     y_XMC = jax.vmap(local_experts)(padded_rows(x_NC, lay), lay.counts_Xe, *w_X)
-    return gated_sum(rows_back(y_XMC, lay), lay, top_gates_NK), jnp.sum(~lay.kept_A).astype(f32)
+    return (gated_sum(rows_back(y_XMC, lay), lay.kept_A, top_gates_NK),
+            jnp.sum(~lay.kept_A).astype(f32))
 
 
 RECEIVED_SCOPE = "received_rows"
@@ -278,7 +272,7 @@ def exchanged_dispatch(x_NC, top_idx_NK, top_gates_NK, w_local, S: int, cap: int
         y_XMC = jax.vmap(local_experts, in_axes=(0, 0) + (None,) * 4)(recv_XMC, counts_Xe,
                                                                        *w_local)
     y_AC = return_rows(y_XMC, lay, cap, ragged)
-    return gated_sum(y_AC, lay, top_gates_NK), jnp.sum(~lay.kept_A).astype(f32)
+    return gated_sum(y_AC, lay.kept_A, top_gates_NK), jnp.sum(~lay.kept_A).astype(f32)
 
 
 def ragged_exchange(mesh) -> bool:

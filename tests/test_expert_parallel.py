@@ -21,7 +21,7 @@ import pytest
 
 from nanomoe.config import MoeGPTConfig
 from nanomoe_jax.expert_parallel import device_capacity, expert_parallel_dispatch, send_layout
-from nanomoe_jax.expert_mlps import shared_experts
+from nanomoe_jax.expert_mlps import gated_sum, shared_experts
 from nanomoe_jax.moe import capacity_dispatch, route
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +49,48 @@ def test_dropless_equals_single_device_capacity(groups):
     want = want + capacity_dispatch(x_NC, r, [a[S:] for a in w], c.capacity(40))[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert float(dropped) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gated_sum_keeps_rows_in_their_dtype_and_matches_autodiff(dtype):
+    """The gated sum's own VJP (y kept in its dtype, the drop mask per row) against autodiff
+    of the plain formula; dropped rows hold huge values and must not reach any gradient."""
+    N, K, C = 24, 3, 16
+    ks = jax.random.split(jax.random.key(3), 4)
+    y_AC = jax.random.normal(ks[0], (N * K, C)).astype(dtype)
+    kept_A = jax.random.uniform(ks[1], (N * K,)) < 0.7
+    y_AC = jnp.where(kept_A[:, None], y_AC, jnp.asarray(3e38, dtype))   # garbage where dropped
+    gates_NK = jax.random.uniform(ks[2], (N, K))
+    dout_NC = jax.random.normal(ks[3], (N, C))
+
+    def plain(y, g):
+        y32 = jnp.where(kept_A[:, None], y.astype(jnp.float32), 0.0).reshape(N, K, C)
+        return jnp.einsum("nk,nkc->nc", g, y32)
+
+    def loss(f):
+        return lambda y, g: jnp.sum(f(y, g) * dout_NC)
+
+    got = jax.grad(loss(lambda y, g: gated_sum(y, kept_A, g)), argnums=(0, 1))(y_AC, gates_NK)
+    want = jax.grad(loss(plain), argnums=(0, 1))(y_AC, gates_NK)
+    np.testing.assert_array_equal(gated_sum(y_AC, kept_A, gates_NK), plain(y_AC, gates_NK))
+    assert got[0].dtype == dtype and bool(jnp.all(jnp.isfinite(got[1])))
+    np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(got[1]).max()) > 0 and bool(jnp.all(got[0][~kept_A] == 0))
+
+
+def test_gated_sum_saves_the_rows_once_in_their_dtype(capsys):
+    """What the backward keeps: the rows as they came (bf16) and a mask per row, not an fp32
+    copy of the rows and a mask as wide as a row (autodiff of the plain formula keeps both)."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    y_AC, kept_A = jnp.ones((72, 16), jnp.bfloat16), jnp.ones((72,), bool)
+    print_saved_residuals(lambda y, g: gated_sum(y, kept_A, g), y_AC, jnp.ones((24, 3)))
+    saved = capsys.readouterr().out
+    assert "bf16[72,16]" in saved and "bool[72]" in saved, saved
+    assert "f32[72,16]" not in saved and "f32[24,3,16]" not in saved, saved
+    assert "bool[72,16]" not in saved, saved
 
 
 def test_capacity_keeps_earlier_tokens_per_device():

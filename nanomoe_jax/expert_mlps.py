@@ -36,10 +36,13 @@ def shared_experts(x_NC, gates_NS, w) -> jax.Array:
 @jax.custom_vjp
 def gated_sum(y_AC, kept_A, top_gates_NK):
     """The routed experts' outputs of each token (``y_AC``: the compute dtype, assignment
-    order), the dropped ones left out, gated in fp32."""
+    order), gated in fp32; a dropped assignment's gate is 0 (its row must be finite: the
+    exchange leaves it zero or another row's copy)."""
     N, K = top_gates_NK.shape
-    y_AC = jnp.where(kept_A[:, None], y_AC.astype(f32), 0.0)
-    return jnp.einsum("nk,nkc->nc", top_gates_NK, y_AC.reshape(N, K, -1))
+    # the mask on the (N, K) gates, not on the rows: a select on the rows made XLA keep an
+    # fp32 (N K, C) array of zeros for it (read once a layer)
+    g_NK = jnp.where(kept_A.reshape(N, K), top_gates_NK, 0.0)
+    return jnp.einsum("nk,nkc->nc", g_NK, y_AC.astype(f32).reshape(N, K, -1))
 
 
 def _gated_fwd(y_AC, kept_A, top_gates_NK):

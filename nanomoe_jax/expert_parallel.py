@@ -247,11 +247,10 @@ def received_experts(recv_XMC, counts_Xe, w_local):
     filled_R = lid_R < e
     expert_R1 = jnp.where(filled_R, lid_R, 0)[:, None].astype(jnp.int32)
     gates_R1 = filled_R[:, None].astype(f32)
-    gates_Re = jax.nn.one_hot(lid_R, e, dtype=f32)                         # 0 on empty slots
     s = sort_assignments(lid_R[:, None], e + 1)                            # empty slots last
     s = s._replace(counts_R=s.counts_R[:e])
     with jax.named_scope(RECEIVED_SCOPE):  # the plan charges these kernels their rows
-        y_RC = experts(recv_XMC.reshape(X * M, C), gates_R1, expert_R1, gates_Re, s, w_local,
+        y_RC = experts(recv_XMC.reshape(X * M, C), gates_R1, expert_R1, s, w_local,
                        past_groups=True)
     return y_RC.astype(recv_XMC.dtype).reshape(X, M, C)
 

@@ -204,7 +204,8 @@ def gather_wgrad(a, b, idx_P, counts_G, gathered: str, colsum=False, use_kernel=
                  scale_P=None):
     """(G, M, N) fp32: per group, ``a_rows^T b_rows`` where ``gathered`` ("a" or "b") is a
     table read at ``idx_P`` and the other is (P, .) in the sorted order; 0 for an empty group.
-    ``colsum``: also the (G, M) sums of a's rows (a bias's gradient). ``scale_P``: an fp32
+    ``colsum``: also the (G, M) sums of a's rows, each times its scale when ``scale_P`` is
+    given (a bias's gradient: b1's, or b2's from the gated rows). ``scale_P``: an fp32
     scale per row for the sorted (not gathered) operand, applied as its rows are loaded (the
     gates on h for W2's gradient: no gated copy of h is written first)."""
     P, G = idx_P.shape[0], counts_G.shape[0]
@@ -221,7 +222,8 @@ def gather_wgrad(a, b, idx_P, counts_G, gathered: str, colsum=False, use_kernel=
         out = jax.lax.ragged_dot_general(a_PM, b_PN, counts_G, nums,
                                          precision=matmul_precision(a.dtype),
                                          preferred_element_type=f32)
-        sums = jax.ops.segment_sum(a_PM.astype(f32), _row_groups(counts_G, P), G)
+        a_sum = a_PM.astype(f32) * (scale_P[:, None] if scaled and gathered == "a" else 1.0)
+        sums = jax.ops.segment_sum(a_sum, _row_groups(counts_G, P), G)
         return (out, sums) if colsum else out
     lo_G, hi_G = _bounds(counts_G)
     idx = jnp.concatenate([idx_P.astype(jnp.int32), jnp.zeros(WR, jnp.int32)])
@@ -258,10 +260,12 @@ def _wgrad_kernel(a_ref, b_ref, idx_ref, *refs, gathered, scaled, precision):
         ra, rb = (src if gathered == "a" else rows), (src if gathered == "b" else rows)
         x = plgpu.load(a_ref.at[ra[:, None], cols_a[None, :]], mask=real, other=0)
         y = plgpu.load(b_ref.at[rb[:, None], cols_b[None, :]], mask=real, other=0)
-        if scaled:  # the sorted operand's rows, times their scale
+        xs = x.astype(f32)
+        if scaled:  # the sorted operand's rows, times their scale; a's sums scaled too
             scale = plgpu.load(scale_ref.at[pl.ds(lo + t * WR, WR)])
             x, y = (x, _scaled(y, scale)) if gathered == "a" else (_scaled(x, scale), y)
-        return acc + plgpu.dot(x.T, y, precision=precision), s + jnp.sum(x.astype(f32), axis=0)
+            xs = xs * scale[:, None] if gathered == "a" else x.astype(f32)
+        return acc + plgpu.dot(x.T, y, precision=precision), s + jnp.sum(xs, axis=0)
 
     steps = pl.cdiv(hi - lo, WR)  # 0 for an empty group: its gradient is 0
     acc, s = jax.lax.fori_loop(0, steps, body, (jnp.zeros((WM, WN), f32), jnp.zeros(WM, f32)))

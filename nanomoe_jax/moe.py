@@ -216,4 +216,4 @@ def tokamax_dispatch(x_NC, r: Routing, params, S: int) -> jax.Array:
                                                   (N, S)), r.top_idx_NK + S], axis=1)
     gates_Nj = jnp.concatenate([r.gates_NE[:, :S], r.top_gates_NK], axis=1)
     s = sort_assignments(expert_Nj, params[0].shape[0])
-    return experts(x_NC, gates_Nj, expert_Nj, r.gates_NE, s, params)
+    return experts(x_NC, gates_Nj, expert_Nj, s, params)

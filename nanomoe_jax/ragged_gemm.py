@@ -132,13 +132,12 @@ def _kernels() -> bool:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def expert_sum(past_groups, x_NC, gates_Nj, expert_Nj, gates_NE, src_P, pos_Nj, counts_E,
-               w1_EHC, b1_EH, w2_ECH, b2_EC):
+def expert_sum(past_groups, x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, w1_EHC, b1_EH,
+               w2_ECH, b2_EC):
     """``out[n] = sum_j gates[n, j] (relu(x[n] W1_e^T + b1_e)^2 W2_e^T + b2_e)``, e =
     ``expert[n, j]``, in fp32 (the original weights the experts' outputs in fp32), on the
     padded sorted rows (``src_P``: each row's assignment, token-major, -1 on pads;
-    ``pos_Nj``: each assignment's row; ``counts_E``: rows per expert). ``gates_NE``: the
-    gates as a (token, expert) matrix, for b2's gradient. Weights are the layer's own
+    ``pos_Nj``: each assignment's row; ``counts_E``: rows per expert). Weights are the layer's own
     parameters, cast here: the backward keeps them (a layer scan does not stack them), not a
     bf16 copy."""
     return _forward(past_groups, x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, w1_EHC,
@@ -159,15 +158,15 @@ def _forward(past_groups, x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, w1
     return jnp.einsum("nj,njc->nc", gates_Nj, y_NjC), h_PH
 
 
-def _fwd(past_groups, x_NC, gates_Nj, expert_Nj, gates_NE, src_P, pos_Nj, counts_E, *w):
+def _fwd(past_groups, x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, *w):
     out, h_PH = _forward(past_groups, x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, *w)
     # h only: not relu's input (relu(v) = sqrt(h), so relu^2' = 2 sqrt(h)), nor the experts'
     # outputs (the gates' gradient is <dout W2, h> + <dout, b2>, see _bwd)
-    return out, (x_NC, gates_Nj, expert_Nj, gates_NE, src_P, pos_Nj, counts_E, h_PH, *w)
+    return out, (x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, h_PH, *w)
 
 
 def _bwd(past_groups, res, dout_NC):
-    x_NC, gates_Nj, expert_Nj, gates_NE, src_P, pos_Nj, counts_E, h_PH, *w = res
+    x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, h_PH, *w = res
     w1_EHC, b1_EH, w2_ECH, b2_EC = w
     dt, j = x_NC.dtype, pos_Nj.shape[1]
     kernels = _kernels()
@@ -195,22 +194,20 @@ def _bwd(past_groups, res, dout_NC):
     # the parameters' layouts; b1's gradient as the column sums of dv, in the same kernel
     dw1_EHC, db1_EH = gather_wgrad(dv_PH, x_NC, tok_P, counts_E, "b", colsum=True,
                                    use_kernel=kernels)
-    dw2_ECH = gather_wgrad(dout_lo, h_PH, tok_P, counts_E, "a", use_kernel=kernels,
-                           scale_P=gate_P)                          # gated h, on load
-    db2_EC = jnp.einsum("ne,nc->ec", gates_NE.astype(dt), dout_lo, precision=hi,
-                        preferred_element_type=f32)
-    return (dx_NC, dgates_Nj, None, None, None, None, None, dw1_EHC.astype(w1_EHC.dtype),
+    # gated h on load; b2's gradient as the gated column sums of the output gradient's rows
+    # (an (N, E) x (N, C) matmul over every row before: on an expert mesh XLA padded the rows)
+    dw2_ECH, db2_EC = gather_wgrad(dout_lo, h_PH, tok_P, counts_E, "a", colsum=True,
+                                   use_kernel=kernels, scale_P=gate_P)
+    return (dx_NC, dgates_Nj, None, None, None, None, dw1_EHC.astype(w1_EHC.dtype),
             db1_EH.astype(b1_EH.dtype), dw2_ECH.astype(w2_ECH.dtype), db2_EC.astype(b2_EC.dtype))
 
 
 expert_sum.defvjp(_fwd, _bwd)
 
 
-def experts(x_NC, gates_Nj, expert_Nj, gates_NE, s, params, past_groups: bool = False
-            ) -> jax.Array:
+def experts(x_NC, gates_Nj, expert_Nj, s, params, past_groups: bool = False) -> jax.Array:
     """The experts' gated sum per token (fp32), nothing dropped, for the (N, j) assignments
-    ``expert_Nj`` with gates ``gates_Nj`` (``gates_NE``: the same as a (token, expert)
-    matrix); ``s``: the assignments sorted by expert (``grouped.sort_assignments``); ``params``:
+    ``expert_Nj`` with gates ``gates_Nj``; ``s``: the assignments sorted by expert (``grouped.sort_assignments``); ``params``:
     the stacked (fc_weight, fc_bias, proj_weight, proj_bias) of the E experts;
     ``past_groups``: ``s.counts_R`` leaves some assignments in no group (skipped, read 0)."""
     N, j = expert_Nj.shape
@@ -218,5 +215,4 @@ def experts(x_NC, gates_Nj, expert_Nj, gates_NE, s, params, past_groups: bool = 
     src_P = jnp.concatenate([s.order_A.astype(i32), jnp.full((PAD,), -1, i32)])
     counts_E = s.counts_R
     pos_Nj = s.rank_A.reshape(N, j)
-    return expert_sum(past_groups, x_NC, gates_Nj, expert_Nj, gates_NE, src_P, pos_Nj,
-                      counts_E, *params)
+    return expert_sum(past_groups, x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, *params)

@@ -78,11 +78,22 @@ def test_gather_wgrad_scales_the_sorted_rows_as_it_loads_them(interpreted, gathe
     copied = list(args)
     copied[dense] = (args[dense].astype(jnp.float32) * scale[:, None]).astype(jnp.bfloat16)
     want = gg.gather_wgrad(*copied, idx, COUNTS, gathered)
-    got_xla = gg.gather_wgrad(*args, idx, COUNTS, gathered, scale_P=scale)
-    got = gg.gather_wgrad(*args, idx, COUNTS, gathered, scale_P=scale, use_kernel=True)
+    got_xla, sums_xla = gg.gather_wgrad(*args, idx, COUNTS, gathered, colsum=True, scale_P=scale)
+    got, sums = gg.gather_wgrad(*args, idx, COUNTS, gathered, colsum=True, scale_P=scale,
+                                use_kernel=True)
     assert float(jnp.abs(want).max()) > 1.0
     np.testing.assert_array_equal(got_xla, want)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    # a's sums, each row times its scale (b2's gradient: the gated output-gradient rows); a
+    # sorted a is summed as the GEMM reads it, rounded after scaling
+    a_P = (args[0][idx] if gathered == "a" else copied[0]).astype(jnp.float32)
+    a_P = a_P * scale[:, None] if gathered == "a" else a_P
+    lo = 0
+    for g, c in enumerate(np.asarray(COUNTS)):
+        np.testing.assert_allclose(sums_xla[g], a_P[lo:lo + c].sum(0), rtol=1e-5, atol=1e-4)
+        lo += c
+    assert float(jnp.abs(sums_xla).max()) > 1.0
+    np.testing.assert_allclose(sums, sums_xla, rtol=1e-5, atol=1e-4)
 
 
 def test_relu2_grad_epilogue_equals_the_gemm_then_the_elementwise_tail(interpreted):

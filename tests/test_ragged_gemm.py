@@ -39,10 +39,8 @@ def reference(x_NC, gates_NK, top_idx_NK, params, S):
 
 
 def routed(x_NC, gates_NK, top_idx_NK, params, S):
-    N, R = x_NC.shape[0], params[0].shape[0] - S
-    s = sort_assignments(top_idx_NK, R)
-    gates_NR = jnp.zeros((N, R)).at[jnp.arange(N)[:, None], top_idx_NK].set(gates_NK)
-    return ragged_gemm.experts(x_NC, gates_NK, top_idx_NK, gates_NR, s, [p[S:] for p in params])
+    s = sort_assignments(top_idx_NK, params[0].shape[0] - S)
+    return ragged_gemm.experts(x_NC, gates_NK, top_idx_NK, s, [p[S:] for p in params])
 
 
 def value_and_grads(fn, x, gates, top_idx, params, S, dtype=jnp.float32):
@@ -173,8 +171,7 @@ def test_assignments_past_every_group_are_skipped_and_read_zero(kernels, monkeyp
     def past_groups(x, g, idx, params, S):
         s = sort_assignments(key_NK, R + 1)
         s = s._replace(counts_R=s.counts_R[:R])
-        g_NR = jnp.zeros((N, R)).at[jnp.arange(N)[:, None], idx].add(jnp.where(empty_NK, 0, g))
-        return ragged_gemm.experts(x, g, idx, g_NR, s, [p[S:] for p in params],
+        return ragged_gemm.experts(x, g, idx, s, [p[S:] for p in params],
                                    past_groups=True)
 
     v, g = value_and_grads(past_groups, x, gates_NK, expert_NK, params, S)

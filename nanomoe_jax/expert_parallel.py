@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from .activations import relu_squared
-from .grouped import pick_tile, sort_assignments, tile_layout, tiled_matmul
+from .grouped import permuted_rows, pick_tile, sort_assignments, tile_layout, tiled_matmul
 from .expert_mlps import gated_sum, shared_experts
 from .ragged_gemm import experts
 
@@ -216,7 +216,8 @@ def return_rows(y_XMC, lay: SendLayout, cap: int, ragged: bool):
         y_XMC.reshape(X * cap, C), jnp.zeros((A, C), y_XMC.dtype),
         jnp.arange(X, dtype=jnp.int32) * cap, _all_to_all(lay.sizes_X),
         _all_to_all(lay.starts_X), lay.sizes_X, axis_name=AXIS)
-    return back_AC[lay.starts_X[lay.dev_A] + lay.slot_A]
+    # each assignment's place in the sorted order: order_A's inverse
+    return permuted_rows(back_AC, lay.starts_X[lay.dev_A] + lay.slot_A, lay.order_A)
 
 
 def routed_dispatch(x_NC, top_idx_NK, top_gates_NK, w, S: int, X: int, cap: int):

@@ -110,3 +110,22 @@ def sort_assignments(top_idx_NK: jax.Array, n_routed: int) -> SortedAssignments:
     starts_R = jnp.cumsum(counts_R) - counts_R
     return SortedAssignments(expert_A, order_A // K, expert_A[order_A], rank_A, counts_R, starts_R,
                              order_A)
+
+
+@jax.custom_vjp
+def permuted_rows(rows_PC: jax.Array, pos_A: jax.Array, order_A: jax.Array) -> jax.Array:
+    """``rows[pos]`` where ``pos`` and ``order`` are inverse permutations (each row read
+    once): the gradient is then the gather ``g[order]``, not a gather's transpose (a
+    scatter-add into a zeroed array, which cannot know that no row is hit twice)."""
+    return rows_PC[pos_A]
+
+
+def _perm_fwd(rows_PC, pos_A, order_A):
+    return rows_PC[pos_A], order_A
+
+
+def _perm_bwd(order_A, g_AC):
+    return g_AC[order_A], None, None
+
+
+permuted_rows.defvjp(_perm_fwd, _perm_bwd)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from nanomoe import MoeGPTConfig
-from nanomoe_jax.grouped import padded_rows, pick_tile, tile_layout
+from nanomoe_jax.grouped import padded_rows, permuted_rows, pick_tile, tile_layout
 from nanomoe_jax.expert_mlps import shared_experts
 from nanomoe_jax.moe import (grouped_dispatch, ragged_dispatch, route, sort_assignments,
                              tokamax_dispatch)
@@ -144,3 +144,23 @@ def test_tokamax_in_bf16_within_its_rounding():
                          for t in ((got, g_got), (want, g_want), (base, g_base)))):
         assert np.linalg.norm(a - b) <= 5e-2 * np.linalg.norm(b)
         assert np.abs(a - b).max() <= 2 * np.abs(c - b).max() + 1e-3 * np.abs(b).max()
+
+
+def test_permuted_rows_gradient_is_a_gather():
+    """Rows put back in assignment order by an inverse pair of permutations: the forward is
+    the plain gather, and the gradient is the same as the gather's transpose, computed as a
+    gather (no scatter in the backward program)."""
+    order_A = jax.random.permutation(jax.random.key(0), 40)
+    pos_A = jnp.zeros(40, jnp.int32).at[order_A].set(jnp.arange(40, dtype=jnp.int32))
+    rows = jax.random.normal(jax.random.key(1), (40, 8))
+    g = jax.random.normal(jax.random.key(2), (40, 8))
+
+    def loss(f):
+        return lambda r: jnp.sum(f(r) * g)
+
+    np.testing.assert_array_equal(permuted_rows(rows, pos_A, order_A), rows[pos_A])
+    got = jax.grad(loss(lambda r: permuted_rows(r, pos_A, order_A)))(rows)
+    np.testing.assert_array_equal(got, jax.grad(loss(lambda r: r[pos_A]))(rows))
+    hlo = jax.jit(jax.grad(loss(lambda r: permuted_rows(r, pos_A, order_A)))).lower(
+        rows).as_text()
+    assert "scatter" not in hlo and "gather" in hlo

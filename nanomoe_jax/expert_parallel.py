@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from .activations import relu_squared
 from .grouped import permuted_rows, pick_tile, sort_assignments, tile_layout, tiled_matmul
 from .expert_mlps import gated_sum, shared_experts
-from .ragged_gemm import experts
+from .ragged_gemm import experts, shared_experts_grouped
 
 f32 = jnp.float32
 # A device pools the loads of its r routed experts; their sum varies about sqrt(r) times less
@@ -295,7 +295,8 @@ def expert_parallel_dispatch(x_NC, r, w, c, mesh=None, groups: int | None = None
         y_NC = shared_experts(x_NC, r.gates_NE[:, :S], shared_weights(w, S))
         y_r, dropped = routed_dispatch(x_NC, r.top_idx_NK, r.top_gates_NK, w, S, X, cap)
     else:
-        y_NC = shared_experts(x_NC, r.gates_NE[:, :S], local_shared_weights(w, S))
+        shared = shared_experts_grouped if grouped else shared_experts
+        y_NC = shared(x_NC, r.gates_NE[:, :S], local_shared_weights(w, S))
         y_r, dropped = exchanged_dispatch(x_NC, r.top_idx_NK, r.top_gates_NK, w, S, cap,
                                           ragged_exchange(mesh), grouped)
     return y_NC + y_r, dropped

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from .gather_gemm import (gather_dot, gather_dot_relu2_grad, gather_wgrad, matmul_precision,
                           relu2_grad_rows)
+from .grouped import sort_assignments
 
 f32 = jnp.float32
 PAD = 128  # >= the largest row block tokamax's Triton ragged dot uses (block_k <= 128)
@@ -216,3 +217,14 @@ def experts(x_NC, gates_Nj, expert_Nj, s, params, past_groups: bool = False) -> 
     counts_E = s.counts_R
     pos_Nj = s.rank_A.reshape(N, j)
     return expert_sum(past_groups, x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, *params)
+
+
+def shared_experts_grouped(x_NC, gates_NS, params) -> jax.Array:
+    """The S shared experts (each on every token, gated) through the same kernels, from their
+    own (S, ...) weights: the backward keeps h alone, where the XLA MLP kept three (N, S H)
+    arrays a layer (an expert mesh's shared experts; one GPU sorts them with the routed)."""
+    N, S = gates_NS.shape
+    if S == 0:
+        return jnp.zeros(x_NC.shape, f32)
+    expert_NS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (N, S))
+    return experts(x_NC, gates_NS, expert_NS, sort_assignments(expert_NS, S), params)

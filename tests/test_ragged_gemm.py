@@ -10,6 +10,7 @@ import pytest
 tokamax = pytest.importorskip("tokamax")
 
 from nanomoe_jax import ragged_gemm  # noqa: E402
+from nanomoe_jax.expert_mlps import shared_experts  # noqa: E402
 from nanomoe_jax.moe import sort_assignments  # noqa: E402
 
 
@@ -182,3 +183,22 @@ def test_assignments_past_every_group_are_skipped_and_read_zero(kernels, monkeyp
     assert_close((g[0], g[2]), (g_ref[0], g_ref[2]), 1e-5)
     assert bool(jnp.isfinite(g[1]).all())
     assert_close(jnp.where(empty_NK, 0, g[1]), jnp.where(empty_NK, 0, g_ref[1]), 1e-5)
+
+
+@pytest.mark.parametrize("S", [0, 2])
+def test_shared_experts_through_the_kernels_match_the_dense_mlp(S):
+    """An expert mesh's shared experts through the grouped GEMMs: the XLA MLP's numbers,
+    forward and gradients (x, gates, every parameter), fp32."""
+    x, _, _, params, _ = case(S=max(S, 1))
+    params = [p[:S] for p in params]
+    gates_NS = jax.random.uniform(jax.random.key(4), (x.shape[0], S), minval=0.1, maxval=1.0)
+    fns = {"kernels": ragged_gemm.shared_experts_grouped, "mlp": shared_experts}
+    vg = {}
+    for name, fn in fns.items():
+        def loss(x, g, p, fn=fn):
+            return jnp.sum(jnp.sin(fn(x, g, p)))
+        vg[name] = jax.value_and_grad(loss, argnums=(0, 1, 2))(x, gates_NS, params)
+    np.testing.assert_allclose(vg["kernels"][0], vg["mlp"][0], rtol=1e-5, atol=1e-5)
+    if S:
+        assert float(jnp.abs(vg["mlp"][1][0]).max()) > 0
+        assert_close(vg["kernels"][1], vg["mlp"][1], 1e-5)

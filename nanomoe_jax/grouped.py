@@ -112,6 +112,19 @@ def sort_assignments(top_idx_NK: jax.Array, n_routed: int) -> SortedAssignments:
                              order_A)
 
 
+
+def every_token_assignments(N: int, S: int) -> SortedAssignments:
+    """What :func:`sort_assignments` gives when each of N tokens uses all S experts (the
+    shared ones): known from the shapes, so the step sorts nothing."""
+    i32 = jnp.int32
+    e_SN = jnp.broadcast_to(jnp.arange(S, dtype=i32)[:, None], (S, N))
+    n_SN = jnp.broadcast_to(jnp.arange(N, dtype=i32)[None, :], (S, N))
+    order_A = (n_SN * S + e_SN).reshape(-1)            # expert by expert, tokens in order
+    rank_A = (e_SN * N + n_SN).T.reshape(-1)           # token-major
+    counts_R = jnp.full((S,), N, i32)
+    return SortedAssignments(e_SN.T.reshape(-1), n_SN.reshape(-1), e_SN.reshape(-1), rank_A,
+                             counts_R, jnp.arange(S, dtype=i32) * N, order_A)
+
 @jax.custom_vjp
 def permuted_rows(rows_PC: jax.Array, pos_A: jax.Array, order_A: jax.Array) -> jax.Array:
     """``rows[pos]`` where ``pos`` and ``order`` are inverse permutations (each row read

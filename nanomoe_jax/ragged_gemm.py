@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from .gather_gemm import (gather_dot, gather_dot_relu2_grad, gather_wgrad, matmul_precision,
                           relu2_grad_rows)
-from .grouped import sort_assignments
+from .grouped import every_token_assignments
 
 f32 = jnp.float32
 PAD = 128  # >= the largest row block tokamax's Triton ragged dot uses (block_k <= 128)
@@ -138,9 +138,9 @@ def expert_sum(past_groups, x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, 
     """``out[n] = sum_j gates[n, j] (relu(x[n] W1_e^T + b1_e)^2 W2_e^T + b2_e)``, e =
     ``expert[n, j]``, in fp32 (the original weights the experts' outputs in fp32), on the
     padded sorted rows (``src_P``: each row's assignment, token-major, -1 on pads;
-    ``pos_Nj``: each assignment's row; ``counts_E``: rows per expert). Weights are the layer's own
-    parameters, cast here: the backward keeps them (a layer scan does not stack them), not a
-    bf16 copy."""
+    ``pos_Nj``: each assignment's row; ``counts_E``: rows per expert). Weights are the
+    layer's own parameters, cast here: the backward keeps them (a layer scan does not stack
+    them), not a bf16 copy."""
     return _forward(past_groups, x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, w1_EHC,
                     b1_EH, w2_ECH, b2_EC)[0]
 
@@ -208,9 +208,10 @@ expert_sum.defvjp(_fwd, _bwd)
 
 def experts(x_NC, gates_Nj, expert_Nj, s, params, past_groups: bool = False) -> jax.Array:
     """The experts' gated sum per token (fp32), nothing dropped, for the (N, j) assignments
-    ``expert_Nj`` with gates ``gates_Nj``; ``s``: the assignments sorted by expert (``grouped.sort_assignments``); ``params``:
-    the stacked (fc_weight, fc_bias, proj_weight, proj_bias) of the E experts;
-    ``past_groups``: ``s.counts_R`` leaves some assignments in no group (skipped, read 0)."""
+    ``expert_Nj`` with gates ``gates_Nj``; ``s``: the assignments sorted by expert
+    (``grouped.sort_assignments``); ``params``: the stacked (fc_weight, fc_bias,
+    proj_weight, proj_bias) of the E experts; ``past_groups``: ``s.counts_R`` leaves some
+    assignments in no group (skipped, read 0)."""
     N, j = expert_Nj.shape
     i32 = jnp.int32
     src_P = jnp.concatenate([s.order_A.astype(i32), jnp.full((PAD,), -1, i32)])
@@ -227,4 +228,4 @@ def shared_experts_grouped(x_NC, gates_NS, params) -> jax.Array:
     if S == 0:
         return jnp.zeros(x_NC.shape, f32)
     expert_NS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (N, S))
-    return experts(x_NC, gates_NS, expert_NS, sort_assignments(expert_NS, S), params)
+    return experts(x_NC, gates_NS, expert_NS, every_token_assignments(N, S), params)

@@ -54,7 +54,8 @@ def test_dropless_equals_single_device_capacity(groups):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_gated_sum_keeps_rows_in_their_dtype_and_matches_autodiff(dtype):
     """The gated sum's own VJP (y kept in its dtype, the drop mask per row) against autodiff
-    of the plain formula; dropped rows hold huge (finite) values that must reach neither output nor gradients."""
+    of the plain formula; dropped rows hold huge (finite) values that must reach neither the
+    output nor a gradient."""
     N, K, C = 24, 3, 16
     ks = jax.random.split(jax.random.key(3), 4)
     y_AC = jax.random.normal(ks[0], (N * K, C)).astype(dtype)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from nanomoe import MoeGPTConfig
-from nanomoe_jax.grouped import padded_rows, permuted_rows, pick_tile, tile_layout
+from nanomoe_jax.grouped import (every_token_assignments, padded_rows, permuted_rows, pick_tile,
+                                 tile_layout)
 from nanomoe_jax.expert_mlps import shared_experts
 from nanomoe_jax.moe import (grouped_dispatch, ragged_dispatch, route, sort_assignments,
                              tokamax_dispatch)
@@ -164,3 +165,12 @@ def test_permuted_rows_gradient_is_a_gather():
     hlo = jax.jit(jax.grad(loss(lambda r: permuted_rows(r, pos_A, order_A)))).lower(
         rows).as_text()
     assert "scatter" not in hlo and "gather" in hlo
+
+
+@pytest.mark.parametrize("N,S", [(7, 1), (9, 4)])
+def test_every_token_assignments_are_the_sort_of_the_shared_experts(N, S):
+    """The shared experts' sorted layout built from the shapes equals sorting them."""
+    want = sort_assignments(jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (N, S)), S)
+    got = every_token_assignments(N, S)
+    for name, a, b in zip(want._fields, got, want):
+        np.testing.assert_array_equal(a, b, err_msg=name)

@@ -22,6 +22,9 @@ What it picks, and why:
   ``ragged_gemm.py``) for MoeGPT on NVIDIA GPUs >= sm_80 without an expert mesh when tokamax
   imports and takes the shapes; ``"grouped"`` on other GPUs or when it refuses, with a note
   (:func:`execution_notes`, printed once by ``train.py``); the config's otherwise.
+  ``shared_dense``: with ``"tokamax"`` on one device, the shared experts as one dense MLP
+  where the grouped GEMMs are bandwidth-bound (Hopper at MoeGPT-64's sizes,
+  :func:`shared_dense_pays`).
 * ``remat="none"``, ``loss_chunk_tokens=8192``: the step fits the original's configs on a
   24 GB card with flash attention, so no recomputation is bought; nGPT on an accelerator
   takes ``remat="dots"`` where it scans its layers (:func:`default_remat`).
@@ -153,6 +156,25 @@ def _moe_choice(device: Any, config: Any, given: dict,
                        f"tile) instead of tokamax's grouped GEMM: {refusal}")
 
 
+# dense bf16 FLOPs per byte of HBM where Hopper turns compute-bound (datasheets; its lowest
+# part, the H200: 989 TFLOP/s / 4.8 TB/s)
+HOPPER_RIDGE = 200
+
+
+def shared_dense_pays(device: Any, config: Any) -> bool:
+    """The tokamax dispatch's shared experts as one dense MLP (``shared_gemm.py``) where its
+    grouped GEMMs are bandwidth-bound: a row of width C in and H out is C H / (C + H) FLOPs a
+    byte, under Hopper's ridge for MoeGPT-64 (C 512, H 256: 171), where the H100 plan goes
+    17.5 -> 17.0 ms a micro-batch. Elsewhere the split kernels planned 0.6-1 % slower (the
+    4090, ridge 164; MoeGPT's H = 2048, 410: benchmarks/NOTES.md), so the groups stay."""
+    cc = compute_capability(device)
+    S = getattr(config, "n_shared", 0)
+    if not S or cc is None or cc < (9, 0):
+        return False
+    C, H = config.n_embd, config.expert_hidden
+    return C * H / (C + H) < HOPPER_RIDGE
+
+
 def moe_dispatch(device: Any, config: Any, given: dict) -> str | None:
     """The MoE back end :func:`execution_options` picks (see :func:`_moe_choice`)."""
     dtype = given.get("dtype") or default_compute_dtype(device)
@@ -201,6 +223,10 @@ def execution_options(device: Any, config: Any = None, mesh_devices: int = 1,
                   row_groups=CPU_ROW_GROUPS if cpu else 1)
     chosen.update(given)
     chosen["moe_dispatch"] = _moe_choice(device, config, given, dtype)[0]
+    if "shared_dense" not in given:
+        chosen["shared_dense"] = (chosen["moe_dispatch"] == "tokamax"
+                                  and chosen.get("expert_mesh") is None
+                                  and shared_dense_pays(device, config))
     return Options(**chosen)
 
 
@@ -210,6 +236,7 @@ def describe(opts: Options) -> str:
             f"remat={opts.remat} scan_layers={opts.scan_layers} "
             f"loss_chunk_tokens={opts.loss_chunk_tokens}"
             + (f" moe_dispatch={opts.moe_dispatch}" if opts.moe_dispatch else "")
+            + (" shared_dense=True" if opts.shared_dense else "")
             + (f" row_groups={opts.row_groups}" if opts.row_groups > 1 else ""))
 
 

@@ -140,20 +140,25 @@ def gather_dot_relu2_grad(x_NI, idx_P, w, counts_G, h_PN, gate_P, use_kernel=Fal
     x[idx[p]] @ w[g(p)]`` (fp32 accumulator), then ``dv = gate * d * 2 sqrt(h)`` in h's dtype
     (relu^2's gradient through h = relu(u)^2, gated) and ``dg = sum(d * h)`` per row (the
     gate's gradient, before its bias term). The accumulator never leaves the kernel: no (P, N)
-    array of d is written and read back. ``dg`` comes as (N // BN, P) column-block partial
-    sums on the kernel path; :func:`relu2_grad_rows` sums them."""
+    array of d is written and read back. ``gate_P``: a gate per row, or (P, S) a gate per row
+    and per run of N / S columns (S experts side by side; ``dg`` then per expert). ``dg``
+    comes as column-block partial sums on the kernel path; :func:`relu2_grad_rows` sums them."""
     K, G, P, N = x_NI.shape[1], w.shape[0], idx_P.shape[0], w.shape[2]
-    gate_P = gate_P.astype(f32)
+    gate_PS = (gate_P[:, None] if gate_P.ndim == 1 else gate_P).astype(f32)
+    S = gate_PS.shape[1]
     if not use_kernel:
         d = jax.lax.ragged_dot(x_NI[idx_P], w.astype(x_NI.dtype), counts_G,
                                precision=matmul_precision(x_NI.dtype), preferred_element_type=f32)
         h = h_PN.astype(f32)
-        return (gate_P[:, None] * d * 2.0 * jnp.sqrt(h)).astype(h_PN.dtype), jnp.sum(d * h, 1)[None]
-    if K % BK or N % BN:
-        raise ValueError(f"gather_dot's kernel needs K % {BK} == N % {BN} == 0, not {K}, {N}")
+        dv = jnp.repeat(gate_PS, N // S, axis=1) * d * 2.0 * jnp.sqrt(h)
+        return dv.astype(h_PN.dtype), jnp.sum((d * h).reshape(P, S, -1), -1).T
+    if K % BK or N % (BN * S):
+        raise ValueError(f"gather_dot's kernel needs K % {BK} == N % ({BN} S) == 0, not {K}, "
+                         f"{N} (S = {S})")
     lo_G, hi_G = _bounds(counts_G)
     idx = jnp.concatenate([idx_P.astype(jnp.int32), jnp.zeros(BM, jnp.int32)])
-    gate = jnp.concatenate([gate_P, jnp.zeros(BM, f32)])
+    gate = jnp.concatenate([gate_PS, jnp.zeros((BM, S), f32)]).T          # (S, P + BM)
+    per_gate = N // S // BN  # column blocks per gate
     item = jnp.dtype(x_NI.dtype).itemsize
     kernel = functools.partial(_relu2_grad_kernel, precision=matmul_precision(x_NI.dtype))
     return pl.pallas_call(
@@ -161,7 +166,8 @@ def gather_dot_relu2_grad(x_NI, idx_P, w, counts_G, h_PN, gate_P, use_kernel=Fal
                            jax.ShapeDtypeStruct((N // BN, P), f32)],
         in_specs=[pl.no_block_spec, pl.no_block_spec,
                   pl.BlockSpec((None, K, BN), lambda i, j, g: (g, 0, j)),
-                  pl.BlockSpec((P, BN), lambda i, j, g: (0, j)), pl.no_block_spec,
+                  pl.BlockSpec((P, BN), lambda i, j, g: (0, j)),
+                  pl.BlockSpec((None, P + BM), lambda i, j, g: (j // per_gate, 0)),
                   pl.BlockSpec((None,), lambda i, j, g: (g,)),
                   pl.BlockSpec((None,), lambda i, j, g: (g,))],
         out_specs=[pl.BlockSpec((P, BN), lambda i, j, g: (0, j)),
@@ -172,9 +178,12 @@ def gather_dot_relu2_grad(x_NI, idx_P, w, counts_G, h_PN, gate_P, use_kernel=Fal
     )(x_NI, idx, w, h_PN, gate, lo_G, hi_G)
 
 
-def relu2_grad_rows(dg_parts) -> jax.Array:
-    """The (P,) gate gradients from :func:`gather_dot_relu2_grad`'s partial sums."""
-    return jnp.sum(dg_parts, axis=0)
+def relu2_grad_rows(dg_parts, S: int | None = None) -> jax.Array:
+    """The gate gradients from :func:`gather_dot_relu2_grad`'s partial sums: (P,) for a gate
+    per row, (S, P) for ``S`` gates a row."""
+    if S is None:
+        return jnp.sum(dg_parts, axis=0)
+    return jnp.sum(dg_parts.reshape(S, -1, dg_parts.shape[-1]), axis=1)
 
 
 def _relu2_grad_kernel(x_ref, idx_ref, w_ref, h_ref, gate_ref, lo_ref, hi_ref, dv_ref, dg_ref, *,

@@ -53,6 +53,8 @@ class Options:
     # a Mesh with an "expert" axis (expert parallelism, expert_parallel.py); None: no such axis
     expert_mesh: Any = None
     moe_dispatch: str | None = None  # None: the config's (same numbers, see moe.py)
+    # tokamax's dispatch: the shared experts as one dense MLP (shared_gemm.py), not groups
+    shared_dense: bool = False
     row_groups: int = 1  # the training loss on this many row groups (row_groups.py)
     # (block, x) -> x on each layer just before it runs: fsdp's gathers (sharding.Placement)
     place_layer: Any = None

@@ -13,8 +13,10 @@ the other E - S are routed (top-k per token). Back ends (``config.moe_dispatch``
 * ``grouped``: the sorted assignments padded to whole tiles per expert, one batched matmul of
   tiles (nanomoe_jax/grouped.py): the work of the assignments plus at most a tile per expert,
   nothing drops.
-* ``tokamax``: the sorted assignments, shared experts' included, through tokamax's grouped
-  GEMM (nanomoe_jax/ragged_gemm.py): NVIDIA GPUs; its XLA reference elsewhere.
+* ``tokamax``: the sorted assignments, shared experts' included, through grouped GEMMs
+  (tokamax's and our gather kernels, nanomoe_jax/ragged_gemm.py), or the shared experts as
+  a dense MLP with its own VJP (``Options.shared_dense``, nanomoe_jax/shared_gemm.py):
+  NVIDIA GPUs; the same code in XLA elsewhere.
 
 Shared experts run as one dense MLP of width S*H in the other sparse back ends.
 """
@@ -35,6 +37,7 @@ from .expert_parallel import expert_parallel_dispatch
 from .grouped import pick_tile, sort_assignments, tile_layout, tiled_matmul
 from .layers import Options, linear, normal, param
 from .ragged_gemm import experts
+from .shared_gemm import shared_mlp
 
 f32 = jnp.float32
 SCOPE = "moe_ffn"
@@ -126,7 +129,8 @@ class MoE(nnx.Module):
         elif dispatch == "dense":
             y_NC, dropped = dense_dispatch(x_NC, r, w), jnp.zeros((), f32)
         elif dispatch == "tokamax":  # shared and routed; the parameters whole: see expert_sum
-            y_NC, dropped = tokamax_dispatch(x_NC, r, params, c.n_shared), jnp.zeros((), f32)
+            y_NC = tokamax_dispatch(x_NC, r, params, c.n_shared, self.opts.shared_dense)
+            dropped = jnp.zeros((), f32)
         else:
             S = c.n_shared
             y_NC = shared_experts(x_NC, r.gates_NE[:, :S], [a[:S] for a in w])
@@ -205,13 +209,22 @@ def grouped_dispatch(x_NC, r: Routing, w, tile: int | None = None) -> jax.Array:
     return jnp.einsum("nk,nkc->nc", r.top_gates_NK, y_NKC)
 
 
-def tokamax_dispatch(x_NC, r: Routing, params, S: int) -> jax.Array:
-    """Shared and routed experts together through grouped GEMMs that read each expert's
-    weights once (``nanomoe_jax/ragged_gemm.py``: tokamax's and ours): each token has S + k
-    assignments, the S shared experts' groups are every token in order; nothing drops. One
-    kernel path for both kinds of expert: the shared experts' own MLP kept three (N, H)
-    residuals per layer and took the gates' gradient over the hidden width."""
+def tokamax_dispatch(x_NC, r: Routing, params, S: int, shared_dense: bool = False) -> jax.Array:
+    """Experts through grouped GEMMs that read each expert's weights once
+    (``nanomoe_jax/ragged_gemm.py``: tokamax's and ours), nothing dropped. The S shared
+    experts are S more assignments a token, their groups every token in order (one kernel path
+    for both kinds: the XLA MLP kept three (N, H) residuals a layer); or, ``shared_dense``,
+    one dense MLP of width S*H with its own VJP (``nanomoe_jax/shared_gemm.py``: x and the
+    output gradient read once, not S times; no S output rows a token to sum), which pays
+    where the grouped GEMMs are bandwidth-bound (``execution.shared_dense_pays``). Routed
+    experts then keep their ids among all E, so the stacked weights go to the kernels whole
+    (the shared experts' groups empty)."""
     N = r.top_idx_NK.shape[0]
+    if shared_dense and S:
+        expert_NK = r.top_idx_NK + S
+        s = sort_assignments(expert_NK, params[0].shape[0])
+        y_NC = experts(x_NC, r.top_gates_NK, expert_NK, s, params)
+        return y_NC + shared_mlp(x_NC, r.gates_NE[:, :S], *[p[:S] for p in params])
     expert_Nj = jnp.concatenate([jnp.broadcast_to(jnp.arange(S, dtype=r.top_idx_NK.dtype),
                                                   (N, S)), r.top_idx_NK + S], axis=1)
     gates_Nj = jnp.concatenate([r.gates_NE[:, :S], r.top_gates_NK], axis=1)

@@ -12,6 +12,7 @@ import pytest
 
 from nanomoe import GPTConfig, ModernGPTConfig
 from nanomoe_jax import execution_options
+from nanomoe_jax.execution import describe
 
 
 @dataclasses.dataclass
@@ -95,3 +96,24 @@ def test_ngpt_recomputes_all_but_the_matmuls_where_it_scans_its_layers():
     assert execution_options(FakeDevice("cpu", "cpu"), ngpt, scan_layers=True).remat == "none"
     assert execution_options(RTX4090, GPTConfig(), scan_layers=True).remat == "none"
     assert execution_options(RTX4090, ngpt, scan_layers=True, remat="none").remat == "none"
+
+
+def test_shared_experts_dense_where_the_grouped_gemms_are_bandwidth_bound():
+    """tokamax's dispatch runs the shared experts as one dense MLP on Hopper at MoeGPT-64's
+    sizes (C H / (C + H) = 171 FLOPs a byte, under its ridge), not on the 4090, not at
+    MoeGPT's H = 2048, not without shared experts, not on an expert mesh; a flag wins."""
+    from nanomoe import MoeGPTConfig
+    from nanomoe_jax.ragged_gemm import unavailable_reason
+
+    if unavailable_reason():
+        pytest.skip("tokamax is not installed: no tokamax dispatch to choose for")
+    fine = MoeGPTConfig(n_experts=16, m_sub_experts=4, n_activated_experts=8, expert_dim=256)
+    h100 = FakeDevice("gpu", "NVIDIA H100 80GB HBM3")
+    assert execution_options(h100, fine).shared_dense
+    assert "shared_dense=True" in describe(execution_options(h100, fine))
+    assert not execution_options(RTX4090, fine).shared_dense
+    assert not execution_options(h100, MoeGPTConfig()).shared_dense
+    assert not execution_options(h100, dataclasses.replace(fine, n_shared_experts=0)).shared_dense
+    assert not execution_options(h100, fine, expert_mesh=object()).shared_dense
+    assert not execution_options(h100, fine, shared_dense=False).shared_dense
+    assert execution_options(RTX4090, fine, shared_dense=True).shared_dense

@@ -93,10 +93,11 @@ def shared_plus(dispatch, S):
     return f
 
 
-def tokamax_case():
+def tokamax_case(shared_dense=False):
     x_NC, r, w = grouped_case()
     params = [jnp.concatenate([a[:1] * 3.0, a]) for a in w]  # a shared expert in front
-    fns = {"tokamax": lambda x, r, p, dtype: tokamax_dispatch(x.astype(dtype), r, p, 1),
+    fns = {"tokamax": lambda x, r, p, dtype: tokamax_dispatch(x.astype(dtype), r, p, 1,
+                                                              shared_dense),
            "grouped": shared_plus(functools.partial(grouped_dispatch, tile=4), 1),
            "ragged": shared_plus(ragged_dispatch, 1)}
     return x_NC, r, params, fns
@@ -109,12 +110,13 @@ def layer_grads(fn, x_NC, r, params, dtype):
 
 
 @pytest.mark.skipif(not TOKAMAX, reason="tokamax is not installed")
-def test_tokamax_equals_grouped_with_uneven_and_empty_experts():
-    """tokamax's dispatch (shared and routed experts as one set of groups) against the shared
-    MLP plus the padded tiles, and plus ragged_dot: output and gradients of the input and of
-    every expert tensor in fp32 to 1e-5. Routed expert 0 gets no token, expert 1 more than a
-    third of them."""
-    x_NC, r, params, fns = tokamax_case()
+@pytest.mark.parametrize("shared_dense", [False, True], ids=["shared_grouped", "shared_dense"])
+def test_tokamax_equals_grouped_with_uneven_and_empty_experts(shared_dense):
+    """tokamax's dispatch (shared and routed experts as one set of groups, or the shared one
+    as its own dense MLP) against the shared MLP plus the padded tiles, and plus ragged_dot:
+    output and gradients of the input and of every expert tensor in fp32 to 1e-5. Routed
+    expert 0 gets no token, expert 1 more than a third of them."""
+    x_NC, r, params, fns = tokamax_case(shared_dense)
     v, g = layer_grads(fns["tokamax"], x_NC, r, params, jnp.float32)
     for name in ("grouped", "ragged"):
         v_ref, g_ref = layer_grads(fns[name], x_NC, r, params, jnp.float32)

@@ -22,8 +22,8 @@ What it picks, and why:
   ``ragged_gemm.py``) for MoeGPT on NVIDIA GPUs >= sm_80 without an expert mesh when tokamax
   imports and takes the shapes; ``"grouped"`` on other GPUs or when it refuses, with a note
   (:func:`execution_notes`, printed once by ``train.py``); the config's otherwise.
-  ``shared_dense``: with ``"tokamax"`` on one device, the shared experts as one dense MLP
-  where the grouped GEMMs are bandwidth-bound (Hopper at MoeGPT-64's sizes,
+  ``shared_dense``: with ``"tokamax"``, the shared experts as one dense MLP where the
+  grouped GEMMs are bandwidth-bound (Hopper at MoeGPT-64's sizes,
   :func:`shared_dense_pays`).
 * ``remat="none"``, ``loss_chunk_tokens=8192``: the step fits the original's configs on a
   24 GB card with flash attention, so no recomputation is bought; nGPT on an accelerator
@@ -225,7 +225,6 @@ def execution_options(device: Any, config: Any = None, mesh_devices: int = 1,
     chosen["moe_dispatch"] = _moe_choice(device, config, given, dtype)[0]
     if "shared_dense" not in given:
         chosen["shared_dense"] = (chosen["moe_dispatch"] == "tokamax"
-                                  and chosen.get("expert_mesh") is None
                                   and shared_dense_pays(device, config))
     return Options(**chosen)
 

@@ -47,6 +47,7 @@ from .activations import relu_squared
 from .grouped import permuted_rows, pick_tile, sort_assignments, tile_layout, tiled_matmul
 from .expert_mlps import gated_sum, shared_experts
 from .ragged_gemm import experts, shared_experts_grouped
+from .shared_gemm import shared_mlp
 
 f32 = jnp.float32
 # A device pools the loads of its r routed experts; their sum varies about sqrt(r) times less
@@ -281,13 +282,14 @@ def ragged_exchange(mesh) -> bool:
 
 
 def expert_parallel_dispatch(x_NC, r, w, c, mesh=None, groups: int | None = None,
-                             grouped: bool = False):
+                             grouped: bool = False, shared_dense: bool = False):
     """Shared and routed experts of one slice: (y_NC fp32, dropped assignments).
     Inside the step's shard_map ``w`` holds this device's E/X experts and the rows travel.
     With all E experts' weights (``mesh=None, groups=X``, or a model replicated to sample
     from) the same numbers on one device, no exchange: the reference the tests compare the
     mesh with. ``grouped``: each device's experts through the grouped GEMM (the tokamax
-    dispatch's kernels) rather than tiles: the same numbers up to the order of fp32 sums."""
+    dispatch's kernels) rather than tiles: the same numbers up to the order of fp32 sums;
+    ``shared_dense`` with it: the shared experts as one dense MLP (``shared_gemm.py``)."""
     S, N = c.n_shared, x_NC.shape[0]
     X = groups or mesh.shape[AXIS]
     cap = device_capacity(N, c, X)
@@ -295,8 +297,15 @@ def expert_parallel_dispatch(x_NC, r, w, c, mesh=None, groups: int | None = None
         y_NC = shared_experts(x_NC, r.gates_NE[:, :S], shared_weights(w, S))
         y_r, dropped = routed_dispatch(x_NC, r.top_idx_NK, r.top_gates_NK, w, S, X, cap)
     else:
-        shared = shared_experts_grouped if grouped else shared_experts
+        shared = (_shared_dense if grouped and shared_dense else
+                  shared_experts_grouped if grouped else shared_experts)
         y_NC = shared(x_NC, r.gates_NE[:, :S], local_shared_weights(w, S))
         y_r, dropped = exchanged_dispatch(x_NC, r.top_idx_NK, r.top_gates_NK, w, S, cap,
                                           ragged_exchange(mesh), grouped)
     return y_NC + y_r, dropped
+
+
+def _shared_dense(x_NC, gates_NS, w):
+    if gates_NS.shape[1] == 0:
+        return jnp.zeros(x_NC.shape, jnp.float32)
+    return shared_mlp(x_NC, gates_NS, *w)

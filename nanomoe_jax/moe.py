@@ -125,7 +125,8 @@ class MoE(nnx.Module):
         w = [p.astype(dtype) for p in params]
         if self.opts.expert_mesh is not None:  # capacity or tokamax (train.py refuses others)
             y_NC, dropped = expert_parallel_dispatch(x_NC, r, w, c, self.opts.expert_mesh,
-                                                     grouped=dispatch == "tokamax")
+                                                     grouped=dispatch == "tokamax",
+                                                     shared_dense=self.opts.shared_dense)
         elif dispatch == "dense":
             y_NC, dropped = dense_dispatch(x_NC, r, w), jnp.zeros((), f32)
         elif dispatch == "tokamax":  # shared and routed; the parameters whole: see expert_sum

@@ -101,7 +101,7 @@ def test_ngpt_recomputes_all_but_the_matmuls_where_it_scans_its_layers():
 def test_shared_experts_dense_where_the_grouped_gemms_are_bandwidth_bound():
     """tokamax's dispatch runs the shared experts as one dense MLP on Hopper at MoeGPT-64's
     sizes (C H / (C + H) = 171 FLOPs a byte, under its ridge), not on the 4090, not at
-    MoeGPT's H = 2048, not without shared experts, not on an expert mesh; a flag wins."""
+    MoeGPT's H = 2048, not without shared experts; an expert mesh's devices alike; a flag wins."""
     from nanomoe import MoeGPTConfig
     from nanomoe_jax.ragged_gemm import unavailable_reason
 
@@ -114,6 +114,6 @@ def test_shared_experts_dense_where_the_grouped_gemms_are_bandwidth_bound():
     assert not execution_options(RTX4090, fine).shared_dense
     assert not execution_options(h100, MoeGPTConfig()).shared_dense
     assert not execution_options(h100, dataclasses.replace(fine, n_shared_experts=0)).shared_dense
-    assert not execution_options(h100, fine, expert_mesh=object()).shared_dense
+    assert execution_options(h100, fine, expert_mesh=object()).shared_dense  # its own slice
     assert not execution_options(h100, fine, shared_dense=False).shared_dense
     assert execution_options(RTX4090, fine, shared_dense=True).shared_dense

@@ -160,6 +160,7 @@ c = MoeGPTConfig(n_embd=16, n_experts=8, n_activated_experts=2, capacity_factor=
 mesh = shd.make_mesh(shd.parse_mesh("data=2,expert=4", 8))
 RAGGED = {ragged}
 GROUPED = {grouped}
+SHARED_DENSE = {shared_dense}
 D, N = 8, 48
 x_NC, gate_CE, w = _inputs(c, D * N, seed=1)
 x_DNC = x_NC.reshape(D, N, -1)
@@ -181,7 +182,7 @@ def on_mesh(x_DNC, w):
     def one(x_1NC, w_local):  # one device: its slice, its 2 experts
         x_NC = x_1NC[0]
         y, dropped = expert_parallel_dispatch(x_NC, route(x_NC @ gate_CE, c), w_local, c, mesh,
-                                              grouped=GROUPED)
+                                              grouped=GROUPED, shared_dense=SHARED_DENSE)
         return y[None], dropped[None]
     every = P(shd.BATCH_AXES)
     y, dropped = jax.shard_map(one, mesh=mesh, in_specs=(every, P("expert")), out_specs=every,
@@ -210,16 +211,20 @@ print(json.dumps({
 """
 
 
-@pytest.mark.parametrize("ragged,grouped", [(False, False), (True, False), (True, True)],
-                         ids=["all_to_all", "ragged_emulated", "ragged_emulated_grouped_gemm"])
-def test_mesh_equals_one_device_with_the_same_semantics(ragged, grouped):
+@pytest.mark.parametrize("ragged,grouped,shared_dense",
+                         [(False, False, False), (True, False, False), (True, True, False),
+                          (True, True, True)],
+                         ids=["all_to_all", "ragged_emulated", "ragged_emulated_grouped_gemm",
+                              "ragged_emulated_grouped_gemm_shared_dense"])
+def test_mesh_equals_one_device_with_the_same_semantics(ragged, grouped, shared_dense):
     """data=2 x expert=4, 8 slices of 48 tokens, capacity_factor 1 (drops happen): outputs,
     drop counts and gradients of the mesh equal one device's; no expert weight is gathered.
     As CPUs run it (padded all_to_all), and as GPUs do (ragged_all_to_all of the sorted
     rows, emulated here from its documented semantics; the GPU plan compiles the real one),
     each device's experts as tiles or through the grouped GEMM (tokamax's XLA reference on
-    CPU) against the reference's tiles."""
-    script = MESH_SCRIPT.replace("{ragged}", str(ragged)).replace("{grouped}", str(grouped))
+    CPU), its shared experts as groups or as one dense MLP, against the reference's tiles."""
+    script = (MESH_SCRIPT.replace("{ragged}", str(ragged)).replace("{grouped}", str(grouped))
+              .replace("{shared_dense}", str(shared_dense)))
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env={**os.environ, "PYTHONPATH": ROOT,
                                                        "JAX_PLATFORMS": "cpu"})

@@ -20,6 +20,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from .row_lse import row_lse
+
 f32 = jnp.float32
 
 
@@ -37,12 +39,13 @@ def _chunked(h_NC, targets_N, ignore_index: int, chunk: int):
 
 
 def _chunk_nll(h_MC, w_VC, t_M, ignore_index: int, dtype):
-    """fp32 logits of one chunk, their log-sum-exp, the valid mask and the summed nll."""
-    logits_MV = jnp.einsum("mc,vc->mv", h_MC.astype(dtype), w_VC.astype(dtype)).astype(f32)
+    """Logits of one chunk (the compute dtype, as under autocast), their fp32 log-sum-exp, the
+    valid mask and the summed nll. The log-sum-exp and the target's logit come from one read
+    of the logits on a GPU (``row_lse.py``)."""
+    logits_MV = jnp.einsum("mc,vc->mv", h_MC.astype(dtype), w_VC.astype(dtype))
     valid_M = t_M != ignore_index
     t_M = jnp.where(valid_M, t_M, 0)
-    lse_M = jax.nn.logsumexp(logits_MV, axis=-1)
-    target_logit_M = jnp.take_along_axis(logits_MV, t_M[:, None], axis=-1)[:, 0]
+    lse_M, target_logit_M = row_lse(logits_MV, t_M)
     nll = jnp.sum(jnp.where(valid_M, lse_M - target_logit_M, 0.0))
     return logits_MV, lse_M, valid_M, t_M, nll
 
@@ -74,7 +77,7 @@ def _fwd(h_NC, w_VC, targets_N, ignore_index, chunk, dtype):
         # so the saved gradients are those of the mean. With nothing counted the mean is 0/0
         # (NaN, as torch) but the saved gradients stay 0, so a caller that masks this loss out
         # (row_groups.py) gets no NaN through its zero cotangent.
-        p_MV = jnp.exp(logits_MV - lse_M[:, None])
+        p_MV = jnp.exp(logits_MV.astype(f32) - lse_M[:, None])
         g_MV = p_MV - jax.nn.one_hot(t_M, logits_MV.shape[-1], dtype=f32)
         g_MV = (jnp.where(valid_M[:, None], g_MV, 0.0) / jnp.maximum(count, 1)).astype(dtype)
         dh_MC = jnp.einsum("mv,vc->mc", g_MV, w_c, preferred_element_type=f32)

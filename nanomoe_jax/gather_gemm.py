@@ -210,8 +210,9 @@ def _scaled(rows, scale_P):
 
 
 def gather_wgrad(a, b, idx_P, counts_G, gathered: str, colsum=False, use_kernel=False,
-                 scale_P=None):
-    """(G, M, N) fp32: per group, ``a_rows^T b_rows`` where ``gathered`` ("a" or "b") is a
+                 scale_P=None, out_dtype=f32):
+    """(G, M, N) ``out_dtype`` (fp32 accumulation): per group, ``a_rows^T b_rows`` where
+    ``gathered`` ("a" or "b") is a
     table read at ``idx_P`` and the other is (P, .) in the sorted order; 0 for an empty group.
     ``colsum``: also the (G, M) sums of a's rows, each times its scale when ``scale_P`` is
     given (a bias's gradient: b1's, or b2's from the gated rows). ``scale_P``: an fp32
@@ -230,7 +231,7 @@ def gather_wgrad(a, b, idx_P, counts_G, gathered: str, colsum=False, use_kernel=
             rhs_group_dimensions=[])
         out = jax.lax.ragged_dot_general(a_PM, b_PN, counts_G, nums,
                                          precision=matmul_precision(a.dtype),
-                                         preferred_element_type=f32)
+                                         preferred_element_type=f32).astype(out_dtype)
         a_sum = a_PM.astype(f32) * (scale_P[:, None] if scaled and gathered == "a" else 1.0)
         sums = jax.ops.segment_sum(a_sum, _row_groups(counts_G, P), G)
         return (out, sums) if colsum else out
@@ -240,7 +241,7 @@ def gather_wgrad(a, b, idx_P, counts_G, gathered: str, colsum=False, use_kernel=
     kernel = functools.partial(_wgrad_kernel, gathered=gathered, scaled=scaled,
                                precision=matmul_precision(a.dtype))
     item = jnp.dtype(a.dtype).itemsize
-    out_shape = [jax.ShapeDtypeStruct((G, M, N), f32), jax.ShapeDtypeStruct((G, M), f32)]
+    out_shape = [jax.ShapeDtypeStruct((G, M, N), out_dtype), jax.ShapeDtypeStruct((G, M), f32)]
     out, sums = pl.pallas_call(
         kernel, out_shape=out_shape,
         in_specs=[pl.no_block_spec] * (3 + len(scale))
@@ -278,7 +279,7 @@ def _wgrad_kernel(a_ref, b_ref, idx_ref, *refs, gathered, scaled, precision):
 
     steps = pl.cdiv(hi - lo, WR)  # 0 for an empty group: its gradient is 0
     acc, s = jax.lax.fori_loop(0, steps, body, (jnp.zeros((WM, WN), f32), jnp.zeros(WM, f32)))
-    plgpu.store(o_ref, acc)
+    plgpu.store(o_ref, acc.astype(o_ref.dtype))
 
     @pl.when(pl.program_id(2) == 0)
     def _():

@@ -193,12 +193,14 @@ def _bwd(past_groups, res, dout_NC):
     # a gather, no scatter-add
     dx_NC = _rows(drows_PC, pos_Nj, counts_E, past_groups).astype(f32).sum(1).astype(dt)
     # the parameters' layouts; b1's gradient as the column sums of dv, in the same kernel
+    # the weights' gradients rounded to the compute dtype, as every other weight's is (the
+    # dense layers' under autodiff, the original's under autocast); their sums stay fp32
     dw1_EHC, db1_EH = gather_wgrad(dv_PH, x_NC, tok_P, counts_E, "b", colsum=True,
-                                   use_kernel=kernels)
+                                   use_kernel=kernels, out_dtype=dt)
     # gated h on load; b2's gradient as the gated column sums of the output gradient's rows
     # (an (N, E) x (N, C) matmul over every row before: on an expert mesh XLA padded the rows)
     dw2_ECH, db2_EC = gather_wgrad(dout_lo, h_PH, tok_P, counts_E, "a", colsum=True,
-                                   use_kernel=kernels, scale_P=gate_P)
+                                   use_kernel=kernels, scale_P=gate_P, out_dtype=dt)
     return (dx_NC, dgates_Nj, None, None, None, None, dw1_EHC.astype(w1_EHC.dtype),
             db1_EH.astype(b1_EH.dtype), dw2_ECH.astype(w2_ECH.dtype), db2_EC.astype(b2_EC.dtype))
 

@@ -95,9 +95,10 @@ def _bwd(res, dout_NC):
     # the residual stream's backward fusion)
     dx_NC = jnp.dot(dv_NF, w1_SHC.reshape(S * H, C).astype(dt), precision=hi,
                     preferred_element_type=dt)
+    # the weights' gradients in the compute dtype, as on the grouped path
     dw1_1FC, db1_1F = gather_wgrad(dv_NF, x_NC, rows, counts, "b", colsum=True,
-                                   use_kernel=kernel)
-    dw2_CF = jnp.dot(dout_lo.T, _gated(h_NF, gates_NS), precision=hi, preferred_element_type=f32)
+                                   use_kernel=kernel, out_dtype=dt)
+    dw2_CF = jnp.dot(dout_lo.T, _gated(h_NF, gates_NS), precision=hi, preferred_element_type=dt)
     db2_SC = jnp.dot(gates_NS.T, dout_NC.astype(f32), precision=jax.lax.Precision.HIGHEST)
     return (dx_NC, dg_NS, dw1_1FC.reshape(S, H, C).astype(w1_SHC.dtype),
             db1_1F.reshape(S, H).astype(b1_SH.dtype),

@@ -116,3 +116,17 @@ def test_relu2_grad_epilogue_equals_the_gemm_then_the_elementwise_tail(interpret
                                    atol=1e-5 * float(jnp.abs(want_dv).max()))
         np.testing.assert_allclose(dg[:n], want_dg, rtol=1e-5,
                                    atol=1e-5 * float(jnp.abs(want_dg).max()))
+
+
+def test_gather_wgrad_rounds_only_its_result_to_the_out_dtype(interpreted):
+    """``out_dtype=bf16`` (the MoE's weight gradients): the fp32 accumulation rounded once at
+    the end, bit for bit, kernel and XLA; the column sums stay fp32."""
+    x, idx, _, _, a = tables(7)
+    for use_kernel in (False, True):
+        full, sums = gg.gather_wgrad(a, x, idx, COUNTS, "b", colsum=True, use_kernel=use_kernel)
+        low, low_sums = gg.gather_wgrad(a, x, idx, COUNTS, "b", colsum=True,
+                                        use_kernel=use_kernel, out_dtype=jnp.bfloat16)
+        assert low.dtype == jnp.bfloat16 and low_sums.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(low, np.float32),
+                                      np.asarray(full.astype(jnp.bfloat16), np.float32))
+        np.testing.assert_array_equal(low_sums, sums)

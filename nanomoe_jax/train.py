@@ -15,6 +15,7 @@ from flax import nnx
 from nanomoe.config import MoeGPTConfig
 
 from . import sharding as shd
+from .expert_arrays import per_layer
 from .replicas import Copies, per_device_mean
 from .row_groups import grouped_losses
 
@@ -84,21 +85,6 @@ def loss_and_metrics(graphdef, params, x, y, place_layer=None):
     return jnp.mean(losses_Y), jax.tree.map(jnp.mean, metrics)
 
 
-def layer_stacked_experts(params):
-    """The experts' parameters stacked over the layers: what our MoE kernels take whole."""
-    return per_parameter(params, lambda axes: axes[:1] == (shd.LAYERS,) and "experts" in axes)
-
-
-def unstacked(params, stacked):
-    """Each layer-stacked parameter as a tuple of its layers' arrays."""
-    return jax.tree.map(lambda s, a: tuple(a) if s else a, stacked, params)
-
-
-def restacked(params, stacked):
-    """The inverse of :func:`unstacked`."""
-    return jax.tree.map(lambda s, a: jnp.stack(a) if s else a, stacked, params)
-
-
 def accumulate_gradients(graphdef, params, x_WBT, y_WBT, grad_sharding=None, place_layer=None):
     """Mean loss gradient over W micro-batches (the original's gradient accumulation), with a
     ``lax.scan`` so only one micro-batch's activations are alive at a time. The micro-batches
@@ -112,18 +98,14 @@ def accumulate_gradients(graphdef, params, x_WBT, y_WBT, grad_sharding=None, pla
     embedding's twice.
 
     On one device with the layers unrolled, the gradient is taken with respect to each
-    layer's own arrays, split from the stacks once a step and stacked back once: a kernel of
-    our own (the MoE's) takes a layer's weights as a whole buffer, so a slice of the stack
-    was copied for it in every micro-batch, and each layer's gradient copied into a stacked
-    one before the accumulator's add (MoeGPT-64: five 67 MB copies a layer a micro-batch)."""
+    layer's own expert arrays, split from the stacks and cast to the compute dtype once a
+    step (expert_arrays.py: otherwise copied for the MoE's kernels every micro-batch)."""
     x_WYBT, y_WYBT = (x_WBT[:, None], y_WBT[:, None]) if x_WBT.ndim == 3 else (x_WBT, y_WBT)
     W, Y = x_WYBT.shape[:2]
     if grad_sharding is None:  # one device: the gradient of the parameters themselves
         loss, params_F, reduce = partial(loss_and_metrics, graphdef), params, (lambda g: g)
         if not nnx.merge(graphdef, params).opts.scan_layers:  # each layer's own arrays
-            stacked = layer_stacked_experts(params)
-            params_F, reduce = unstacked(params, stacked), partial(restacked, stacked=stacked)
-            loss = lambda p, x, y: loss_and_metrics(graphdef, restacked(p, stacked), x, y)  # noqa: E731
+            loss, params_F, reduce = per_layer(graphdef, params, loss_and_metrics)
         grad_fn = jax.value_and_grad(loss, has_aux=True)
         x, y, pin, n = x_WYBT, y_WYBT, (lambda g: g), W
     else:

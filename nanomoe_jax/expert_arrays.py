@@ -25,20 +25,14 @@ from flax import nnx
 from . import sharding as shd
 
 
-def _per_parameter(params, fn):
-    variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return jax.tree.unflatten(jax.tree.structure(params),
-                              [fn(shd.declared_axes(v)) for v in variables])
-
-
 def layer_stacked_experts(params):
     """The experts' parameters stacked over the layers: what our MoE kernels take whole."""
-    return _per_parameter(params, lambda axes: axes[:1] == (shd.LAYERS,) and shd.EXPERTS in axes)
+    return shd.per_parameter(params, lambda axes: axes[:1] == (shd.LAYERS,) and shd.EXPERTS in axes)
 
 
 def expert_matrices(params):
     """Those of them that are matrices (W1, W2: two axes besides the layers' and experts')."""
-    return _per_parameter(params, lambda axes: axes[:1] == (shd.LAYERS,)
+    return shd.per_parameter(params, lambda axes: axes[:1] == (shd.LAYERS,)
                           and shd.EXPERTS in axes and len(axes) >= 4)
 
 

@@ -99,6 +99,14 @@ def declared_axes(variable: nnx.Variable) -> tuple[str, ...]:
     return tuple(axes)
 
 
+def per_parameter(params, fn):
+    """``fn(logical axes)`` for every parameter (the axes it declared where it was made), as
+    a tree shaped like ``params``' arrays (an optax mask, a table of lr multipliers)."""
+    variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.unflatten(jax.tree.structure(params),
+                              [fn(declared_axes(v)) for v in variables])
+
+
 def axes_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
     """The one placement rule, from logical axes to mesh axes. ``layers`` is never split (the
     scan slices it); ``experts`` goes on ``expert`` when that axis has several devices;

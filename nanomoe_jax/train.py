@@ -30,14 +30,6 @@ def clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransformat
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def per_parameter(params, fn):
-    """``fn(logical axes)`` for every parameter (the axes it declared where it was made), as
-    a tree shaped like ``params``' arrays (an optax mask, a table of lr multipliers)."""
-    variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return jax.tree.unflatten(jax.tree.structure(params),
-                              [fn(shd.declared_axes(v)) for v in variables])
-
-
 def is_embedding(axes: tuple[str, ...]) -> bool:
     """The token embedding (and the head tied to it): rows over the vocabulary."""
     return axes[:1] == ("vocab",)
@@ -53,7 +45,7 @@ def make_optimizer(config, params, weight_decay=0.1, b1=0.9,
             return False
         return len([a for a in axes if a != shd.LAYERS]) >= 2
 
-    mask = per_parameter(params, decay)
+    mask = shd.per_parameter(params, decay)
     return optax.chain(clip_by_global_norm_like_torch(1.0),
                        optax.scale_by_adam(b1=b1, b2=b2, eps=1e-8),
                        optax.add_decayed_weights(weight_decay, mask))

@@ -24,8 +24,7 @@ from nanomoe_jax import sharding as shd
 from nanomoe_jax.execution import execution_notes, execution_options, options_kwargs
 from nanomoe_jax.ngpt import normalize_weights
 from nanomoe_jax.sample import generate
-from nanomoe_jax.train import (all_finite, is_embedding, jit_eval, jit_train_step,
-                               make_optimizer, per_parameter)
+from nanomoe_jax.train import all_finite, is_embedding, jit_eval, jit_train_step, make_optimizer
 from nanomoe_jax.weights import load_torch_weights, torch_state_dict
 
 from .jax_mesh import initialize_distributed, make_mesh
@@ -85,7 +84,7 @@ class JaxBackend:
     def _build_optimizer(self, config, args, params) -> None:
         """AdamW, and the per-parameter lr multipliers (on every device)."""
         self.tx = make_optimizer(config, params, args.weight_decay, args.beta1, args.beta2)
-        lr_mult = per_parameter(
+        lr_mult = shd.per_parameter(
             params, lambda axes: args.embedding_lr_mult if is_embedding(axes) else 1.0)
         self.lr_mult = jax.device_put(lr_mult, jax.tree.map(lambda _: self.replicated, lr_mult))
 

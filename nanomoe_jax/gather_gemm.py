@@ -55,6 +55,12 @@ def matmul_precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == f32 else None
 
 
+def relu2(a):
+    """relu^2 inside a kernel's epilogue (forward only: activations.relu_squared is a
+    custom_vjp, which the Pallas lowering does not take)."""
+    return jnp.square(jnp.maximum(a, 0.0))
+
+
 def _row_groups(counts_G, P):
     """Each row's group; G for rows after the last group (no group)."""
     return jnp.searchsorted(jnp.cumsum(counts_G), jnp.arange(P), side="right")

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from .gather_gemm import (gather_dot, gather_dot_relu2_grad, gather_wgrad, matmul_precision,
-                          relu2_grad_rows)
+                          relu2, relu2_grad_rows)
 from .grouped import every_token_assignments
 
 f32 = jnp.float32
@@ -121,13 +121,7 @@ def _rows(a_P, pos_Nj, counts_E, past_groups: bool):
     return jnp.take(a_P, past_Nj, axis=0, mode="fill", fill_value=0)
 
 
-def _relu2(a):
-    """relu^2 inside a kernel's epilogue (forward only: activations.relu_squared is a
-    custom_vjp, which the Pallas lowering does not take)."""
-    return jnp.square(jnp.maximum(a, 0.0))
-
-
-def _kernels() -> bool:
+def uses_kernels() -> bool:
     """Our gather kernels where tokamax runs its Triton kernels (a GPU); XLA elsewhere."""
     return implementation() == "triton"
 
@@ -151,8 +145,8 @@ def _forward(past_groups, x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, w1
     activation applied in the kernel (on its fp32 accumulator): no pass of their own."""
     dt = x_NC.dtype
     tok_P = jnp.maximum(src_P, 0) // pos_Nj.shape[1]
-    h_PH = gather_dot(x_NC, tok_P, w1_EHC, counts_E, dt, b1_EH, _relu2, w_nk=True,
-                      use_kernel=_kernels())
+    h_PH = gather_dot(x_NC, tok_P, w1_EHC, counts_E, dt, b1_EH, relu2, w_nk=True,
+                      use_kernel=uses_kernels())
     y_PC = _dot(h_PH, w2_ECH.astype(dt).mT, counts_E, dt)
     # the output bias where the rows are read anyway (b2 is a small, cached table)
     y_NjC = _rows(y_PC, pos_Nj, counts_E, past_groups).astype(f32) + b2_EC[expert_Nj].astype(f32)
@@ -170,7 +164,7 @@ def _bwd(past_groups, res, dout_NC):
     x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, h_PH, *w = res
     w1_EHC, b1_EH, w2_ECH, b2_EC = w
     dt, j = x_NC.dtype, pos_Nj.shape[1]
-    kernels = _kernels()
+    kernels = uses_kernels()
     # the output gradient in the compute dtype, gathered per row inside the kernels
     # (the barrier: XLA would otherwise fuse the rounding into each reader, reading fp32)
     dout_lo = jax.lax.optimization_barrier(dout_NC.astype(dt))

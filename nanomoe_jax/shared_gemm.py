@@ -18,19 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from .gather_gemm import (gather_dot, gather_dot_relu2_grad, gather_wgrad, matmul_precision,
-                          relu2_grad_rows)
+                          relu2, relu2_grad_rows)
 from . import ragged_gemm
 
 f32 = jnp.float32
-
-
-def _kernels() -> bool:
-    """Our Triton kernels where the grouped path runs them (a GPU), XLA elsewhere."""
-    return ragged_gemm.implementation() == "triton"
-
-
-def _relu2(a):
-    return jnp.square(jnp.maximum(a, 0.0))
 
 
 def _gated(h_NF, gates_NS):
@@ -64,8 +55,8 @@ def _forward(x_NC, gates_NS, w1_SHC, b1_SH, w2_SCH, b2_SC):
     dt = x_NC.dtype
     rows, counts = _in_order(N)
     h_NF = gather_dot(x_NC, rows, w1_SHC.reshape(1, S * H, C), counts, dt,
-                      b1_SH.reshape(1, S * H), _relu2, w_nk=True,
-                      use_kernel=_kernels())
+                      b1_SH.reshape(1, S * H), relu2, w_nk=True,
+                      use_kernel=ragged_gemm.uses_kernels())
     y_NC = jnp.dot(_gated(h_NF, gates_NS), _w2_CF(w2_SCH).astype(dt).T,
                    precision=matmul_precision(dt), preferred_element_type=f32)
     return y_NC + gates_NS @ b2_SC.astype(f32), h_NF
@@ -80,7 +71,7 @@ def _bwd(res, dout_NC):
     x_NC, gates_NS, h_NF, w1_SHC, b1_SH, w2_SCH, b2_SC = res
     N, S = gates_NS.shape
     H, C = w1_SHC.shape[1:]
-    dt, hi, kernel = x_NC.dtype, matmul_precision(x_NC.dtype), _kernels()
+    dt, hi, kernel = x_NC.dtype, matmul_precision(x_NC.dtype), ragged_gemm.uses_kernels()
     # the barrier: XLA would otherwise fuse the rounding into each reader, reading fp32
     dout_lo = jax.lax.optimization_barrier(dout_NC.astype(dt))
     # dout W2 stays in the kernel's accumulator: dv and each gate's <dout W2_s, h_s> come

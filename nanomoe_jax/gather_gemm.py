@@ -55,6 +55,14 @@ def matmul_precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == f32 else None
 
 
+def on_gpu() -> bool:
+    """The default device is a GPU, where our Pallas Triton kernels run (the deviceless plan
+    makes the target's compile-only device the default)."""
+    from jax.extend.backend import get_default_device
+
+    return get_default_device().platform in ("gpu", "cuda")
+
+
 def relu2(a):
     """relu^2 inside a kernel's epilogue (forward only: activations.relu_squared is a
     custom_vjp, which the Pallas lowering does not take)."""

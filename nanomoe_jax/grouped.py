@@ -112,7 +112,6 @@ def sort_assignments(top_idx_NK: jax.Array, n_routed: int) -> SortedAssignments:
                              order_A)
 
 
-
 def every_token_assignments(N: int, S: int) -> SortedAssignments:
     """What :func:`sort_assignments` gives when each of N tokens uses all S experts (the
     shared ones): known from the shapes, so the step sorts nothing."""
@@ -124,6 +123,7 @@ def every_token_assignments(N: int, S: int) -> SortedAssignments:
     counts_R = jnp.full((S,), N, i32)
     return SortedAssignments(e_SN.T.reshape(-1), n_SN.reshape(-1), e_SN.reshape(-1), rank_A,
                              counts_R, jnp.arange(S, dtype=i32) * N, order_A)
+
 
 @jax.custom_vjp
 def permuted_rows(rows_PC: jax.Array, pos_A: jax.Array, order_A: jax.Array) -> jax.Array:

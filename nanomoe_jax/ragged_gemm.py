@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from .gather_gemm import (gather_dot, gather_dot_relu2_grad, gather_wgrad, matmul_precision,
-                          relu2, relu2_grad_rows)
+                          on_gpu, relu2, relu2_grad_rows)
 from .grouped import every_token_assignments
 
 f32 = jnp.float32
@@ -79,9 +79,7 @@ def unavailable_reason() -> str | None:
 def implementation() -> str:
     """tokamax's Triton kernels on a GPU (the default device: the plan sets it to the target's
     compile-only device), its XLA reference (``jax.lax.ragged_dot``) anywhere else."""
-    from jax.extend.backend import get_default_device  # jax.extend: only where tokamax runs
-
-    return "triton" if get_default_device().platform in ("gpu", "cuda") else "xla"
+    return "triton" if on_gpu() else "xla"
 
 
 @contextlib.contextmanager

@@ -17,16 +17,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from .gather_gemm import on_gpu
+
 f32 = jnp.float32
 BM, BV = 16, 1024  # rows a program, columns a step
 INTERPRET = False  # tests run the kernel in Pallas interpret mode
-
-
-def on_gpu() -> bool:
-    """The default device (the plan sets it to the target's compile-only device) is a GPU."""
-    from jax.extend.backend import get_default_device
-
-    return get_default_device().platform in ("gpu", "cuda")
 
 
 def row_lse(logits_MV, targets_M, use_kernel: bool | None = None):

@@ -10,7 +10,8 @@
   stack or Python stack says ragged/grouped/gmm, e.g. tokamax's Triton or Mosaic GPU
   ``ragged_dot``): 2 x rows x the two weight dimensions, forward and both backward GEMMs;
 * any custom call whose kernel states its FLOPs (``pallas_call(metadata={"flops": ...})``,
-  which Triton calls carry as ``serialized_metadata``): that figure.
+  which Triton calls carry as ``serialized_metadata``): that figure, of the ``kind`` it
+  states (the MoE's own grouped kernels: ``grouped-gemm``).
 
 Any other custom call that may compute is *uncounted*: returned with a label so the plan names
 it and ``--check`` fails, rather than counting it as 0 FLOPs unseen.
@@ -106,7 +107,7 @@ def custom_call_flops(ins: Instr, shape_of, where: str) -> tuple[float, str | No
         return 0.0, None, None
     meta = kernel_metadata(ins)
     if "flops" in meta:
-        return float(meta["flops"]), "kernel-metadata", None
+        return float(meta["flops"]), meta.get("kind", "kernel-metadata"), None
     text = " ".join((t, kernel_name(ins), ins.op_name, where)).lower()
     if any(w in text for w in GROUPED_WORDS):
         f = grouped_gemm_flops(ins, shape_of)

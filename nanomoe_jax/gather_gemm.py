@@ -46,7 +46,8 @@ def _bounds(counts_G):
 
 
 def _meta(flops: float, operand: int, gathered_bytes: float) -> dict:
-    return {"flops": str(float(flops)), "gathered_operand": str(operand),
+    """For the plan (benchmarks/hlo_flops.py): FLOPs, and the gathered operand's bytes."""
+    return {"flops": str(float(flops)), "kind": "grouped-gemm", "gathered_operand": str(operand),
             "gathered_bytes": str(float(gathered_bytes))}
 
 

@@ -4,7 +4,11 @@ h (N j rows, the compute dtype; j = the experts a token uses, shared and routed)
 gradient comes from h, not from kept output rows.
 The four GEMMs whose rows are rows of x or of the output gradient gather them in the kernel
 (``gather_gemm.py``, Pallas Triton kernels of our own); the two whose rows are h or dv (dense,
-in the sorted order) are tokamax's ``ragged_dot`` (a maintained Pallas kernel library).
+in the sorted order) are tokamax's ``ragged_dot`` (a maintained Pallas kernel library). On a
+GPU, GEMMs that read the same rows share one kernel where the sizes allow (fine-grained
+experts such as MoeGPT-64's, one device): the forward's two, h kept on chip (``mlp_gemm.py``);
+the backward's two on the output gradient (``dout_gemm.py``) and its two on dv
+(``dv_gemm.py``), each a walk over an expert's rows.
 
 Rows are the (token, expert) assignments stably sorted by expert (``grouped.sort_assignments``),
 then ``PAD`` rows in no group at all: tokamax 0.0.12's Triton forward kernel reads up to a
@@ -28,9 +32,13 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from .gather_gemm import (gather_dot, gather_dot_relu2_grad, gather_wgrad, matmul_precision,
-                          on_gpu, relu2, relu2_grad_rows)
+from .dout_gemm import relu2_grad_wgrad
+from .dv_gemm import dv_grads
+from .dv_gemm import fits as dv_fits
+from .gather_gemm import gather_dot, gather_wgrad, matmul_precision, on_gpu, relu2
 from .grouped import every_token_assignments
+from .mlp_gemm import expert_mlp
+from .mlp_gemm import fits as mlp_fits
 
 f32 = jnp.float32
 PAD = 128  # >= the largest row block tokamax's Triton ragged dot uses (block_k <= 128)
@@ -140,12 +148,16 @@ def expert_sum(past_groups, x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, 
 def _forward(past_groups, x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, w1_EHC, b1_EH,
              w2_ECH, b2_EC):
     """h = relu(x[token] W1^T + b1)^2 with the rows gathered, the bias added and the
-    activation applied in the kernel (on its fp32 accumulator): no pass of their own."""
+    activation applied in the kernel (on its fp32 accumulator): no pass of their own. On a GPU
+    both GEMMs in one kernel where h's width fits (``mlp_gemm.py``): h is not read back."""
     dt = x_NC.dtype
     tok_P = jnp.maximum(src_P, 0) // pos_Nj.shape[1]
-    h_PH = gather_dot(x_NC, tok_P, w1_EHC, counts_E, dt, b1_EH, relu2, w_nk=True,
-                      use_kernel=uses_kernels())
-    y_PC = _dot(h_PH, w2_ECH.astype(dt).mT, counts_E, dt)
+    if uses_kernels() and mlp_fits(x_NC.shape[1], w1_EHC.shape[1]):
+        h_PH, y_PC = expert_mlp(x_NC, tok_P, w1_EHC, b1_EH, w2_ECH, counts_E, use_kernel=True)
+    else:
+        h_PH = gather_dot(x_NC, tok_P, w1_EHC, counts_E, dt, b1_EH, relu2, w_nk=True,
+                          use_kernel=uses_kernels())
+        y_PC = _dot(h_PH, w2_ECH.astype(dt).mT, counts_E, dt)
     # the output bias where the rows are read anyway (b2 is a small, cached table)
     y_NjC = _rows(y_PC, pos_Nj, counts_E, past_groups).astype(f32) + b2_EC[expert_Nj].astype(f32)
     return jnp.einsum("nj,njc->nc", gates_Nj, y_NjC), h_PH
@@ -169,30 +181,31 @@ def _bwd(past_groups, res, dout_NC):
     src = jnp.maximum(src_P, 0)
     tok_P = src // j
     gate_P = jnp.where(src_P >= 0, gates_Nj.reshape(-1)[src], 0.0)           # 0 on pads
-    # dout W2 (ungated) stays in the kernel's accumulator: its epilogue forms relu^2's gated
-    # gradient dv, and the gates' gradient <dout, y + b2> = <dout W2, h> + <dout, b2> (its
-    # first term here, where h is read anyway)
-    dv_PH, dg_parts = gather_dot_relu2_grad(dout_lo, tok_P, w2_ECH, counts_E, h_PH, gate_P,
-                                            use_kernel=kernels)
-    dg_P = relu2_grad_rows(dg_parts)
+    # one walk over the output gradient's gathered rows: dout W2 (ungated) stays in the
+    # kernel's accumulator, its epilogue forms relu^2's gated gradient dv and the gates'
+    # gradient <dout, y + b2> = <dout W2, h> + <dout, b2> (its first term here, where h is
+    # read anyway); W2's gradient with the gates on h as it loads, b2's as the gated column
+    # sums; all rounded to the compute dtype, as every other weight's gradient (the dense
+    # layers' under autodiff, the original's under autocast); the sums stay fp32
+    dv_PH, dg_P, dw2_ECH, db2_EC = relu2_grad_wgrad(dout_lo, tok_P, w2_ECH, counts_E, h_PH,
+                                                    gate_P, out_dtype=dt, use_kernel=kernels)
     # the small matmuls with b2 read the output gradient in the compute dtype too, as every
     # other weight gradient here does (fp32 runs: fp32)
     hi = matmul_precision(dt)
     db2_NE = jnp.dot(dout_lo, b2_EC.astype(dt).T, precision=hi, preferred_element_type=f32)
     dgates_Nj = (_rows(dg_P, pos_Nj, counts_E, past_groups)
                  + jnp.take_along_axis(db2_NE, expert_Nj, axis=1))
-    drows_PC = _dot(dv_PH, w1_EHC.astype(dt), counts_E, dt)         # W1 is (E, H, C) already
+    # dv W1 (W1 is (E, H, C) already) and W1's gradient, b1's as the column sums of dv; on
+    # a GPU in one walk over dv where H fits (``dv_gemm.py``)
+    if kernels and dv_fits(x_NC.shape[1], dv_PH.shape[1], w1_EHC.shape[0]):
+        drows_PC, dw1_EHC, db1_EH = dv_grads(dv_PH, x_NC, tok_P, w1_EHC, counts_E,
+                                             out_dtype=dt, use_kernel=True)
+    else:
+        drows_PC = _dot(dv_PH, w1_EHC.astype(dt), counts_E, dt)
+        dw1_EHC, db1_EH = gather_wgrad(dv_PH, x_NC, tok_P, counts_E, "b", colsum=True,
+                                       use_kernel=kernels, out_dtype=dt)
     # a gather, no scatter-add
     dx_NC = _rows(drows_PC, pos_Nj, counts_E, past_groups).astype(f32).sum(1).astype(dt)
-    # the parameters' layouts; b1's gradient as the column sums of dv, in the same kernel
-    # the weights' gradients rounded to the compute dtype, as every other weight's is (the
-    # dense layers' under autodiff, the original's under autocast); their sums stay fp32
-    dw1_EHC, db1_EH = gather_wgrad(dv_PH, x_NC, tok_P, counts_E, "b", colsum=True,
-                                   use_kernel=kernels, out_dtype=dt)
-    # gated h on load; b2's gradient as the gated column sums of the output gradient's rows
-    # (an (N, E) x (N, C) matmul over every row before: on an expert mesh XLA padded the rows)
-    dw2_ECH, db2_EC = gather_wgrad(dout_lo, h_PH, tok_P, counts_E, "a", colsum=True,
-                                   use_kernel=kernels, scale_P=gate_P, out_dtype=dt)
     return (dx_NC, dgates_Nj, None, None, None, None, dw1_EHC.astype(w1_EHC.dtype),
             db1_EH.astype(b1_EH.dtype), dw2_ECH.astype(w2_ECH.dtype), db2_EC.astype(b2_EC.dtype))
 

@@ -206,6 +206,44 @@ def test_gather_kernels_compile_and_are_charged_their_rows():
             assert table.bytes == P * K * 2 and table.shapes == [("bf16", (P, K))]
 
 
+def test_fused_expert_kernels_compile_at_moegpt64_widths_and_are_counted():
+    """The MoE layer's fused kernels (mlp_gemm, dout_gemm, dv_gemm) at MoeGPT-64's widths
+    (C 512, H 256) compile for the 4090 and the h100 without a GPU (Triton's shared-memory
+    limit is checked there: 99 KiB on sm_89), and the plan counts each: both GEMMs' FLOPs
+    from its metadata, its gathered operand as the P x C rows it reads."""
+    from jax.sharding import SingleDeviceSharding
+
+    from benchmarks.targets import compile_devices
+    from nanomoe_jax.dout_gemm import relu2_grad_wgrad
+    from nanomoe_jax.dv_gemm import dv_grads
+    from nanomoe_jax.mlp_gemm import expert_mlp
+
+    T, C, H, G, P = 512, 512, 256, 64, 2000  # 64 experts: MoeGPT-64 on one device
+    for target in ("rtx4090", "h100"):
+        dev = compile_devices(load_target(target))[0][0]
+
+        def sds(shape, dtype=jnp.bfloat16):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=SingleDeviceSharding(dev))
+
+        idx, counts = sds((P,), jnp.int32), sds((G,), jnp.int32)
+        cases = (
+            (lambda x, i, w1, b1, w2, n: expert_mlp(x, i, w1, b1, w2, n, use_kernel=True),
+             (sds((T, C)), idx, sds((G, H, C)), sds((G, H)), sds((G, C, H)), counts)),
+            (lambda d, i, w2, h, g, n: relu2_grad_wgrad(d, i, w2, n, h, g, jnp.bfloat16, True),
+             (sds((T, C)), idx, sds((G, C, H)), sds((P, H)), sds((P,), jnp.float32), counts)),
+            (lambda dv, x, i, w1, n: dv_grads(dv, x, i, w1, n, jnp.bfloat16, True),
+             (sds((P, H)), sds((T, C)), idx, sds((G, H, C)), counts)))
+        for fn, args in cases:
+            with jax.default_device(dev):
+                text = jax.jit(fn).lower(*args).compile().as_text()
+            s = hlo.program_stats(text)
+            (k,) = [k for k in s.kernels if k.op == "custom-call"]
+            assert not s.uncounted and k.flops == 4 * P * C * H
+            assert s.flops_by_kind == {"grouped-gemm": 4 * P * C * H}  # the plan's column
+            table = next(p for p in k.parts if p.sliced)
+            assert table.bytes == P * C * 2 and table.shapes == [("bf16", (P, C))]
+
+
 @pytest.mark.skipif(not _has_cuda_plugin(), reason="needs the plan extra (CUDA plugin)")
 def test_plan_cli_writes_to_the_user_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NANOMOE_RESULTS", str(tmp_path / "cache"))

@@ -103,22 +103,36 @@ def test_bf16_within_its_rounding():
         assert np.abs(a - b).max() <= 2 * np.abs(c - b).max() + 1e-3 * np.abs(b).max()
 
 
-def test_triton_kernels_interpreted_match_autodiff(triton_interpreted, monkeypatch):
-    """The kernels a GPU runs (tokamax's two, our four that gather rows), forward and every
-    gradient, with an expert that has no rows (its weight gradient must be exactly 0)."""
-    from nanomoe_jax import gather_gemm
+FUSED = {"mlp_gemm": "_kernel", "dout_gemm": "_kernel", "dv_gemm": "_kernel"}
+SEPARATE = {"gather_gemm": ("_gather_dot_kernel", "_relu2_grad_kernel", "_wgrad_kernel")}
 
+
+@pytest.mark.parametrize("C,H,kernels", [
+    (128, 128, {m: (k,) for m, k in FUSED.items()}),
+    # widths the fused kernels refuse (no powers of two): the four separate ones and tokamax's
+    (384, 384, SEPARATE)], ids=["fused", "separate"])
+def test_triton_kernels_interpreted_match_autodiff(triton_interpreted, monkeypatch, C, H,
+                                                   kernels):
+    """The kernels a GPU runs (tokamax's two, our row-gathering ones), forward and every
+    gradient, with an expert that has no rows (its weight gradient must be exactly 0)."""
+    import importlib
+
+    from nanomoe_jax import dout_gemm
+
+    monkeypatch.setattr(dout_gemm, "MIN_PROGRAMS", 1)  # a GPU's bar, not a test's 5 experts
     traced = set()
-    for name in ("_gather_dot_kernel", "_relu2_grad_kernel", "_wgrad_kernel"):
-        kernel = getattr(gather_gemm, name)
-        monkeypatch.setattr(gather_gemm, name,
-                            lambda *a, _k=kernel, _n=name, **kw: (traced.add(_n), _k(*a, **kw))[1])
+    for module, names in kernels.items():
+        mod = importlib.import_module(f"nanomoe_jax.{module}")
+        for name in names:
+            kernel = getattr(mod, name)
+            monkeypatch.setattr(mod, name, lambda *a, _k=kernel, _n=f"{module}.{name}", **kw:
+                                (traced.add(_n), _k(*a, **kw))[1])
     # sizes the heuristic blocks (128 wide) divide: the interpreter does not mask partial
     # blocks inside a pl.when the way a GPU does
-    x, gates, top_idx, params, S = case(seed=2, N=16, R=4, C=128, H=128, empty=(2,))
+    x, gates, top_idx, params, S = case(seed=2, N=16, R=4, C=C, H=H, empty=(2,))
     (v, g), (v_ref, g_ref) = (value_and_grads(f, x, gates, top_idx, params, S)
                               for f in (routed, reference))
-    assert traced == {"_gather_dot_kernel", "_relu2_grad_kernel", "_wgrad_kernel"}
+    assert traced == {f"{m}.{n}" for m, names in kernels.items() for n in names}
     np.testing.assert_allclose(v, v_ref, rtol=1e-5)
     assert_close(g, g_ref, 1e-5)
     for p in g[2]:
@@ -132,32 +146,39 @@ def _poison_past_groups(monkeypatch):
         rows = jnp.arange(out_P.shape[0]).reshape((-1,) + (1,) * (out_P.ndim - 1))
         return jnp.where(rows < jnp.sum(counts), out_P, jnp.nan).astype(out_P.dtype)
 
-    dot, gdot = ragged_gemm._dot, ragged_gemm.gather_dot
-    grad, rows2 = ragged_gemm.gather_dot_relu2_grad, ragged_gemm.relu2_grad_rows
-    seen = {}
+    def poisoned(fn, rows_out, counts_at):
+        """``fn`` with its outputs ``rows_out`` (indices; per-row outputs) poisoned."""
+        def wrapped(*a, **k):
+            out = fn(*a, **k)
+            counts = a[counts_at]
+            if isinstance(out, tuple):
+                return tuple(past(o, counts) if i in rows_out else o for i, o in enumerate(out))
+            return past(out, counts)
+        return wrapped
 
-    def relu2_grad(dout, tok, w, counts, *a, **k):
-        dv, parts = grad(dout, tok, w, counts, *a, **k)
-        seen["counts"] = counts
-        return past(dv, counts), parts
-
-    monkeypatch.setattr(ragged_gemm, "_dot", lambda lhs, rhs, counts, *a, **k:
-                        past(dot(lhs, rhs, counts, *a, **k), counts))
-    monkeypatch.setattr(ragged_gemm, "gather_dot", lambda x, tok, w, counts, *a, **k:
-                        past(gdot(x, tok, w, counts, *a, **k), counts))
-    monkeypatch.setattr(ragged_gemm, "gather_dot_relu2_grad", relu2_grad)
-    monkeypatch.setattr(ragged_gemm, "relu2_grad_rows",
-                        lambda parts: past(rows2(parts), seen["counts"]))
+    rg = ragged_gemm
+    monkeypatch.setattr(rg, "_dot", poisoned(rg._dot, (), 2))
+    monkeypatch.setattr(rg, "gather_dot", poisoned(rg.gather_dot, (), 3))
+    monkeypatch.setattr(rg, "expert_mlp", poisoned(rg.expert_mlp, (0, 1), 5))
+    monkeypatch.setattr(rg, "relu2_grad_wgrad", poisoned(rg.relu2_grad_wgrad, (0, 1), 3))
+    monkeypatch.setattr(rg, "dv_grads", poisoned(rg.dv_grads, (0,), 4))
 
 
-@pytest.mark.parametrize("kernels", [False, True], ids=["xla", "triton_interpreted"])
+@pytest.mark.parametrize("kernels", ["", "separate", "fused"],
+                         ids=["xla", "triton_interpreted", "triton_interpreted_fused"])
 def test_assignments_past_every_group_are_skipped_and_read_zero(kernels, monkeypatch, request):
     """An expert mesh's empty receive slots sort after every group: no kernel computes them
     and they must read 0 even where the kernels leave those rows uninitialised (NaN here). The
     rest equals the reference with those assignments gated 0; their own gate gradient is
-    unused (the mesh's gates there are constants) but finite."""
+    unused (the mesh's gates there are constants) but finite. ``separate``: the backward's
+    four kernels (a test's few experts are too few programs for the fused ones); ``fused``:
+    dout_gemm and dv_gemm too."""
     if kernels:
         request.getfixturevalue("triton_interpreted")
+    if kernels == "fused":
+        from nanomoe_jax import dout_gemm
+
+        monkeypatch.setattr(dout_gemm, "MIN_PROGRAMS", 1)
     _poison_past_groups(monkeypatch)
     # sizes the kernels' blocks divide (see the test above)
     x, gates, top_idx, params, S = case(seed=2, N=16, R=4, C=128, H=128, empty=(2,))

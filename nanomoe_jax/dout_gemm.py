@@ -13,8 +13,9 @@ rows once: each gathered block of dout feeds both GEMMs while it is on chip, and
 accumulates over the walk (C x HB in fp32, so C is bounded: :func:`fits`; and the experts must
 be enough programs). Deterministic: no atomics, each output written by one program.
 
-Off a GPU (or where it does not fit) the two kernels or their XLA paths run instead, with the
-same numbers; tests/test_dout_gemm.py runs this kernel in Pallas interpret mode against them.
+``ragged_gemm`` picks it on a GPU where it fits; elsewhere the two kernels (``separate``) or
+their XLA paths run, with the same numbers. tests/test_dout_gemm.py runs this kernel in Pallas
+interpret mode against them.
 """
 
 from __future__ import annotations
@@ -45,16 +46,21 @@ def fits(C: int, H: int, G: int) -> bool:
 
 
 def relu2_grad_wgrad(dout_NC, idx_P, w2_GCH, counts_G, h_PH, gate_P, out_dtype=f32,
-                     use_kernel=False):
+                     use_kernel=False, separate=False):
     """``(dv_PH, dg_P, dw2_GCH, db2_GC)`` as above: dv in h's dtype, dg and db2 in fp32, dW2
-    in ``out_dtype`` (its fp32 accumulator rounded once). ``gate_P``: 0 on pad rows."""
+    in ``out_dtype`` (its fp32 accumulator rounded once). ``gate_P``: 0 on pad rows. Without
+    ``use_kernel``: the two kernels' XLA paths (or, with ``separate``, the two kernels)."""
     C, H, G = dout_NC.shape[1], h_PH.shape[1], w2_GCH.shape[0]
-    if not (use_kernel and fits(C, H, G)):
+    if not use_kernel or separate:
         dv, dg_parts = gg.gather_dot_relu2_grad(dout_NC, idx_P, w2_GCH, counts_G, h_PH, gate_P,
                                                 use_kernel=use_kernel)
         dw2, db2 = gg.gather_wgrad(dout_NC, h_PH, idx_P, counts_G, "a", colsum=True,
                                    use_kernel=use_kernel, scale_P=gate_P, out_dtype=out_dtype)
         return dv, gg.relu2_grad_rows(dg_parts), dw2, db2
+    if not fits(C, H, G):
+        raise ValueError(f"relu2_grad_wgrad's kernel needs C a power of two <= {MAX_C}, "
+                         f"H % {HB} == 0 and G H / {HB} >= {MIN_PROGRAMS}, not C={C}, H={H}, "
+                         f"G={G}")
     P = idx_P.shape[0]
     lo_G, hi_G = gg._bounds(counts_G)
     idx = jnp.concatenate([idx_P.astype(jnp.int32), jnp.zeros(RB, jnp.int32)])

@@ -37,8 +37,8 @@ def fits(C: int, H: int) -> bool:
 
 def expert_mlp(x_NC, idx_P, w1_GHC, b1_GH, w2_GCH, counts_G, use_kernel=False):
     """``(h_PH, y_PC)``, both in x's dtype (fp32 accumulation, bias and relu^2 on it). Weights
-    as the layer stores them, in any dtype: cast to x's as they are loaded. Rows after the
-    last group are not computed (garbage on the kernel path)."""
+    as the layer stores them, in any dtype (cast to x's). Rows after the last group are not
+    computed (garbage on the kernel path)."""
     dt = x_NC.dtype
     if not use_kernel:
         h = gg.gather_dot(x_NC, idx_P, w1_GHC, counts_G, dt, b1_GH, gg.relu2, w_nk=True)
@@ -53,7 +53,12 @@ def expert_mlp(x_NC, idx_P, w1_GHC, b1_GH, w2_GCH, counts_G, use_kernel=False):
     idx = jnp.concatenate([idx_P.astype(jnp.int32), jnp.zeros(BM, jnp.int32)])
     by_group = pl.BlockSpec((None,), lambda i, g: (g,))
     item = jnp.dtype(dt).itemsize
-    kernel = functools.partial(_kernel, precision=gg.matmul_precision(dt))
+    # fp32 weights (a mesh's, scanned layers'; one device passes them cast once a step,
+    # expert_arrays.py) in blocks of half the width: the same bytes of shared memory (whole
+    # ones overflowed sm_89's 99 KiB), no cast copy a micro-batch
+    narrow = max(1, w1_GHC.dtype.itemsize // 2)
+    kernel = functools.partial(_kernel, bk=BK // narrow, bc=BC // narrow,
+                               precision=gg.matmul_precision(dt))
     return pl.pallas_call(
         kernel, out_shape=[jax.ShapeDtypeStruct((P, H), dt), jax.ShapeDtypeStruct((P, C), dt)],
         in_specs=[pl.no_block_spec, pl.no_block_spec,
@@ -68,7 +73,8 @@ def expert_mlp(x_NC, idx_P, w1_GHC, b1_GH, w2_GCH, counts_G, use_kernel=False):
     )(x_NC, idx, w1_GHC, b1_GH, w2_GCH, lo_G, hi_G)
 
 
-def _kernel(x_ref, idx_ref, w1_ref, b1_ref, w2_ref, lo_ref, hi_ref, h_ref, y_ref, *, precision):
+def _kernel(x_ref, idx_ref, w1_ref, b1_ref, w2_ref, lo_ref, hi_ref, h_ref, y_ref, *, bk, bc,
+            precision):
     lo, hi = plgpu.load(lo_ref), plgpu.load(hi_ref)
     start = lo + pl.program_id(0) * BM
     C = x_ref.shape[1]
@@ -78,21 +84,21 @@ def _kernel(x_ref, idx_ref, w1_ref, b1_ref, w2_ref, lo_ref, hi_ref, h_ref, y_ref
         src = plgpu.load(idx_ref.at[pl.ds(start, BM)])
 
         def first(i, acc):
-            cols = i * BK + jnp.arange(BK)
+            cols = i * bk + jnp.arange(bk)
             a = plgpu.load(x_ref.at[src[:, None], cols[None, :]])
-            w = plgpu.load(w1_ref.at[:, pl.ds(i * BK, BK)]).astype(a.dtype)  # (H, BK)
+            w = plgpu.load(w1_ref.at[:, pl.ds(i * bk, bk)]).astype(a.dtype)  # (H, bk)
             return acc + plgpu.dot(a, w.T, precision=precision)
 
-        acc = jax.lax.fori_loop(0, C // BK, first, jnp.zeros((BM, h_ref.shape[1]), f32))
+        acc = jax.lax.fori_loop(0, C // bk, first, jnp.zeros((BM, h_ref.shape[1]), f32))
         h = gg.relu2(acc + plgpu.load(b1_ref).astype(f32)[None, :]).astype(h_ref.dtype)
         real = ((start + jnp.arange(BM)) < hi)[:, None]
         plgpu.store(h_ref.at[pl.ds(start, BM), :], h, mask=real)
 
         def second(j, _):
-            w = plgpu.load(w2_ref.at[pl.ds(j * BC, BC), :]).astype(h.dtype)  # (BC, H)
+            w = plgpu.load(w2_ref.at[pl.ds(j * bc, bc), :]).astype(h.dtype)  # (bc, H)
             y = plgpu.dot(h, w.T, precision=precision)
-            plgpu.store(y_ref.at[pl.ds(start, BM), pl.ds(j * BC, BC)], y.astype(y_ref.dtype),
+            plgpu.store(y_ref.at[pl.ds(start, BM), pl.ds(j * bc, bc)], y.astype(y_ref.dtype),
                         mask=real)
             return 0
 
-        jax.lax.fori_loop(0, C // BC, second, 0)
+        jax.lax.fori_loop(0, C // bc, second, 0)

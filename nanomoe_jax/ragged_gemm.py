@@ -32,6 +32,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from .dout_gemm import fits as dout_fits
 from .dout_gemm import relu2_grad_wgrad
 from .dv_gemm import dv_grads
 from .dv_gemm import fits as dv_fits
@@ -132,6 +133,14 @@ def uses_kernels() -> bool:
     return implementation() == "triton"
 
 
+def fused(dt) -> bool:
+    """Our kernels that put two GEMMs on the same rows in one (``mlp_gemm``, ``dout_gemm``,
+    ``dv_gemm``; each also checks its sizes) for 2-byte rows: fp32 blocks overflow sm_89's
+    99 KiB of shared memory (deviceless compiles asked 108-147 KiB), so fp32 runs keep the
+    separate kernels."""
+    return uses_kernels() and jnp.dtype(dt).itemsize == 2
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def expert_sum(past_groups, x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, w1_EHC, b1_EH,
                w2_ECH, b2_EC):
@@ -152,7 +161,7 @@ def _forward(past_groups, x_NC, gates_Nj, expert_Nj, src_P, pos_Nj, counts_E, w1
     both GEMMs in one kernel where h's width fits (``mlp_gemm.py``): h is not read back."""
     dt = x_NC.dtype
     tok_P = jnp.maximum(src_P, 0) // pos_Nj.shape[1]
-    if uses_kernels() and mlp_fits(x_NC.shape[1], w1_EHC.shape[1]):
+    if fused(dt) and mlp_fits(x_NC.shape[1], w1_EHC.shape[1]):
         h_PH, y_PC = expert_mlp(x_NC, tok_P, w1_EHC, b1_EH, w2_ECH, counts_E, use_kernel=True)
     else:
         h_PH = gather_dot(x_NC, tok_P, w1_EHC, counts_E, dt, b1_EH, relu2, w_nk=True,
@@ -187,8 +196,10 @@ def _bwd(past_groups, res, dout_NC):
     # read anyway); W2's gradient with the gates on h as it loads, b2's as the gated column
     # sums; all rounded to the compute dtype, as every other weight's gradient (the dense
     # layers' under autodiff, the original's under autocast); the sums stay fp32
-    dv_PH, dg_P, dw2_ECH, db2_EC = relu2_grad_wgrad(dout_lo, tok_P, w2_ECH, counts_E, h_PH,
-                                                    gate_P, out_dtype=dt, use_kernel=kernels)
+    C, H, E = x_NC.shape[1], h_PH.shape[1], w1_EHC.shape[0]
+    dv_PH, dg_P, dw2_ECH, db2_EC = relu2_grad_wgrad(
+        dout_lo, tok_P, w2_ECH, counts_E, h_PH, gate_P, out_dtype=dt, use_kernel=kernels,
+        separate=not (fused(dt) and dout_fits(C, H, E)))
     # the small matmuls with b2 read the output gradient in the compute dtype too, as every
     # other weight gradient here does (fp32 runs: fp32)
     hi = matmul_precision(dt)
@@ -197,7 +208,7 @@ def _bwd(past_groups, res, dout_NC):
                  + jnp.take_along_axis(db2_NE, expert_Nj, axis=1))
     # dv W1 (W1 is (E, H, C) already) and W1's gradient, b1's as the column sums of dv; on
     # a GPU in one walk over dv where H fits (``dv_gemm.py``)
-    if kernels and dv_fits(x_NC.shape[1], dv_PH.shape[1], w1_EHC.shape[0]):
+    if fused(dt) and dv_fits(C, H, E):
         drows_PC, dw1_EHC, db1_EH = dv_grads(dv_PH, x_NC, tok_P, w1_EHC, counts_E,
                                              out_dtype=dt, use_kernel=True)
     else:

@@ -100,8 +100,10 @@ def test_fits_needs_a_power_of_two_width_whole_hidden_blocks_and_enough_programs
     assert not dg.fits(512, 256, 8)        # 8 experts a device (an expert=8 mesh): 64
 
 
-def test_where_it_does_not_fit_the_two_kernels_run(interpreted, monkeypatch):
-    """C = 768 (GPT-2's width): the separate kernels, the same numbers as XLA."""
+def test_separate_runs_the_two_kernels_with_the_same_numbers(interpreted, monkeypatch):
+    """``separate`` (what ragged_gemm asks for where the fused kernel does not fit, e.g. C =
+    768, GPT-2's width): the two kernels, the same numbers as the fused kernel's XLA path;
+    without it, a size the kernel does not take is refused."""
     calls, original = [], dg.pl.pallas_call
     monkeypatch.setattr(dg.pl, "pallas_call",
                         lambda *a, **k: calls.append(k.get("name")) or original(*a, **k))
@@ -111,8 +113,10 @@ def test_where_it_does_not_fit_the_two_kernels_run(interpreted, monkeypatch):
     h = jnp.square(jax.random.normal(k[2], (P, 128)))
     idx = jax.random.randint(k[3], (P,), 0, T)
     gate = jnp.full((P,), 0.5)
-    got = dg.relu2_grad_wgrad(dout, idx, w2, COUNTS, h, gate, use_kernel=True)
+    got = dg.relu2_grad_wgrad(dout, idx, w2, COUNTS, h, gate, use_kernel=True, separate=True)
     want = dg.relu2_grad_wgrad(dout, idx, w2, COUNTS, h, gate)
     assert sorted(calls) == ["gather_dot_relu2_grad", "gather_wgrad"]
     for g, w in zip(got, want):
         close(g, np.asarray(w, np.float64), 1e-5)
+    with pytest.raises(ValueError, match="C a power of two"):
+        dg.relu2_grad_wgrad(dout, idx, w2, COUNTS, h, gate, use_kernel=True)

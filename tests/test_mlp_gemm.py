@@ -56,10 +56,13 @@ def test_kernel_equals_the_two_gemms_in_fp32(interpreted):
         close(y, want[1], 1e-5)
 
 
-def test_kernel_in_bf16_rounds_h_once_as_the_two_kernels_do(interpreted):
+@pytest.mark.parametrize("weights", [jnp.float32, jnp.bfloat16])
+def test_kernel_in_bf16_rounds_h_once_as_the_two_kernels_do(interpreted, weights):
     """bf16: h rounded to bf16 and the second GEMM fed the rounded h, as the two kernels
-    (gather_dot writing h, the ragged GEMM reading it) do; fp32 weights cast as they load."""
-    args = inputs(1, jnp.bfloat16)
+    (gather_dot writing h, the ragged GEMM reading it) do; weights cast as they load: fp32
+    ones (a mesh's) in blocks half as wide as bf16 ones (one device's, cast once a step)."""
+    x, idx, w1, b1, w2 = inputs(1, jnp.bfloat16)
+    args = (x, idx, w1.astype(weights), b1, w2.astype(weights))
     h_ref, y_ref = mg.expert_mlp(*args, COUNTS)
     h, y = mg.expert_mlp(*args, COUNTS, use_kernel=True)
     assert h.dtype == y.dtype == jnp.bfloat16

@@ -209,8 +209,11 @@ def test_gather_kernels_compile_and_are_charged_their_rows():
 def test_fused_expert_kernels_compile_at_moegpt64_widths_and_are_counted():
     """The MoE layer's fused kernels (mlp_gemm, dout_gemm, dv_gemm) at MoeGPT-64's widths
     (C 512, H 256) compile for the 4090 and the h100 without a GPU (Triton's shared-memory
-    limit is checked there: 99 KiB on sm_89), and the plan counts each: both GEMMs' FLOPs
-    from its metadata, its gathered operand as the P x C rows it reads."""
+    limit is checked there: 99 KiB on sm_89), bf16 rows with fp32 weights (as meshes and
+    scanned layers pass them; the MLP also with bf16 ones, as one device's unrolled layers
+    do), and the plan counts each: both GEMMs' FLOPs from its metadata,
+    its gathered operand as the P x C rows it reads."""
+    f32 = jnp.float32
     from jax.sharding import SingleDeviceSharding
 
     from benchmarks.targets import compile_devices
@@ -228,11 +231,14 @@ def test_fused_expert_kernels_compile_at_moegpt64_widths_and_are_counted():
         idx, counts = sds((P,), jnp.int32), sds((G,), jnp.int32)
         cases = (
             (lambda x, i, w1, b1, w2, n: expert_mlp(x, i, w1, b1, w2, n, use_kernel=True),
-             (sds((T, C)), idx, sds((G, H, C)), sds((G, H)), sds((G, C, H)), counts)),
+             (sds((T, C)), idx, sds((G, H, C), f32), sds((G, H), f32), sds((G, C, H), f32),
+              counts)),
+            (lambda x, i, w1, b1, w2, n: expert_mlp(x, i, w1, b1, w2, n, use_kernel=True),
+             (sds((T, C)), idx, sds((G, H, C)), sds((G, H), f32), sds((G, C, H)), counts)),
             (lambda d, i, w2, h, g, n: relu2_grad_wgrad(d, i, w2, n, h, g, jnp.bfloat16, True),
-             (sds((T, C)), idx, sds((G, C, H)), sds((P, H)), sds((P,), jnp.float32), counts)),
+             (sds((T, C)), idx, sds((G, C, H), f32), sds((P, H)), sds((P,), f32), counts)),
             (lambda dv, x, i, w1, n: dv_grads(dv, x, i, w1, n, jnp.bfloat16, True),
-             (sds((P, H)), sds((T, C)), idx, sds((G, H, C)), counts)))
+             (sds((P, H)), sds((T, C)), idx, sds((G, H, C), f32), counts)))
         for fn, args in cases:
             with jax.default_device(dev):
                 text = jax.jit(fn).lower(*args).compile().as_text()
@@ -242,6 +248,37 @@ def test_fused_expert_kernels_compile_at_moegpt64_widths_and_are_counted():
             assert s.flops_by_kind == {"grouped-gemm": 4 * P * C * H}  # the plan's column
             table = next(p for p in k.parts if p.sliced)
             assert table.bytes == P * C * 2 and table.shapes == [("bf16", (P, C))]
+
+
+def test_moe_experts_compile_for_the_4090_fused_in_bf16_separate_in_fp32():
+    """MoeGPT-64's routed experts, forward and backward, compiled for sm_89: bf16 runs the
+    fused kernels, fp32 the separate ones (the fused kernels' fp32 blocks overflow its 99 KiB
+    of shared memory, which failed the compile before ``ragged_gemm.fused`` checked the
+    dtype)."""
+    from jax.sharding import SingleDeviceSharding
+
+    from benchmarks.targets import compile_devices
+    from nanomoe_jax import ragged_gemm
+    from nanomoe_jax.moe import sort_assignments
+
+    dev = compile_devices(load_target("rtx4090"))[0][0]
+    N, k, E, C, H = 1024, 8, 64, 512, 256
+
+    def sds(shape, dtype=jnp.float32):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=SingleDeviceSharding(dev))
+
+    fused = {"expert_mlp", "dout_gemm", "dv_gemm"}
+    for dt in (jnp.bfloat16, jnp.float32):
+        def loss(x, gates, idx, params, dt=dt):
+            y = ragged_gemm.experts(x.astype(dt), gates, idx, sort_assignments(idx, E), params)
+            return jnp.sum(y.astype(jnp.float32))
+
+        args = (sds((N, C)), sds((N, k)), sds((N, k), jnp.int32),
+                [sds((E, H, C)), sds((E, H)), sds((E, C, H)), sds((E, C))])
+        with ragged_gemm.compiling_for(dev):
+            text = jax.jit(jax.grad(loss, argnums=(0, 3))).lower(*args).compile().as_text()
+        names = {n for n in fused | {"gather_dot", "gather_wgrad"} if f'name = "{n}' in text}
+        assert names == (fused if dt == jnp.bfloat16 else {"gather_dot", "gather_wgrad"}), dt
 
 
 @pytest.mark.skipif(not _has_cuda_plugin(), reason="needs the plan extra (CUDA plugin)")

@@ -31,7 +31,9 @@ from . import gather_gemm as gg
 
 f32 = jnp.float32
 RB, HB = 32, 32  # rows per step, hidden columns per program
-MAX_C = 1024  # W2's gradient block (C, HB) stays in registers: 128 fp32 a thread at 8 warps
+# W2's gradient block (C, HB) in registers (64 fp32 a thread at 8 warps), the gathered rows'
+# (RB, C) block in shared memory: at C = 1024 sm_89 was asked for 134 KiB of its 99
+MAX_C = 512
 # a program walks all of one expert's rows: with fewer programs than two an SM of an H100
 # (132), the longest walk is the kernel (MoeGPT, 4 experts of H 1024: 128 programs of 11-16k
 # rows each; an expert mesh of 8 MoeGPT-64 experts a device: 64), where the two kernels split

@@ -206,6 +206,7 @@ def test_gather_kernels_compile_and_are_charged_their_rows():
             assert table.bytes == P * K * 2 and table.shapes == [("bf16", (P, K))]
 
 
+@pytest.mark.skipif(not _has_cuda_plugin(), reason="needs the plan extra (CUDA plugin)")
 def test_fused_expert_kernels_compile_at_moegpt64_widths_and_are_counted():
     """The MoE layer's fused kernels (mlp_gemm, dout_gemm, dv_gemm) at MoeGPT-64's widths
     (C 512, H 256) compile for the 4090 and the h100 without a GPU (Triton's shared-memory
@@ -250,6 +251,7 @@ def test_fused_expert_kernels_compile_at_moegpt64_widths_and_are_counted():
             assert table.bytes == P * C * 2 and table.shapes == [("bf16", (P, C))]
 
 
+@pytest.mark.skipif(not _has_cuda_plugin(), reason="needs the plan extra (CUDA plugin)")
 def test_moe_experts_compile_for_the_4090_fused_in_bf16_separate_in_fp32():
     """MoeGPT-64's routed experts, forward and backward, compiled for sm_89: bf16 runs the
     fused kernels, fp32 the separate ones (the fused kernels' fp32 blocks overflow its 99 KiB

@@ -9,20 +9,10 @@ import numpy as np
 import pytest
 
 from nanomoe_jax import dv_gemm as dvg
-from nanomoe_jax import dout_gemm
-from nanomoe_jax import gather_gemm as gg
 
-COUNTS = jnp.array([45, 0, 70, 1, 33], jnp.int32)
+from kernel_cases import COUNTS, P, close, interpreted  # noqa: F401 - a fixture
+
 T, C, H = 24, 128, 64  # C: two of the kernel's column blocks
-P = int(COUNTS.sum())
-
-
-@pytest.fixture
-def interpreted(monkeypatch):
-    """The kernel in Pallas interpret mode, at a test's few experts (on a GPU it takes at
-    least MIN_PROGRAMS programs)."""
-    monkeypatch.setattr(gg, "INTERPRET", True)
-    monkeypatch.setattr(dout_gemm, "MIN_PROGRAMS", 1)
 
 
 def inputs(seed: int, dtype):
@@ -45,11 +35,6 @@ def written_out(dv, x, idx, w1):
         db1[e] = dv[lo:hi].sum(0)
         lo = hi
     return drows, dw1, db1
-
-
-def close(got, want, rtol):
-    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * float(np.abs(want).max()))
 
 
 def test_kernel_equals_the_gemms_in_fp32(interpreted):

@@ -8,17 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nanomoe_jax import gather_gemm as gg
 from nanomoe_jax import mlp_gemm as mg
 
-COUNTS = jnp.array([45, 0, 70, 1, 33], jnp.int32)
+from kernel_cases import COUNTS, P, close, groups, interpreted  # noqa: F401 - a fixture
+
 T, C, H = 24, 128, 64
-P = int(COUNTS.sum())
-
-
-@pytest.fixture
-def interpreted(monkeypatch):
-    monkeypatch.setattr(gg, "INTERPRET", True)
 
 
 def inputs(seed: int, dtype):
@@ -34,15 +28,10 @@ def inputs(seed: int, dtype):
 def written_out(x, idx, w1, b1, w2):
     x, w1, b1, w2 = (np.asarray(jnp.asarray(a, jnp.float32), np.float64)
                      for a in (x, w1, b1, w2))
-    groups = np.searchsorted(np.cumsum(np.asarray(COUNTS)), np.arange(P), side="right")
-    u = np.einsum("pc,phc->ph", x[np.asarray(idx)], w1[groups]) + b1[groups]
+    g = groups()
+    u = np.einsum("pc,phc->ph", x[np.asarray(idx)], w1[g]) + b1[g]
     h = np.square(np.maximum(u, 0.0))
-    return h, np.einsum("ph,pch->pc", h, w2[groups])
-
-
-def close(got, want, rtol):
-    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * float(np.abs(want).max()))
+    return h, np.einsum("ph,pch->pc", h, w2[g])
 
 
 def test_kernel_equals_the_two_gemms_in_fp32(interpreted):

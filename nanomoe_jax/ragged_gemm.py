@@ -136,7 +136,7 @@ def uses_kernels() -> bool:
 def fused(dt) -> bool:
     """Our kernels that put two GEMMs on the same rows in one (``mlp_gemm``, ``dout_gemm``,
     ``dv_gemm``; each also checks its sizes) for 2-byte rows: fp32 blocks overflow sm_89's
-    99 KiB of shared memory (deviceless compiles asked 108-147 KiB), so fp32 runs keep the
+    99 KiB of shared memory (deviceless compiles asked 108-144 KiB), so fp32 runs keep the
     separate kernels."""
     return uses_kernels() and jnp.dtype(dt).itemsize == 2
 

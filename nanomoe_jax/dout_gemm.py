@@ -120,8 +120,4 @@ def _kernel(x_ref, idx_ref, w_ref, h_ref, gate_ref, lo_ref, hi_ref, dv_ref, dg_r
     steps = pl.cdiv(hi - lo, RB)  # 0 for an empty expert: its gradients are 0
     acc, s = jax.lax.fori_loop(0, steps, body,
                                (jnp.zeros((C, dw_ref.shape[1]), f32), jnp.zeros(C, f32)))
-    plgpu.store(dw_ref, acc.astype(dw_ref.dtype))
-
-    @pl.when(pl.program_id(1) == 0)
-    def _():
-        plgpu.store(db_ref, s)
+    gg.store_grad_and_sums(dw_ref, acc, db_ref, s, pl.program_id(1) == 0)

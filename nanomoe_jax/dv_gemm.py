@@ -8,7 +8,8 @@ For every sorted (token, expert) row p of expert e = g(p), ``ragged_gemm._bwd`` 
 As two kernels both read dv. Here one program per (expert, block of BC columns of C) walks
 the expert's rows once: each block of dv rows feeds both GEMMs while it is on chip, with the
 matching columns of the gathered x rows, and W1's gradient accumulates over the walk (H x BC
-in fp32, so H is bounded, and the experts must be enough programs: :func:`fits`). Deterministic: each output written by one program.
+in fp32, so H is bounded, and the experts must be enough programs: :func:`fits`).
+Deterministic: each output written by one program.
 
 Off a GPU, or where it does not fit, ``ragged_gemm`` runs the two kernels (or their XLA
 paths); tests/test_dv_gemm.py runs this kernel in Pallas interpret mode against the XLA path.
@@ -94,8 +95,4 @@ def _kernel(dv_ref, x_ref, idx_ref, w_ref, lo_ref, hi_ref, drows_ref, dw_ref, db
 
     steps = pl.cdiv(hi - lo, RB)  # 0 for an empty expert: its gradients are 0
     acc, s = jax.lax.fori_loop(0, steps, body, (jnp.zeros((H, BC), f32), jnp.zeros(H, f32)))
-    plgpu.store(dw_ref, acc.astype(dw_ref.dtype))
-
-    @pl.when(pl.program_id(1) == 0)
-    def _():
-        plgpu.store(db_ref, s)
+    gg.store_grad_and_sums(dw_ref, acc, db_ref, s, pl.program_id(1) == 0)

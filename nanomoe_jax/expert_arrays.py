@@ -27,13 +27,14 @@ from . import sharding as shd
 
 def layer_stacked_experts(params):
     """The experts' parameters stacked over the layers: what our MoE kernels take whole."""
-    return shd.per_parameter(params, lambda axes: axes[:1] == (shd.LAYERS,) and shd.EXPERTS in axes)
+    return shd.per_parameter(params,
+                             lambda axes: axes[:1] == (shd.LAYERS,) and shd.EXPERTS in axes)
 
 
 def expert_matrices(params):
     """Those of them that are matrices (W1, W2: two axes besides the layers' and experts')."""
     return shd.per_parameter(params, lambda axes: axes[:1] == (shd.LAYERS,)
-                          and shd.EXPERTS in axes and len(axes) >= 4)
+                             and shd.EXPERTS in axes and len(axes) >= 4)
 
 
 def unstacked(params, stacked):

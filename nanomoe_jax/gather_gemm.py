@@ -294,8 +294,15 @@ def _wgrad_kernel(a_ref, b_ref, idx_ref, *refs, gathered, scaled, precision):
 
     steps = pl.cdiv(hi - lo, WR)  # 0 for an empty group: its gradient is 0
     acc, s = jax.lax.fori_loop(0, steps, body, (jnp.zeros((WM, WN), f32), jnp.zeros(WM, f32)))
+    store_grad_and_sums(o_ref, acc, s_ref, s, pl.program_id(2) == 0)
+
+
+def store_grad_and_sums(o_ref, acc, s_ref, s, first):
+    """A weight-gradient kernel's epilogue: its block of the gradient, rounded to the output's
+    dtype, and the bias's sums (fp32), which every column block computes and the ``first``
+    writes."""
     plgpu.store(o_ref, acc.astype(o_ref.dtype))
 
-    @pl.when(pl.program_id(2) == 0)
+    @pl.when(first)
     def _():
         plgpu.store(s_ref, s)
